@@ -1,0 +1,306 @@
+"""The Stark Bank API routes: what each call does to the ledger and what it answers.
+
+`Api.handle(method, target, headers, body)` is the whole API as one function from a
+decrypted HTTP request to a `Reply` (status, JSON bytes, and whether to drop the
+connection instead of answering); it knows nothing about sockets or TLS (see `proxy`).
+Each call goes through, in order:
+
+1. the latency_s knob (a wait),
+2. injected faults (`faults`): answer an error without acting, or act and then drop,
+3. routing by method and path (404 if none),
+4. authentication (`auth`; 401) for every route but GET /v2/public-key,
+5. JSON decoding of POST/PATCH bodies (400 invalidJson),
+6. the route itself: 200 with the SDK's JSON, or 400 with
+   ``{"errors": [{"code", "message"}]}`` (the SDK raises InputErrors for 400 only).
+
+Lists are served newest first, up to `limit` (1..100, default 100) per page, with an
+opaque `cursor` for the next page, filtered by the query parameters the SDK sends
+(status, tags matching any, ids, after/before on the creation date, ...).
+
+Every call is recorded (method, path, status) for tests to count. Thread-safe: the
+ledger locks its own state and this module keeps only the call record, under its lock.
+"""
+
+import datetime
+import json
+import logging
+import re
+import threading
+from typing import NamedTuple
+from urllib.parse import parse_qs, urlsplit
+
+from . import taxid, validate
+from .bank import Rejected
+from .faults import DROP
+
+__all__ = ["Api", "Reply"]
+
+logger = logging.getLogger(__name__)
+
+# The SDK never asks for more; Stark Bank refuses larger pages.
+_MAX_PAGE = 100
+
+
+class Reply(NamedTuple):
+    """What to send back for one API call."""
+
+    status: int
+    body: bytes
+    drop: bool = False
+    """Close the connection without answering (the action, if any, was performed)."""
+
+
+class _ApiError(Exception):
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status = status
+        self.errors = [{"code": code, "message": message}]
+
+
+def _bad(code, message):
+    return _ApiError(400, code, message)
+
+
+def _csv(query, name):
+    """Return the comma-separated values of a query parameter, or None if absent."""
+    if name not in query:
+        return None
+    return [value for value in query[name].split(",") if value]
+
+
+def _date(query, name):
+    if name not in query:
+        return None
+    try:
+        return datetime.date.fromisoformat(query[name][:10])
+    except ValueError:
+        raise _bad("invalid" + name[0].upper() + name[1:], "%s must be a date like 2024-01-31" % name) from None
+
+
+def _matcher(query, parent=None):
+    """Return a predicate over rows for the filters present in query; raise _ApiError if bad.
+
+    parent is "invoice" or "transfer" for logs, whose "<parent>Ids" filter looks inside.
+    """
+    checks = []
+    ids = _csv(query, "ids")
+    if ids is not None:
+        checks.append(lambda row: row["id"] in ids)
+    status = _csv(query, "status")
+    if status is not None:
+        checks.append(lambda row: row.get("status") in status)
+    tags = _csv(query, "tags")
+    if tags is not None:
+        wanted = {tag.lower() for tag in tags}
+        checks.append(lambda row: bool(wanted.intersection(row.get("tags") or ())))
+    types = _csv(query, "types")
+    if types is not None:
+        checks.append(lambda row: row.get("type") in types)
+    transaction_ids = _csv(query, "transactionIds")
+    if transaction_ids is not None:
+        checks.append(lambda row: bool(set(transaction_ids).intersection(row.get("transactionIds") or ())))
+    if "taxId" in query:
+        digits = taxid.digits_of(query["taxId"])
+        checks.append(lambda row: taxid.digits_of(row.get("taxId", "")) == digits)
+    if parent is not None:
+        parent_ids = _csv(query, parent + "Ids")
+        if parent_ids is not None:
+            checks.append(lambda row: row[parent]["id"] in parent_ids)
+    if "isDelivered" in query:
+        flag = query["isDelivered"].lower()
+        if flag not in ("true", "false"):
+            raise _bad("invalidIsDelivered", "isDelivered must be true or false")
+        checks.append(lambda row: row.get("isDelivered") == (flag == "true"))
+    after, before = _date(query, "after"), _date(query, "before")
+    if after is not None:
+        checks.append(lambda row: datetime.date.fromisoformat(row["created"][:10]) >= after)
+    if before is not None:
+        checks.append(lambda row: datetime.date.fromisoformat(row["created"][:10]) <= before)
+    return lambda row: all(check(row) for check in checks)
+
+
+class Api:
+    """The routes over a `Bank`; see the module docstring for the order of checks."""
+
+    def __init__(self, bank, projects, event_key, knobs, faults, stopping):
+        self._bank = bank
+        self._projects = projects
+        self._event_key = event_key
+        self._knobs = knobs
+        self._faults = faults
+        self._stopping = stopping  # threading.Event set on shutdown; ends latency waits
+        self._lock = threading.Lock()
+        self._calls = []  # {"method", "path", "query", "status"[, "dropped"]}
+        self._public_key_fetches = 0
+        # (method, path pattern, handler, needs authentication); first match wins.
+        self._routes = [(method, re.compile(pattern + "$"), handler, signed) for method, pattern, handler, signed in (
+            ("GET", r"/v2/public-key", self._public_key, False),
+            ("GET", r"/v2/balance", self._balance, True),
+            ("POST", r"/v2/invoice", self._create_invoices, True),
+            ("GET", r"/v2/invoice", self._lister("invoice", "invoices"), True),
+            ("GET", r"/v2/invoice/log", self._lister("invoice-log", "logs", parent="invoice"), True),
+            ("GET", r"/v2/invoice/log/([^/]+)", self._getter("invoice-log", "log", "invalidInvoiceLogId"), True),
+            ("GET", r"/v2/invoice/([^/]+)", self._getter("invoice", "invoice", "invalidInvoiceId"), True),
+            ("PATCH", r"/v2/invoice/([^/]+)", self._update_invoice, True),
+            ("POST", r"/v2/transfer", self._create_transfers, True),
+            ("GET", r"/v2/transfer", self._lister("transfer", "transfers"), True),
+            ("GET", r"/v2/transfer/log", self._lister("transfer-log", "logs", parent="transfer"), True),
+            ("GET", r"/v2/transfer/log/([^/]+)", self._getter("transfer-log", "log", "invalidTransferLogId"), True),
+            ("GET", r"/v2/transfer/([^/]+)", self._getter("transfer", "transfer", "invalidTransferId"), True),
+            ("GET", r"/v2/event", self._lister("event", "events"), True),
+            ("GET", r"/v2/event/([^/]+)", self._getter("event", "event", "invalidEventId"), True),
+            ("PATCH", r"/v2/event/([^/]+)", self._update_event, True),
+            ("DELETE", r"/v2/event/([^/]+)", self._deleter("event", "invalidEventId"), True),
+            ("POST", r"/v2/webhook", self._create_webhook, True),
+            ("GET", r"/v2/webhook", self._lister("webhook", "webhooks"), True),
+            ("GET", r"/v2/webhook/([^/]+)", self._getter("webhook", "webhook", "invalidWebhookId"), True),
+            ("DELETE", r"/v2/webhook/([^/]+)", self._deleter("webhook", "invalidWebhookId"), True),
+        )]
+
+    # -- the record -----------------------------------------------------------------
+
+    def calls(self):
+        """Return a copy of the record of every API call, oldest first."""
+        with self._lock:
+            return [dict(call) for call in self._calls]
+
+    @property
+    def public_key_fetches(self):
+        """How many times GET /v2/public-key was answered."""
+        with self._lock:
+            return self._public_key_fetches
+
+    # -- the entry point ------------------------------------------------------------
+
+    def handle(self, method, target, headers, body):
+        """Answer one API call; return a Reply. headers has lowercased names; body is bytes."""
+        parts = urlsplit(target)
+        path = parts.path.rstrip("/") or "/"
+        query = {name: values[-1] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
+        if self._knobs.latency_s:
+            self._stopping.wait(self._knobs.latency_s)
+        fault = self._faults.take(method, path)
+        drop = False
+        if fault is not None and fault[0] != DROP:
+            status, payload = fault[1], {"errors": [{"code": "injectedFault", "message": "injected by the emulator"}]}
+        else:
+            drop = fault is not None
+            status, payload = self._route(method, path, query, headers, body)
+        with self._lock:
+            call = {"method": method, "path": path, "query": parts.query, "status": status}
+            if drop:
+                call["dropped"] = True
+            self._calls.append(call)
+        return Reply(status, json.dumps(payload).encode("utf-8"), drop)
+
+    def _route(self, method, path, query, headers, body):
+        for route_method, pattern, handler, signed in self._routes:
+            match = pattern.match(path)
+            if match is None or route_method != method:
+                continue
+            text = body.decode("utf-8", errors="replace")
+            try:
+                if signed:
+                    error = self._projects.check(headers, text, self._knobs.max_clock_skew_s)
+                    if error is not None:
+                        raise _ApiError(401, error["code"], error["message"])
+                payload = None
+                if method in ("POST", "PATCH", "PUT"):
+                    try:
+                        payload = json.loads(text)
+                    except ValueError:
+                        raise _bad("invalidJson", "the body is not valid JSON") from None
+                    if not isinstance(payload, dict):
+                        raise _bad("invalidJson", "the body must be a JSON object")
+                return 200, handler(query, payload, *match.groups())
+            except _ApiError as error:
+                return error.status, {"errors": error.errors}
+            except Rejected as rejected:
+                return 400, {"errors": rejected.errors}
+            except Exception:
+                logger.exception("emulator route %s %s failed", method, path)
+                return 500, {"errors": [{"code": "internalServerError", "message": "emulator bug; see its log"}]}
+        return 404, {"errors": [{"code": "routeNotFound", "message": "no route %s %s" % (method, path)}]}
+
+    # -- generic routes -------------------------------------------------------------
+
+    def _lister(self, kind, plural, parent=None):
+        def list_rows(query, _payload):
+            matches = _matcher(query, parent)
+            limit = query.get("limit", str(_MAX_PAGE))
+            if not limit.isdigit() or not 1 <= int(limit) <= _MAX_PAGE:
+                raise _bad("invalidLimit", "limit must be an integer from 1 to %d" % _MAX_PAGE)
+            cursor = query.get("cursor") or None
+            if cursor is not None and not cursor.isdigit():
+                raise _bad("invalidCursor", "cursor %r was not issued by this server" % cursor)
+            rows = [(sequence, row) for sequence, row in reversed(self._bank.rows(kind))
+                    if (cursor is None or sequence < int(cursor)) and matches(row)]
+            page = rows[:int(limit)]
+            next_cursor = str(page[-1][0]) if len(rows) > len(page) else None
+            return {plural: [row for _, row in page], "cursor": next_cursor}
+        return list_rows
+
+    def _getter(self, kind, singular, code):
+        def get_row(_query, _payload, row_id):
+            row = self._bank.get(kind, row_id)
+            if row is None:
+                raise _bad(code, "%s %s does not exist" % (singular, row_id))
+            return {singular: row}
+        return get_row
+
+    def _deleter(self, kind, code):
+        def delete_row(_query, _payload, row_id):
+            row = self._bank.delete(kind, row_id)
+            if row is None:
+                raise _bad(code, "%s %s does not exist" % (kind, row_id))
+            return {kind: row}
+        return delete_row
+
+    # -- specific routes ------------------------------------------------------------
+
+    def _public_key(self, _query, _payload):
+        with self._lock:
+            self._public_key_fetches += 1
+        return {"publicKeys": [{"content": self._event_key.public_pem, "id": self._bank.workspace_id,
+                                "created": "2020-01-01T00:00:00.000000+00:00"}], "cursor": None}
+
+    def _balance(self, _query, _payload):
+        now = validate.iso(datetime.datetime.now(datetime.timezone.utc))
+        return {"balances": [{"id": self._bank.workspace_id, "amount": self._bank.balance(), "currency": "BRL",
+                              "updated": now}], "cursor": None}
+
+    def _create_invoices(self, _query, payload):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        invoices, errors = validate.check_invoices(payload.get("invoices"), now)
+        if errors:
+            raise Rejected(errors)
+        return {"invoices": self._bank.create_invoices(invoices)}
+
+    def _create_transfers(self, _query, payload):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        transfers, errors = validate.check_transfers(payload.get("transfers"), now)
+        if errors:
+            raise Rejected(errors)
+        return {"transfers": self._bank.create_transfers(transfers)}
+
+    def _update_invoice(self, _query, payload, invoice_id):
+        status, amount = payload.get("status"), payload.get("amount")
+        if status not in (None, "canceled"):
+            raise _bad("invalidStatus", "status can only be changed to canceled")
+        if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool) or amount < 0):
+            raise _bad("invalidAmount", "amount must be an integer number of cents >= 0")
+        try:
+            return {"invoice": self._bank.update_invoice(invoice_id, status=status, amount=amount)}
+        except ValueError:
+            raise _bad("invalidInvoiceId", "invoice %s does not exist" % invoice_id) from None
+
+    def _update_event(self, _query, payload, event_id):
+        if payload.get("isDelivered") is not True:
+            raise _bad("invalidIsDelivered", "isDelivered can only be set to true")
+        event = self._bank.mark_delivered(event_id)
+        if event is None:
+            raise _bad("invalidEventId", "event %s does not exist" % event_id)
+        return {"event": event}
+
+    def _create_webhook(self, _query, payload):
+        return {"webhook": self._bank.add_webhook(payload.get("url"), payload.get("subscriptions"))}

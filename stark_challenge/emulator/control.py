@@ -1,0 +1,305 @@
+"""`Emulator`: builds, starts and stops the emulator, and is the tests' handle on it.
+
+It wires the parts together (certs -> proxy -> api -> bank -> delivery, with timers and
+knobs) and offers the in-process API the service's tests use: projects and the
+environment a service process needs, webhooks, snapshots of every entity, the record
+of API calls and of webhook deliveries, explicit payments and transfer failures, fault
+injection, and the knobs.
+
+    with Emulator(pay_ratio=1.0, pay_delay_s=0.1, seed=1) as emu:
+        project_id, pem = emu.create_project()
+        os.environ.update(emu.env(project_id, pem))
+        ...
+
+Every method is thread-safe. An Emulator runs once: start, then stop (idempotent);
+it keeps everything in memory and its CA, keys and certificates in a temp directory
+deleted by stop.
+"""
+
+import logging
+import os
+import random
+import secrets
+import shutil
+import tempfile
+import threading
+
+from . import certs
+from .api import Api
+from .auth import Projects
+from .bank import Bank, Rejected
+from .delivery import Courier
+from .faults import DROP, FAIL, Faults
+from .keys import EventKey, new_project_key
+from .knobs import Knobs
+from .proxy import ProxyServer, make_tls_context
+from .timers import Timers
+
+__all__ = ["Emulator"]
+
+logger = logging.getLogger(__name__)
+
+
+class Emulator:
+    """A local Stark Bank: an HTTPS proxy on 127.0.0.1 the unmodified SDK can talk to.
+
+    Keyword arguments: port (0 picks a free one), host (the address to bind, default
+    127.0.0.1), seed (for the random.Random behind ids, payments and failures; None for
+    a random run), and any knob of `Knobs` (pay_ratio, pay_delay_s, invoice_fee,
+    transfer_delay_s, delivery_attempts, delivery_backoff_s, ...).
+    """
+
+    def __init__(self, *, port=0, host="127.0.0.1", seed=None, **knobs):
+        self.knobs = Knobs(**knobs)
+        self._address = (host, port)
+        if seed is None:
+            seed = secrets.randbits(64)
+        self.seed = seed
+        self._stopping = threading.Event()
+        self._timers = Timers()
+        self._event_key = EventKey()
+        self._projects = Projects()
+        self._faults = Faults()
+        self._courier = Courier(self.knobs, self._event_key, self._webhooks_for, self._mark_delivered)
+        self._bank = Bank(self.knobs, self._timers, random.Random("ids-%s" % seed), random.Random(seed),
+                          publish=self._courier.publish)
+        self._api = Api(self._bank, self._projects, self._event_key, self.knobs, self._faults, self._stopping)
+        self._directory = None
+        self._certificates = None
+        self._server = None
+        self._serve_thread = None
+        self._state_lock = threading.Lock()
+        self._state = "new"  # new -> running -> stopped
+
+    def _webhooks_for(self, subscription):
+        return self._bank.webhooks_for(subscription)
+
+    def _mark_delivered(self, event_id):
+        self._bank.mark_delivered(event_id)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self):
+        """Make the certificates, bind the port and start serving; return self.
+
+        Raise RuntimeError if already started; certs.CertificateError if openssl fails;
+        OSError if the port cannot be bound.
+        """
+        with self._state_lock:
+            if self._state != "new":
+                raise RuntimeError("an Emulator can be started only once")
+            self._state = "running"
+        try:
+            self._directory = tempfile.mkdtemp(prefix="stark-emulator-")
+            self._certificates = certs.make_certificates(self._directory)
+            context = make_tls_context(self._certificates.cert_path, self._certificates.key_path)
+            self._server = ProxyServer(self._address, context, self._api)
+            self._timers.start()
+            self._serve_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                                  name="emulator-proxy", daemon=True)
+            self._serve_thread.start()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("Stark Bank emulator listening on %s", self.proxy_url)
+        return self
+
+    def stop(self):
+        """Stop serving, the timers and the deliveries; join threads; delete temp files.
+
+        Idempotent; safe to call from any thread but the emulator's own.
+        """
+        with self._state_lock:
+            if self._state == "stopped":
+                return
+            self._state = "stopped"
+        self._stopping.set()
+        self._timers.stop()
+        if self._server is not None:
+            if self._serve_thread is not None:
+                self._server.shutdown()
+                self._serve_thread.join()
+            self._server.server_close()
+        self._courier.stop()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    # -- connecting a client --------------------------------------------------------
+
+    @property
+    def port(self):
+        """The TCP port the proxy listens on."""
+        return self._server.server_address[1]
+
+    @property
+    def proxy_url(self):
+        """The value for HTTPS_PROXY, e.g. "http://127.0.0.1:PORT"."""
+        return "http://%s:%d" % (self._server.server_address[0], self.port)
+
+    @property
+    def ca_path(self):
+        """Path of the CA certificate (PEM) clients must trust: the value for REQUESTS_CA_BUNDLE."""
+        return self._certificates.ca_path
+
+    @property
+    def workspace_id(self):
+        """The id of the one workspace every project belongs to."""
+        return self._bank.workspace_id
+
+    def create_project(self):
+        """Create a project with a new secp256k1 key; return (project id, private key PEM)."""
+        private_pem, public_pem = new_project_key()
+        project_id = self._bank.new_id()
+        self._projects.register(project_id, public_pem)
+        return project_id, private_pem
+
+    def register_project(self, project_id, public_key_pem):
+        """Accept requests signed by public_key_pem's private key as project project_id."""
+        self._projects.register(project_id, public_key_pem)
+
+    def env(self, project_id=None, private_key_pem=None):
+        """Return the environment variables a service process needs to reach the emulator.
+
+        HTTPS_PROXY/https_proxy, REQUESTS_CA_BUNDLE, NO_PROXY/no_proxy (127.0.0.1 and
+        localhost, so webhook traffic and health checks bypass the proxy) and
+        STARK_ENVIRONMENT=sandbox; plus STARK_PROJECT_ID and STARK_PRIVATE_KEY (PEM
+        text). A project is created when project_id is None.
+        """
+        if project_id is None:
+            project_id, private_key_pem = self.create_project()
+        variables = {
+            "HTTPS_PROXY": self.proxy_url,
+            "https_proxy": self.proxy_url,
+            "REQUESTS_CA_BUNDLE": self.ca_path,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "STARK_ENVIRONMENT": "sandbox",
+            "STARK_PROJECT_ID": project_id,
+        }
+        if private_key_pem is not None:
+            variables["STARK_PRIVATE_KEY"] = private_key_pem
+        return variables
+
+    # -- state ----------------------------------------------------------------------
+
+    def add_webhook(self, url, subscriptions=("invoice", "transfer")):
+        """Register a webhook as POST /v2/webhook would; return its id. Raise ValueError if invalid."""
+        try:
+            return self._bank.add_webhook(url, list(subscriptions))["id"]
+        except Rejected as rejected:
+            raise ValueError(str(rejected)) from None
+
+    def _rows(self, kind):
+        return [row for _, row in self._bank.rows(kind)]
+
+    def invoices(self):
+        """Return every invoice (API JSON, camelCase), oldest first; copies."""
+        return self._rows("invoice")
+
+    def transfers(self):
+        """Return every transfer (API JSON, camelCase), oldest first; copies."""
+        return self._rows("transfer")
+
+    def events(self):
+        """Return every event (API JSON, camelCase), oldest first; copies."""
+        return self._rows("event")
+
+    def webhooks(self):
+        """Return every webhook (API JSON), oldest first; copies."""
+        return self._rows("webhook")
+
+    def invoice_logs(self):
+        """Return every invoice log, oldest first; copies."""
+        return self._rows("invoice-log")
+
+    def transfer_logs(self):
+        """Return every transfer log, oldest first; copies."""
+        return self._rows("transfer-log")
+
+    def balance(self):
+        """Return the workspace balance in cents (credited invoices minus unfailed transfers)."""
+        return self._bank.balance()
+
+    def deliveries(self):
+        """Return every webhook delivery try, oldest first: dicts with eventId, webhookId,
+        url (without credentials), status (int, or None if no answer), error (str or
+        None), copy and attempt (1-based), at (ISO time)."""
+        return self._courier.attempts()
+
+    def deliveries_pending(self):
+        """Return True while deliveries are held or still being sent (retries included)."""
+        return self._courier.busy() or self._courier.held() > 0
+
+    @property
+    def public_key_fetches(self):
+        """How many times GET /v2/public-key was answered."""
+        return self._api.public_key_fetches
+
+    @property
+    def requests(self):
+        """Every API call so far, oldest first: dicts with method, path, query, status
+        (and dropped=True for calls cut by fail_next_after)."""
+        return self._api.calls()
+
+    # -- making things happen -------------------------------------------------------
+
+    def pay(self, invoice_id, amount=None):
+        """Pay an invoice now (logs "paid" and "credited"); return the paid invoice.
+
+        amount defaults to the invoice's. Raise ValueError if unknown or not payable.
+        """
+        return self._bank.pay(invoice_id, amount)
+
+    def fail_transfer(self, transfer_id, errors=None):
+        """Fail a created or processing transfer now (log "failed" with errors); return it.
+
+        errors is a list of strings; a generic one by default. Raise ValueError if the
+        transfer is unknown or already final.
+        """
+        return self._bank.fail_transfer(transfer_id, errors)
+
+    def release_deliveries(self):
+        """Send every held delivery now; return how many were held."""
+        return self._courier.release()
+
+    def set(self, **knobs):
+        """Change knobs (see `Knobs`), e.g. set(deliver_times=2, hold_deliveries=True).
+
+        Raise TypeError for an unknown knob, ValueError for a bad value (nothing changes).
+        """
+        self.knobs.update(**knobs)
+
+    def fail_next(self, method, path_prefix, count=1, status=500):
+        """Answer the next count calls of method on paths starting with path_prefix with
+        status (and an errors body), without acting on them."""
+        self._faults.add(FAIL, method, path_prefix, count, status)
+
+    def fail_next_after(self, method, path_prefix, count=1):
+        """Perform the next count matching calls, then close the connection without
+        answering: the client gets a connection error although the call took effect."""
+        self._faults.add(DROP, method, path_prefix, count)
+
+    def clear_faults(self):
+        """Forget pending fail_next / fail_next_after rules."""
+        self._faults.clear()
+
+    # -- signing --------------------------------------------------------------------
+
+    @property
+    def public_key_pem(self):
+        """PEM of the public key that verifies webhook signatures (served at /v2/public-key)."""
+        return self._event_key.public_pem
+
+    def sign(self, body):
+        """Return the Digital-Signature header value for body (bytes or str)."""
+        return self._event_key.sign(body)
+
+    def __repr__(self):
+        where = self.proxy_url if self._server is not None else "not started"
+        return "<Emulator %s, %s>" % (where, self._state)

@@ -1,0 +1,55 @@
+"""Injected API failures: answer the next N matching calls with an error, or drop them.
+
+Two kinds of rule, matched by HTTP method and path prefix (query string ignored), each
+used up after `count` matching calls, oldest rule first:
+
+- fail: answer `status` (default 500) without doing anything;
+- drop ("fail after"): do the work, then close the connection without answering. The
+  client sees a connection error and cannot know the write happened: the ambiguous
+  failure a timeout produces.
+
+Thread-safe: one lock around the rules.
+"""
+
+import threading
+
+__all__ = ["Faults", "FAIL", "DROP"]
+
+FAIL = "fail"
+DROP = "drop"
+
+
+class Faults:
+    """A list of pending failure rules; `take` consumes the first that matches."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rules = []  # [kind, method, path prefix, remaining count, status]
+
+    def add(self, kind, method, path_prefix, count=1, status=500):
+        """Add a rule for the next count calls of method on paths starting with path_prefix."""
+        if kind not in (FAIL, DROP):
+            raise ValueError("kind must be %r or %r" % (FAIL, DROP))
+        if not isinstance(count, int) or count < 1:
+            raise ValueError("count must be a positive integer")
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValueError("status must be an HTTP status code")
+        with self._lock:
+            self._rules.append([kind, method.upper(), path_prefix, count, status])
+
+    def take(self, method, path):
+        """Consume one use of the first rule matching this call; return (kind, status) or None."""
+        with self._lock:
+            for rule in self._rules:
+                kind, rule_method, prefix, _, status = rule
+                if rule_method == method and path.startswith(prefix):
+                    rule[3] -= 1
+                    if rule[3] == 0:
+                        self._rules.remove(rule)
+                    return kind, status
+        return None
+
+    def clear(self):
+        """Forget every pending rule."""
+        with self._lock:
+            self._rules.clear()
