@@ -1,0 +1,294 @@
+"""Bank: every call to Stark Bank, through the official SDK; the only module that imports starkbank.
+
+It sets the SDK's ``starkbank.user`` and timeout once (``configure``), turns SDK
+objects into plain dicts, and turns SDK and network errors into our own:
+``BankRejected`` for a 4xx answer (Stark Bank's error codes kept), ``BankUnavailable``
+for everything transient (timeout, connection error, 5xx, an unreadable answer).
+Every call has the configured timeout; retrying is the caller's decision.
+
+It also verifies webhook signatures. ``starkbank.event.parse`` verifies the body
+with the cached public key and, when that fails, fetches the key again and retries:
+so each forged request would cost an outbound call. ``verify_event`` keeps the SDK's
+checks (ECDSA over the exact body, then over the key-sorted body, with the SDK's own
+``ellipticcurve``) and its key cache, but fetches the key at most once a minute.
+A test holds the two to the same verdicts.
+
+Threads: calls may come from any thread; the key cache has its own lock. The SDK's
+module globals are set only by ``configure``.
+"""
+
+import json
+import logging
+import threading
+import time
+
+import starkbank
+from ellipticcurve import Ecdsa, PublicKey, Signature
+from starkcore.utils.api import api_json
+
+from .errors import BankRejected, BankUnavailable, ConfigError, SignatureError
+
+__all__ = ["Bank", "KeyCache", "KEY_REFRESH_S"]
+
+logger = logging.getLogger(__name__)
+
+# A failed verification may mean Stark Bank rotated its key; refetch it at most this often,
+# so a flood of forged requests costs at most one outbound call a minute (issue #2).
+KEY_REFRESH_S = 60.0
+# With no key at all (Stark Bank unreachable at start), try again at most this often.
+KEY_RETRY_S = 5.0
+# Stark Bank takes at most 100 entities per create call; the SDK does not split.
+MAX_PER_CALL = 100
+
+
+def _translate(call, what):
+    """Run ``call()``; return its result, or raise BankRejected / BankUnavailable naming ``what``."""
+    try:
+        return call()
+    except starkbank.error.InputErrors as e:
+        errors = [(err.code, err.message) for err in e.errors]
+        raise BankRejected(f"{what}: Stark Bank refused it: " + "; ".join(c for c, _ in errors), errors) from None
+    except starkbank.error.InternalServerError:
+        raise BankUnavailable(f"{what}: Stark Bank answered 500") from None
+    except starkbank.error.UnknownError as e:
+        # The SDK answers a timeout or connection error as UnknownError too (status 0).
+        raise BankUnavailable(f"{what}: {_short(e)}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise BankUnavailable(f"{what}: unreadable answer from Stark Bank ({type(e).__name__})") from None
+
+
+def _short(error, limit=200):
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _invoice_dict(invoice):
+    return {
+        "id": invoice.id,
+        "amount": invoice.amount,
+        "name": invoice.name,
+        "tax_id": invoice.tax_id,
+        "status": invoice.status,
+        "tags": list(invoice.tags or []),
+    }
+
+
+def _transfer_dict(transfer):
+    return {
+        "id": transfer.id,
+        "amount": transfer.amount,
+        "status": transfer.status,
+        "external_id": transfer.external_id,
+        "tags": list(transfer.tags or []),
+    }
+
+
+class KeyCache:
+    """Stark Bank's public key, fetched through the SDK and refreshed at most once a minute.
+
+    ``fetch`` is the callable that returns the PEM (a hook, so tests can count calls).
+    ``clock`` is a monotonic clock in seconds.
+    """
+
+    def __init__(self, fetch, clock=time.monotonic, refresh_s=KEY_REFRESH_S, retry_s=KEY_RETRY_S):
+        self._fetch = fetch
+        self._clock = clock
+        self._refresh_s = refresh_s
+        self._retry_s = retry_s
+        self._lock = threading.Lock()
+        self._key = None  # ellipticcurve PublicKey
+        self._fetched_at = None  # clock time of the last fetch attempt
+        self.fetches = 0  # fetch attempts, for /health and the benchmark
+
+    def get(self):
+        """Return the cached key, fetching it if there is none; raise BankUnavailable if that fails."""
+        key = self._key
+        if key is not None:
+            return key
+        with self._lock:
+            if self._key is None:
+                if self._fetched_at is not None and self._clock() - self._fetched_at < self._retry_s:
+                    raise BankUnavailable("Stark Bank's public key is not available yet")
+                self._load()
+            return self._key
+
+    def refresh(self, stale):
+        """Return a newer key than ``stale`` if one may be fetched now, else None.
+
+        At most one fetch per refresh period, whatever the number of callers. Raise
+        BankUnavailable if the fetch fails.
+        """
+        with self._lock:
+            if self._key is not stale:  # another thread refreshed meanwhile
+                return self._key
+            if self._fetched_at is not None and self._clock() - self._fetched_at < self._refresh_s:
+                return None
+            self._load()
+            return self._key
+
+    def _load(self):
+        self._fetched_at = self._clock()
+        self.fetches += 1
+        pem = self._fetch()
+        try:
+            self._key = PublicKey.fromPem(pem)
+        except Exception as e:  # ellipticcurve raises bare Exceptions on bad PEM
+            raise BankUnavailable(f"Stark Bank's public key is unreadable ({type(e).__name__})") from None
+        logger.info("fetched Stark Bank's public key")
+
+
+def _signature_matches(content, signature, key):
+    """Return True if ``signature`` signs ``content`` (or its key-sorted form, as the SDK allows)."""
+    if Ecdsa.verify(message=content, signature=signature, publicKey=key):
+        return True
+    try:
+        normalized = json.dumps(json.loads(content), sort_keys=True)
+    except ValueError:
+        return False
+    return normalized != content and Ecdsa.verify(message=normalized, signature=signature, publicKey=key)
+
+
+class Bank:
+    """The service's view of Stark Bank. Build one in ``__main__``, call ``configure()`` once."""
+
+    def __init__(self, config, clock=time.monotonic):
+        self._config = config
+        self.keys = KeyCache(self._fetch_public_key, clock=clock)
+
+    def configure(self):
+        """Set the SDK's user and timeout from the config; raise ConfigError if the key is unusable."""
+        try:
+            user = starkbank.Project(
+                environment=self._config.environment,
+                id=self._config.project_id,
+                private_key=self._config.private_key,
+            )
+            user.private_key()  # parse it now, not on the first call
+        except Exception:  # the SDK raises bare Exceptions for a bad PEM
+            raise ConfigError("STARK_PRIVATE_KEY: not a valid secp256k1 private key in PEM format") from None
+        starkbank.user = user
+        starkbank.timeout = self._config.bank_timeout_s
+        starkbank.language = "en-US"
+
+    # -- invoices ---------------------------------------------------------------
+
+    def create_invoices(self, invoices):
+        """Create up to 100 invoices in one call; return them as dicts (id, amount, name, tax_id, status, tags).
+
+        ``invoices`` are dicts with amount (cents), name, tax_id, due (aware datetime),
+        expiration_s, tags. Raise BankRejected / BankUnavailable.
+        """
+        if len(invoices) > MAX_PER_CALL:
+            raise ValueError(f"at most {MAX_PER_CALL} invoices per call")
+        objects = [
+            starkbank.Invoice(
+                amount=inv["amount"],
+                name=inv["name"],
+                tax_id=inv["tax_id"],
+                due=inv["due"],
+                expiration=inv["expiration_s"],
+                tags=inv["tags"],
+                descriptions=inv.get("descriptions"),
+            )
+            for inv in invoices
+        ]
+        created = _translate(lambda: starkbank.invoice.create(objects), "create invoices")
+        return [_invoice_dict(i) for i in created]
+
+    def find_invoices(self, tag):
+        """Return every invoice carrying ``tag``, as dicts. Raise BankUnavailable on failure."""
+        return _translate(lambda: [_invoice_dict(i) for i in starkbank.invoice.query(tags=[tag])], "query invoices")
+
+    # -- transfers --------------------------------------------------------------
+
+    def create_transfer(self, amount, external_id, tags):
+        """Send ``amount`` cents to the configured account in one call; return the transfer as a dict.
+
+        ``external_id`` makes the call idempotent: Stark Bank refuses a second
+        transfer with it (BankRejected). Raise BankRejected / BankUnavailable.
+        """
+        c = self._config
+        transfer = starkbank.Transfer(
+            amount=amount,
+            name=c.transfer_name,
+            tax_id=c.transfer_tax_id,
+            bank_code=c.transfer_bank_code,
+            branch_code=c.transfer_branch,
+            account_number=c.transfer_account,
+            account_type=c.transfer_account_type,
+            external_id=external_id,
+            tags=tags,
+        )
+        created = _translate(lambda: starkbank.transfer.create([transfer]), "create transfer")
+        return _transfer_dict(created[0])
+
+    def find_transfer(self, tag):
+        """Return the transfer carrying ``tag`` as a dict, or None. Raise BankUnavailable on failure."""
+        found = _translate(lambda: list(starkbank.transfer.query(tags=[tag], limit=10)), "query transfers")
+        return _transfer_dict(found[0]) if found else None
+
+    # -- events -----------------------------------------------------------------
+
+    def undelivered_events(self, limit=500):
+        """Return up to ``limit`` events Stark Bank could not deliver, as webhook-shaped dicts."""
+        events = _translate(
+            lambda: list(starkbank.event.query(is_delivered=False, limit=limit)), "query undelivered events"
+        )
+        return [api_json(e) for e in events]
+
+    def mark_delivered(self, event_id):
+        """Tell Stark Bank an event was received, so it is not offered again."""
+        _translate(lambda: starkbank.event.update(event_id, is_delivered=True), "mark event delivered")
+
+    def verify_event(self, content, signature):
+        """Check that ``signature`` (the Digital-Signature header) signs ``content`` (the raw body, str).
+
+        Return None if it does. Raise SignatureError if it is malformed or does not
+        match, BankUnavailable if the public key cannot be fetched. Thread-safe.
+        """
+        try:
+            parsed = Signature.fromBase64(signature)
+        except Exception:  # ellipticcurve raises bare Exceptions on bad DER
+            raise SignatureError("malformed Digital-Signature") from None
+        key = self.keys.get()
+        if _signature_matches(content, parsed, key):
+            return
+        fresher = self.keys.refresh(stale=key)
+        if fresher is not None and fresher is not key and _signature_matches(content, parsed, fresher):
+            return
+        raise SignatureError("Digital-Signature does not match Stark Bank's public key")
+
+    def _fetch_public_key(self):
+        response = _translate(
+            lambda: starkbank.request.get("/public-key", query={"limit": 1}), "fetch public key"
+        )
+        if response.status != 200:
+            raise BankUnavailable(f"fetch public key: Stark Bank answered {response.status}")
+        return _translate(lambda: response.json()["publicKeys"][0]["content"], "fetch public key")
+
+    # -- account ----------------------------------------------------------------
+
+    def check_credentials(self):
+        """Make one authenticated call; return None if the credentials work, raise BankError otherwise."""
+        _translate(lambda: list(starkbank.invoice.query(limit=1)), "check credentials")
+
+    def create_webhook(self, url, subscriptions):
+        """Subscribe ``url`` to events; return the webhook as a dict (id, url, subscriptions)."""
+        hook = _translate(lambda: starkbank.webhook.create(url=url, subscriptions=list(subscriptions)), "create webhook")
+        return {"id": hook.id, "url": hook.url, "subscriptions": list(hook.subscriptions)}
+
+    def webhooks(self):
+        """Return every webhook subscription as dicts."""
+        hooks = _translate(lambda: list(starkbank.webhook.query()), "list webhooks")
+        return [{"id": h.id, "url": h.url, "subscriptions": list(h.subscriptions)} for h in hooks]
+
+    def delete_webhook(self, webhook_id):
+        """Delete a webhook subscription; return it as a dict."""
+        hook = _translate(lambda: starkbank.webhook.delete(webhook_id), "delete webhook")
+        return {"id": hook.id, "url": hook.url, "subscriptions": list(hook.subscriptions)}
+
+
+def new_key_pair():
+    """Return a new (private PEM, public PEM) secp256k1 pair, as Stark Bank projects use."""
+    return starkbank.key.create()
+

@@ -1,0 +1,142 @@
+"""Invoicer: build a round of random invoices and issue it through ``bank``, recorded in ``store``.
+
+A round is issued in one ``create`` call per 100 invoices (Stark Bank's limit per
+call; a round of 8-12 is one call). Every invoice carries three tags:
+
+- the deployment's ``INSTANCE_TAG``: only credits of invoices carrying it are forwarded;
+- ``round-<n>``: names the round, for people searching Stark Bank's dashboard;
+- ``batch-<schedule id>-<n>-<chunk>``: names exactly one create call, so that after an
+  ambiguous failure (a timeout: the call may or may not have created the invoices)
+  the retry asks Stark Bank for that tag first and re-creates only if nothing carries it.
+
+``Invoicer.issue_round`` is called by the scheduler's thread only; it is not meant
+to run twice at once (the store's lock file keeps other processes away).
+"""
+
+import datetime
+import logging
+import random
+from typing import NamedTuple, Optional
+
+from .errors import BankRejected, BankUnavailable
+from .people import mask_tax_id, random_amount, random_person
+
+__all__ = ["Invoicer", "Outcome", "build_invoices", "round_tags", "CHUNK_SIZE"]
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 100  # Stark Bank's limit of invoices per create call
+DUE_AFTER = datetime.timedelta(days=2)  # payers get two days, like a PIX charge
+EXPIRATION_S = 7 * 86400  # then a week more before the invoice expires
+# A round is tried at most this many times; between tries, exponential backoff.
+MAX_ATTEMPTS = 6
+MAX_BACKOFF_S = 1800.0
+
+
+class Outcome(NamedTuple):
+    """What became of one call to ``issue_round``."""
+
+    state: str  # 'issued', 'retry', 'failed' or 'done' (settled earlier)
+    retry_at: Optional[datetime.datetime]  # when to call again, for 'retry'
+
+
+def round_tags(instance_tag, schedule_id, n, chunk):
+    """Return the tags of the invoices of chunk ``chunk`` of round ``n`` (see the module docstring)."""
+    return [instance_tag, f"round-{n}", f"batch-{schedule_id}-{n}-{chunk}"]
+
+
+def build_invoices(rng, count, now, tags):
+    """Return ``count`` random invoices as dicts for ``Bank.create_invoices``. Pure.
+
+    Amounts are integer cents; due two days from ``now`` (aware UTC); expiring a week after.
+    """
+    invoices = []
+    for _ in range(count):
+        person = random_person(rng)
+        invoices.append({
+            "amount": random_amount(rng),
+            "name": person.name,
+            "tax_id": person.tax_id,
+            "due": now + DUE_AFTER,
+            "expiration_s": EXPIRATION_S,
+            "tags": list(tags),
+        })
+    return invoices
+
+
+def _reais(cents):
+    return f"R$ {cents // 100:,}.{cents % 100:02d}"
+
+
+class Invoicer:
+    """Issues rounds: claims the round in the store, creates its invoices, records them."""
+
+    def __init__(self, bank, store, config, schedule_id, clock, rng=None, retry_base_s=30.0):
+        self._bank = bank
+        self._store = store
+        self._config = config
+        self._schedule_id = schedule_id
+        self._clock = clock  # () -> aware UTC datetime
+        self._rng = rng or random.Random()
+        self._retry_base_s = retry_base_s  # first backoff; doubles per attempt
+
+    def issue_round(self, n, due_at):
+        """Issue round ``n`` unless it was settled before; return an Outcome.
+
+        Never creates a round's invoices twice: the attempt is recorded before the
+        call, and a retry looks the batch up by its tag before creating anything.
+        BankUnavailable and BankRejected are handled here (retry with backoff, then
+        give up after MAX_ATTEMPTS); other errors propagate.
+        """
+        now = self._clock()
+        planned = self._rng.randint(self._config.invoice_min, self._config.invoice_max)
+        before = self._store.claim_round(n, due_at, planned, now)
+        if before is None:
+            return Outcome("done", None)
+        attempt = before.attempts + 1
+        try:
+            self._issue_chunks(n, before.planned, reconcile=before.attempts > 0)
+        except (BankUnavailable, BankRejected) as e:
+            return self._retry_or_fail(n, attempt, e)
+        issued = self._store.finish_round(n, self._clock())
+        late = (now - due_at).total_seconds()
+        logger.info(
+            "round %d issued: %d invoices, total %s%s",
+            n, issued.count, _reais(issued.total), f" ({late:.0f} s late)" if late >= 60 else "",
+        )
+        return Outcome("issued", None)
+
+    def _issue_chunks(self, n, planned, reconcile):
+        recorded = self._store.recorded_chunks(n)
+        chunks = (planned + CHUNK_SIZE - 1) // CHUNK_SIZE
+        for chunk in range(chunks):
+            if chunk in recorded:
+                continue
+            tags = round_tags(self._config.instance_tag, self._schedule_id, n, chunk)
+            if reconcile:
+                found = self._bank.find_invoices(tags[-1])
+                if found:
+                    logger.info("round %d chunk %d: found %d invoices created by an earlier attempt", n, chunk, len(found))
+                    self._store.record_invoices(n, chunk, found, self._clock())
+                    continue
+            size = min(CHUNK_SIZE, planned - chunk * CHUNK_SIZE)
+            invoices = build_invoices(self._rng, size, self._clock(), tags)
+            created = self._bank.create_invoices(invoices)
+            self._store.record_invoices(n, chunk, created, self._clock())
+            for inv in created:
+                logger.debug("invoice %s: %s to %s", inv["id"], _reais(inv["amount"]), mask_tax_id(inv["tax_id"]))
+
+    def _retry_or_fail(self, n, attempt, error):
+        now = self._clock()
+        codes = ", ".join(error.codes)
+        detail = f"{error}" + (f" [{codes}]" if codes and codes not in str(error) else "")
+        if attempt >= MAX_ATTEMPTS:
+            self._store.fail_round(n, detail, now)
+            logger.error("round %d failed after %d attempts, giving up: %s", n, attempt, detail)
+            return Outcome("failed", None)
+        delay = min(MAX_BACKOFF_S, self._retry_base_s * 2 ** (attempt - 1))
+        delay *= 0.5 + self._rng.random() / 2  # jitter: 50-100% of the backoff
+        retry_at = now + datetime.timedelta(seconds=delay)
+        self._store.retry_round(n, detail, retry_at, now)
+        logger.warning("round %d attempt %d failed, retrying in %.0f s: %s", n, attempt, delay, detail)
+        return Outcome("retry", retry_at)

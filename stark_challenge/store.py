@@ -1,0 +1,727 @@
+"""Store: the service's durable state in one SQLite file; the only module that speaks SQL.
+
+The tables, and the invariant each one keeps:
+
+``schedule``  one row: when the first round was issued, the interval and the window.
+              Written once, so a restart keeps the same 24 h window.
+``round``     one row per round ``n``: ``issuing`` while a create call may be out,
+              ``issued`` once its invoices are recorded, ``failed`` after bounded retries.
+``invoice``   every invoice this deployment issued, with its round and last known status.
+``event``     every Stark Bank event received (webhook or pull), keyed by the event id:
+              a redelivered event is recognised here and not processed again.
+``credit``    one row per credited invoice, keyed by the invoice id (not the event id:
+              each log of the same invoice comes in a new event). The row and its
+              transfer are written in the same transaction, so a credit is queued for
+              payment exactly once, whatever the redeliveries.
+``transfer``  the transfers owed: keyed by ``external_id`` (which Stark Bank also
+              refuses to repeat), at most two attempts per invoice, the second one only
+              after Stark Bank reported the first ``failed``.
+
+Every verb is a transaction of its own (``BEGIN IMMEDIATE``), or joins the one a
+caller opened with ``atomic()``. Deduplication is a unique key and an insert that may
+fail, answered as a boolean, never a check followed by an insert.
+
+Threads: one connection, shared behind one re-entrant lock held for the length of a
+transaction; writes from other processes wait on SQLite's busy timeout. WAL mode and
+``synchronous=FULL``: a verb that returns has committed to disk, so an acknowledgement
+given after it is durable.
+"""
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+from typing import NamedTuple, Optional
+
+from .errors import StarkChallengeError
+
+__all__ = ["Store", "StoreLocked", "StoreError", "Round", "Transfer", "StoredEvent"]
+
+# Seconds a writer waits for another process's lock before SQLite gives up.
+BUSY_TIMEOUT_S = 5.0
+
+SCHEMA = (
+    """create table if not exists schedule (
+        id integer primary key check (id = 1),
+        schedule_id text not null,      -- random, names this window in invoice tags
+        started_at text not null,       -- UTC ISO time of round 0
+        interval_s real not null,
+        duration_s real not null        -- 0 = forever
+    )""",
+    """create table if not exists round (
+        n integer primary key,
+        due_at text not null,
+        state text not null check (state in ('issuing', 'issued', 'failed')),
+        planned integer not null,       -- invoices to issue, drawn once
+        attempts integer not null default 0,
+        count integer not null default 0,
+        total integer not null default 0,   -- cents
+        error text,
+        next_try_at text,
+        issued_at text,
+        updated_at text not null
+    )""",
+    """create table if not exists invoice (
+        id text primary key,
+        round_n integer not null references round (n),
+        chunk integer not null,
+        amount integer not null,        -- cents, as issued
+        name text not null,
+        tax_id text not null,
+        status text not null,
+        fee integer,                    -- cents, when credited
+        created_at text not null,
+        updated_at text not null
+    )""",
+    "create index if not exists invoice_round on invoice (round_n, chunk)",
+    """create table if not exists event (
+        id text primary key,
+        subscription text not null,
+        log_type text not null,
+        entity_id text not null,
+        body text not null,             -- the event as JSON
+        source text not null check (source in ('webhook', 'pull')),
+        received_at text not null,
+        processed_at text,
+        outcome text
+    )""",
+    "create index if not exists event_pending on event (processed_at) where processed_at is null",
+    """create table if not exists credit (
+        invoice_id text primary key,
+        event_id text not null,
+        amount integer not null,        -- cents credited (the invoice's amount)
+        fee integer not null,           -- cents
+        net integer not null,           -- amount - fee, what is forwarded
+        state text not null check (state in ('queued', 'skipped')),
+        reason text,
+        created_at text not null
+    )""",
+    """create table if not exists transfer (
+        external_id text primary key,
+        invoice_id text not null references credit (invoice_id),
+        attempt integer not null,
+        amount integer not null,        -- cents
+        state text not null check (state in (
+            'pending', 'sending', 'created', 'processing', 'success', 'failed', 'rejected', 'stalled')),
+        transfer_id text unique,
+        tries integer not null default 0,
+        next_try_at text not null,
+        errors text,                    -- JSON list of [code, message]
+        created_at text not null,
+        updated_at text not null,
+        unique (invoice_id, attempt)
+    )""",
+    "create index if not exists transfer_due on transfer (state, next_try_at)",
+)
+
+# Transfer states in which the money has not (yet) been seen to move.
+OPEN_STATES = ("pending", "sending", "created", "processing", "stalled")
+
+
+class StoreError(StarkChallengeError):
+    """The database cannot be opened or written."""
+
+
+class StoreLocked(StoreError):
+    """Another process already runs the service on this database."""
+
+
+class Round(NamedTuple):
+    """A round of invoices as stored."""
+
+    n: int  # 0-based round number
+    due_at: datetime.datetime
+    state: str  # 'issuing', 'issued' or 'failed'
+    planned: int  # invoices to issue
+    attempts: int  # create attempts so far
+    count: int  # invoices recorded
+    total: int  # cents recorded
+    error: Optional[str]
+    next_try_at: Optional[datetime.datetime]
+
+
+class Transfer(NamedTuple):
+    """A transfer owed to the configured account, as stored."""
+
+    external_id: str  # our idempotency key at Stark Bank
+    invoice_id: str
+    attempt: int  # 1, or 2 after Stark Bank failed the first
+    amount: int  # cents
+    state: str
+    transfer_id: Optional[str]  # Stark Bank's id, once known
+    tries: int  # create calls made
+    errors: tuple  # ((code, message), ...)
+
+
+class StoredEvent(NamedTuple):
+    """An event received from Stark Bank and not yet processed."""
+
+    id: str
+    subscription: str
+    log_type: str
+    body: dict  # the event JSON (camelCase, as Stark Bank sends it)
+    source: str  # 'webhook' or 'pull'
+
+
+def _iso(moment):
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: times must be timezone-aware UTC")
+    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _time(text):
+    return datetime.datetime.fromisoformat(text) if text else None
+
+
+class Store:
+    """The SQLite state of one deployment. See the module docstring for the tables."""
+
+    def __init__(self, path, exclusive=True):
+        """Open (creating if needed) the database at ``path``.
+
+        With ``exclusive``, hold an advisory lock on ``path + ".lock"`` for the life of
+        the Store, so two service processes can never run on one database (two
+        schedulers would issue a round twice); raise StoreLocked if it is taken.
+        Raise StoreError if the file cannot be opened.
+        """
+        self.path = path
+        self._lock = threading.RLock()
+        self._depth = 0  # nesting of atomic() blocks, guarded by _lock
+        self._lock_file = None
+        try:
+            if exclusive:
+                self._lock_file = open(path + ".lock", "a")
+                try:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._lock_file.close()
+                    self._lock_file = None
+                    raise StoreLocked(f"{path}: another stark_challenge process is using this database") from None
+            self._conn = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            # journal_mode cannot change inside a transaction: set it before any.
+            self._conn.execute("pragma journal_mode = wal")
+            self._conn.execute("pragma synchronous = full")
+            self._conn.execute("pragma foreign_keys = on")
+            with self.atomic():
+                for ddl in SCHEMA:
+                    self._conn.execute(ddl)
+        except sqlite3.Error as e:
+            self.close()
+            raise StoreError(f"{path}: cannot open the database ({e})") from None
+        except OSError as e:
+            self.close()
+            raise StoreError(f"{path}: cannot open the database ({e.strerror})") from None
+
+    def close(self):
+        """Close the connection and release the lock file. Idempotent."""
+        with self._lock:
+            conn = getattr(self, "_conn", None)
+            if conn is not None:
+                conn.close()
+                self._conn = None
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+
+    @contextlib.contextmanager
+    def atomic(self):
+        """Run the block in one transaction; nested blocks join the outer one.
+
+        Commits when the outermost block ends, rolls back on any exception
+        (BaseException included) and re-raises it; SQLite's own errors come out as
+        StoreError.
+        """
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            if self._conn is None:
+                raise StoreError(f"{self.path}: the database is closed")
+            try:
+                self._conn.execute("begin immediate")
+            except sqlite3.Error as e:
+                raise StoreError(f"{self.path}: cannot start a transaction ({e})") from e
+            self._depth = 1
+            try:
+                yield
+                self._conn.execute("commit")
+            except BaseException as e:
+                self._conn.rollback()
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"{self.path}: {e}") from e
+                raise
+            finally:
+                self._depth = 0
+
+    def _execute(self, sql, params):
+        if self._conn is None:
+            raise StoreError(f"{self.path}: the database is closed")
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: {e}") from e
+
+    def _one(self, sql, params=()):
+        return self._execute(sql, params).fetchone()
+
+    def _all(self, sql, params=()):
+        return self._execute(sql, params).fetchall()
+
+    def ping(self):
+        """Return True if the database answers a trivial query."""
+        try:
+            with self._lock:
+                return self._one("select 1") == (1,)
+        except StoreError:
+            return False
+
+    # -- schedule ---------------------------------------------------------------
+
+    def start_schedule(self, schedule_id, started_at, interval_s, duration_s):
+        """Record the schedule unless one exists; return the stored one as a dict.
+
+        Idempotent: the first call wins, so a restart keeps the original window.
+        """
+        with self.atomic():
+            self._conn.execute(
+                "insert or ignore into schedule (id, schedule_id, started_at, interval_s, duration_s)"
+                " values (1, ?, ?, ?, ?)",
+                (schedule_id, _iso(started_at), interval_s, duration_s),
+            )
+            return self.schedule()
+
+    def schedule(self):
+        """Return the stored schedule as a dict, or None before the first start."""
+        with self._lock:
+            row = self._one("select schedule_id, started_at, interval_s, duration_s from schedule")
+        if row is None:
+            return None
+        return {
+            "schedule_id": row[0],
+            "started_at": _time(row[1]),
+            "interval_s": row[2],
+            "duration_s": row[3],
+        }
+
+    # -- rounds -----------------------------------------------------------------
+
+    def _round(self, n):
+        row = self._one(
+            "select n, due_at, state, planned, attempts, count, total, error, next_try_at"
+            " from round where n = ?",
+            (n,),
+        )
+        if row is None:
+            return None
+        return Round(row[0], _time(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], _time(row[8]))
+
+    def round(self, n):
+        """Return round ``n`` as a Round, or None if it was never attempted."""
+        with self._lock:
+            return self._round(n)
+
+    def rounds(self):
+        """Return every attempted round, in order."""
+        with self._lock:
+            numbers = [r[0] for r in self._all("select n from round order by n")]
+            return [self._round(n) for n in numbers]
+
+    def claim_round(self, n, due_at, planned, now):
+        """Mark round ``n`` as being issued and count the attempt; return the Round before the claim.
+
+        Return None if the round is already ``issued`` or ``failed`` (nothing to do).
+        The returned Round is None-like for a first attempt: ``attempts == 0``.
+        ``planned`` is used only on the first claim: a retry keeps the size drawn first.
+        """
+        with self.atomic():
+            before = self._round(n)
+            if before is not None and before.state != "issuing":
+                return None
+            if before is None:
+                self._conn.execute(
+                    "insert into round (n, due_at, state, planned, attempts, updated_at)"
+                    " values (?, ?, 'issuing', ?, 1, ?)",
+                    (n, _iso(due_at), planned, _iso(now)),
+                )
+                return Round(n, due_at, "issuing", planned, 0, 0, 0, None, None)
+            self._conn.execute(
+                "update round set attempts = attempts + 1, updated_at = ? where n = ?",
+                (_iso(now), n),
+            )
+            return before
+
+    def recorded_chunks(self, n):
+        """Return the set of chunk numbers of round ``n`` whose invoices are recorded."""
+        with self._lock:
+            return {r[0] for r in self._all("select distinct chunk from invoice where round_n = ?", (n,))}
+
+    def record_invoices(self, n, chunk, invoices, now):
+        """Record the invoices Stark Bank created for chunk ``chunk`` of round ``n``.
+
+        ``invoices`` are dicts with id, amount, name, tax_id, status. Idempotent: an
+        invoice already recorded is left as it is. Return how many were new.
+        """
+        with self.atomic():
+            added = 0
+            for inv in invoices:
+                cur = self._conn.execute(
+                    "insert or ignore into invoice"
+                    " (id, round_n, chunk, amount, name, tax_id, status, created_at, updated_at)"
+                    " values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (inv["id"], n, chunk, inv["amount"], inv["name"], inv["tax_id"],
+                     inv.get("status") or "created", _iso(now), _iso(now)),
+                )
+                added += cur.rowcount
+            return added
+
+    def finish_round(self, n, now):
+        """Mark round ``n`` issued, with the count and total of its recorded invoices; return the Round."""
+        with self.atomic():
+            count, total = self._one(
+                "select count(*), coalesce(sum(amount), 0) from invoice where round_n = ?", (n,)
+            )
+            self._conn.execute(
+                "update round set state = 'issued', count = ?, total = ?, error = null,"
+                " next_try_at = null, issued_at = ?, updated_at = ? where n = ?",
+                (count, total, _iso(now), _iso(now), n),
+            )
+            return self._round(n)
+
+    def retry_round(self, n, error, next_try_at, now):
+        """Leave round ``n`` to be tried again at ``next_try_at``, noting ``error``."""
+        with self.atomic():
+            self._conn.execute(
+                "update round set error = ?, next_try_at = ?, updated_at = ? where n = ?",
+                (error, _iso(next_try_at), _iso(now), n),
+            )
+
+    def fail_round(self, n, error, now):
+        """Give round ``n`` up for good, noting ``error``."""
+        with self.atomic():
+            self._conn.execute(
+                "update round set state = 'failed', error = ?, next_try_at = null, updated_at = ?"
+                " where n = ?",
+                (error, _iso(now), n),
+            )
+
+    # -- events -----------------------------------------------------------------
+
+    def add_event(self, event_id, subscription, log_type, entity_id, body, source, now):
+        """Store an event received from Stark Bank; return True if new, False if already stored.
+
+        ``body`` is the event as a dict. Idempotent and thread-safe: of two concurrent
+        deliveries of one event, exactly one gets True.
+        """
+        with self.atomic():
+            cur = self._conn.execute(
+                "insert or ignore into event"
+                " (id, subscription, log_type, entity_id, body, source, received_at)"
+                " values (?, ?, ?, ?, ?, ?, ?)",
+                (event_id, subscription, log_type, entity_id,
+                 json.dumps(body, separators=(",", ":")), source, _iso(now)),
+            )
+            return cur.rowcount == 1
+
+    def pending_events(self, limit=100):
+        """Return up to ``limit`` stored events not yet processed, oldest first."""
+        with self._lock:
+            rows = self._all(
+                "select id, subscription, log_type, body, source from event"
+                " where processed_at is null order by received_at, id limit ?",
+                (limit,),
+            )
+        return [StoredEvent(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+
+    def finish_event(self, event_id, outcome, now):
+        """Mark an event processed with a short ``outcome``; return True if it was pending."""
+        with self.atomic():
+            cur = self._conn.execute(
+                "update event set processed_at = ?, outcome = ? where id = ? and processed_at is null",
+                (_iso(now), outcome, event_id),
+            )
+            return cur.rowcount == 1
+
+    def event_processed(self, event_id):
+        """Return True if the event is stored and processed."""
+        with self._lock:
+            row = self._one("select processed_at from event where id = ?", (event_id,))
+        return bool(row and row[0])
+
+    # -- invoices ---------------------------------------------------------------
+
+    def update_invoice(self, invoice_id, status, now, fee=None):
+        """Record a new status (and fee, when known) of one of our invoices; return True if known.
+
+        A ``paid`` that arrives after ``credited`` does not move the status back:
+        logs can arrive in any order.
+        """
+        with self.atomic():
+            row = self._one("select status from invoice where id = ?", (invoice_id,))
+            if row is None:
+                return False
+            if not (row[0] == "credited" and status == "paid"):
+                self._conn.execute(
+                    "update invoice set status = ?, fee = coalesce(?, fee), updated_at = ? where id = ?",
+                    (status, fee, _iso(now), invoice_id),
+                )
+            return True
+
+    # -- credits and transfers --------------------------------------------------
+
+    def add_credit(self, invoice_id, event_id, amount, fee, external_id, now, skip_reason=None):
+        """Record a credited invoice and, unless skipped, queue its transfer; return True if new.
+
+        The net amount is ``amount - fee``. The credit row and its first transfer
+        (``external_id``, attempt 1, state ``pending``) are written in one transaction:
+        a credit is queued exactly once. With ``skip_reason`` the credit is recorded as
+        ``skipped`` and nothing is queued. False means the invoice was credited before.
+        """
+        net = amount - fee
+        state = "skipped" if skip_reason else "queued"
+        with self.atomic():
+            cur = self._conn.execute(
+                "insert or ignore into credit"
+                " (invoice_id, event_id, amount, fee, net, state, reason, created_at)"
+                " values (?, ?, ?, ?, ?, ?, ?, ?)",
+                (invoice_id, event_id, amount, fee, net, state, skip_reason, _iso(now)),
+            )
+            if cur.rowcount == 0:
+                return False
+            if not skip_reason:
+                self._insert_transfer(external_id, invoice_id, 1, net, now)
+            return True
+
+    def credit(self, invoice_id):
+        """Return the credit of an invoice as a dict (amount, fee, net in cents; state, reason), or None."""
+        with self._lock:
+            row = self._one(
+                "select amount, fee, net, state, reason, event_id from credit where invoice_id = ?", (invoice_id,)
+            )
+        if row is None:
+            return None
+        return dict(zip(("amount", "fee", "net", "state", "reason", "event_id"), row))
+
+    def _insert_transfer(self, external_id, invoice_id, attempt, amount, now):
+        self._conn.execute(
+            "insert into transfer"
+            " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
+            " values (?, ?, ?, ?, 'pending', ?, ?, ?)",
+            (external_id, invoice_id, attempt, amount, _iso(now), _iso(now), _iso(now)),
+        )
+
+    def _transfer_from_row(self, row):
+        errors = tuple(tuple(e) for e in json.loads(row[7])) if row[7] else ()
+        return Transfer(row[0], row[1], row[2], row[3], row[4], row[5], row[6], errors)
+
+    _TRANSFER_COLUMNS = "external_id, invoice_id, attempt, amount, state, transfer_id, tries, errors"
+
+    def transfer(self, external_id):
+        """Return the Transfer with this external id, or None."""
+        with self._lock:
+            row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
+        return self._transfer_from_row(row) if row else None
+
+    def transfers(self, states=None):
+        """Return every Transfer (in ``states`` when given), oldest first."""
+        with self._lock:
+            rows = self._all(f"select {self._TRANSFER_COLUMNS} from transfer order by created_at, external_id")
+        found = [self._transfer_from_row(r) for r in rows]
+        return [t for t in found if states is None or t.state in states]
+
+    def due_transfers(self, now, limit=100):
+        """Return up to ``limit`` pending transfers whose next try is due, oldest first."""
+        with self._lock:
+            rows = self._all(
+                f"select {self._TRANSFER_COLUMNS} from transfer"
+                " where state = 'pending' and next_try_at <= ? order by next_try_at, external_id limit ?",
+                (_iso(now), limit),
+            )
+        return [self._transfer_from_row(r) for r in rows]
+
+    def next_transfer_due_at(self):
+        """Return when the earliest pending transfer is due, or None if none is pending."""
+        with self._lock:
+            row = self._one("select min(next_try_at) from transfer where state = 'pending'")
+        return _time(row[0])
+
+    def claim_transfer(self, external_id, now):
+        """Move a pending transfer to ``sending`` and count the try; return True if this call claimed it.
+
+        Written before the create call, so a crash mid-call leaves ``sending``: the
+        transfer is then settled by its external id at start-up, never sent blindly.
+        """
+        with self.atomic():
+            cur = self._conn.execute(
+                "update transfer set state = 'sending', tries = tries + 1, updated_at = ?"
+                " where external_id = ? and state = 'pending'",
+                (_iso(now), external_id),
+            )
+            return cur.rowcount == 1
+
+    def transfer_created(self, external_id, transfer_id, status, now):
+        """Record Stark Bank's id and status for a transfer it accepted.
+
+        Only moves forward: a later status already known (say ``success`` from an
+        event that beat the create answer) is kept.
+        """
+        status = status if status in ("created", "processing", "success", "failed") else "created"
+        with self.atomic():
+            row = self._one("select state from transfer where external_id = ?", (external_id,))
+            if row is None:
+                return
+            keep = row[0] in ("processing", "success", "failed") and status == "created"
+            self._conn.execute(
+                "update transfer set transfer_id = ?, state = ?, updated_at = ? where external_id = ?",
+                (transfer_id, row[0] if keep else status, _iso(now), external_id),
+            )
+
+    def retry_transfer(self, external_id, errors, next_try_at, now):
+        """Put a transfer back to ``pending`` until ``next_try_at`` (same external id, so idempotent)."""
+        with self.atomic():
+            self._conn.execute(
+                "update transfer set state = 'pending', errors = ?, next_try_at = ?, updated_at = ?"
+                " where external_id = ?",
+                (json.dumps(list(errors)), _iso(next_try_at), _iso(now), external_id),
+            )
+
+    def stall_transfer(self, external_id, errors, now):
+        """Stop retrying a transfer after its bounded tries; it is retried at the next start-up."""
+        with self.atomic():
+            self._conn.execute(
+                "update transfer set state = 'stalled', errors = ?, updated_at = ? where external_id = ?",
+                (json.dumps(list(errors)), _iso(now), external_id),
+            )
+
+    def reject_transfer(self, external_id, errors, now):
+        """Record that Stark Bank refused a transfer (4xx) with its error codes."""
+        with self.atomic():
+            self._conn.execute(
+                "update transfer set state = 'rejected', errors = ?, updated_at = ? where external_id = ?",
+                (json.dumps(list(errors)), _iso(now), external_id),
+            )
+
+    def requeue_transfers(self, states, now):
+        """Move every transfer in ``states`` back to ``pending``, due now; return their external ids."""
+        with self.atomic():
+            marks = ",".join("?" * len(states))
+            ids = [r[0] for r in self._all(f"select external_id from transfer where state in ({marks})", states)]
+            self._conn.execute(
+                f"update transfer set state = 'pending', tries = 0, next_try_at = ?, updated_at = ?"
+                f" where state in ({marks})",
+                (_iso(now), _iso(now), *states),
+            )
+            return ids
+
+    def apply_transfer_status(self, external_id, transfer_id, status, errors, now, retry_external_id=None):
+        """Record a status Stark Bank reported for one of our transfers; return the Transfer, or None.
+
+        On ``failed`` of a first attempt, queue the second attempt under
+        ``retry_external_id`` in the same transaction (once: the attempt number is
+        unique per invoice). Statuses only move forward; ``failed`` is final.
+        """
+        order = {"pending": 0, "sending": 0, "stalled": 0, "rejected": 0,
+                 "created": 1, "processing": 2, "success": 3, "failed": 3}
+        with self.atomic():
+            row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
+            if row is None:
+                return None
+            current = self._transfer_from_row(row)
+            if status in order and order[status] > order.get(current.state, 0) or (
+                status == "failed" and current.state != "failed"
+            ):
+                self._conn.execute(
+                    "update transfer set state = ?, transfer_id = coalesce(transfer_id, ?), errors = ?,"
+                    " updated_at = ? where external_id = ?",
+                    (status, transfer_id, json.dumps(list(errors)) if errors else row[7], _iso(now), external_id),
+                )
+                if status == "failed" and current.attempt == 1 and retry_external_id:
+                    self._conn.execute(
+                        "insert or ignore into transfer"
+                        " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
+                        " values (?, ?, 2, ?, 'pending', ?, ?, ?)",
+                        (retry_external_id, current.invoice_id, current.amount, _iso(now), _iso(now), _iso(now)),
+                    )
+            row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
+            return self._transfer_from_row(row)
+
+    # -- reports ----------------------------------------------------------------
+
+    def summary(self):
+        """Return a dict of the numbers an operator wants: rounds, invoices, credits, transfers, events."""
+        with self._lock:
+            return summarize(self._conn)
+
+
+def summarize(conn):
+    """Return the status numbers read from an open connection (shared with read-only opens)."""
+    one = lambda sql, p=(): conn.execute(sql, p).fetchone()  # noqa: E731
+    rounds = dict(conn.execute("select state, count(*) from round group by state").fetchall())
+    invoices = {
+        status: {"count": c, "amount": a}
+        for status, c, a in conn.execute(
+            "select status, count(*), coalesce(sum(amount), 0) from invoice group by status"
+        ).fetchall()
+    }
+    credited = one(
+        "select count(*), coalesce(sum(amount), 0), coalesce(sum(fee), 0), coalesce(sum(net), 0)"
+        " from credit where state = 'queued'"
+    )
+    skipped = one("select count(*) from credit where state = 'skipped'")[0]
+    transfers = {
+        state: {"count": c, "amount": a}
+        for state, c, a in conn.execute(
+            "select state, count(*), coalesce(sum(amount), 0) from transfer group by state"
+        ).fetchall()
+    }
+    last_webhook = one("select max(received_at) from event where source = 'webhook'")[0]
+    pending_events = one("select count(*) from event where processed_at is null")[0]
+    events = one("select count(*) from event")[0]
+    schedule = one("select started_at, interval_s, duration_s from schedule")
+    return {
+        "schedule": (
+            {"started_at": schedule[0], "interval_s": schedule[1], "duration_s": schedule[2]}
+            if schedule else None
+        ),
+        "rounds": {
+            "issued": rounds.get("issued", 0),
+            "issuing": rounds.get("issuing", 0),
+            "failed": rounds.get("failed", 0),
+        },
+        "invoices": invoices,
+        "credits": {
+            "count": credited[0],
+            "amount": credited[1],
+            "fee": credited[2],
+            "net": credited[3],
+            "skipped": skipped,
+        },
+        "transfers": transfers,
+        "transferred": transfers.get("success", {"amount": 0})["amount"],
+        "events": {"received": events, "pending": pending_events, "last_webhook_at": last_webhook},
+    }
+
+
+def open_read_only(path):
+    """Return a read-only sqlite3 connection to the database at ``path`` (safe while the service runs).
+
+    Raise StoreError if the file does not exist or is not a database.
+    """
+    if not os.path.exists(path):
+        raise StoreError(f"{path}: no such database (set DATABASE_PATH)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        conn.execute("select count(*) from schedule").fetchone()
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: cannot read the database ({e})") from None
+    return conn

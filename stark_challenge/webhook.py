@@ -1,0 +1,139 @@
+"""Webhook: decide what to answer to a POST /webhook, and store the event if it is genuine.
+
+No sockets here: ``Intake.receive`` takes the headers and the raw body and returns
+a ``Reply`` (status, JSON body, extra headers), so it can be tested without a server.
+
+The checks, cheapest first, and the answer each failure gets:
+
+====================================================  ========================
+check                                                 failure
+====================================================  ========================
+size: Content-Length present, at most 64 KiB          411 / 413 (in ``server``,
+                                                      before reading the body)
+basic auth, when configured (constant-time compare)   401 + WWW-Authenticate
+``Digital-Signature`` header present                  401
+body is UTF-8                                         400
+signature matches the exact raw body (``bank``)       401
+Stark Bank's key cannot be fetched                    503 (Stark Bank retries)
+body is an event of the expected shape                400
+the store cannot write                                503 (Stark Bank retries)
+====================================================  ========================
+
+Only then: 200. The event is committed to the store before the answer, so an
+acknowledged event is never lost; a redelivered one is answered 200 and not stored
+again. Processing happens later, from the store (``worker``). Thread-safe.
+"""
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+from http import HTTPStatus
+from typing import NamedTuple
+
+from . import events
+from .errors import BankUnavailable, SignatureError, StarkChallengeError
+
+__all__ = ["Intake", "Reply", "check_basic_auth", "MAX_BODY_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+# Stark Bank's events are a few KiB; anything larger is not one of them (issue #2).
+MAX_BODY_BYTES = 64 * 1024
+
+
+class Reply(NamedTuple):
+    """What to answer: an HTTP status, a JSON-able body, and extra headers."""
+
+    status: HTTPStatus
+    body: dict
+    headers: tuple = ()
+
+
+def _error(status, message, headers=()):
+    return Reply(status, {"error": message}, headers)
+
+
+def check_basic_auth(header, username, password):
+    """Return True if the Authorization ``header`` carries exactly these basic-auth credentials.
+
+    Compares in constant time (both fields always compared), so the answer's timing
+    does not tell how much of a guess was right.
+    """
+    if not header or not header[:6].lower() == "basic ":
+        return False
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    given_user, sep, given_password = decoded.partition(b":")
+    user_ok = hmac.compare_digest(given_user, username.encode("utf-8"))
+    password_ok = hmac.compare_digest(given_password, password.encode("utf-8"))
+    return bool(sep) & user_ok & password_ok
+
+
+class Intake:
+    """Checks webhooks and stores genuine events. Collaborators come in through the constructor."""
+
+    # A hook: overridable to add a realm per deployment.
+    realm = "stark_challenge"
+
+    def __init__(self, store, bank, config, clock, on_event=None):
+        self._store = store
+        self._bank = bank
+        self._username = config.webhook_username
+        self._password = config.webhook_password
+        self._clock = clock  # () -> aware UTC datetime
+        self._on_event = on_event or (lambda: None)  # called after a new event is stored
+
+    def authorize(self, headers):
+        """Return None if the request may proceed, or the 401 Reply if basic auth fails."""
+        if not (self._username and self._password):
+            return None
+        if check_basic_auth(headers.get("Authorization"), self._username, self._password):
+            return None
+        return _error(
+            HTTPStatus.UNAUTHORIZED, "authentication required",
+            (("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"'),),
+        )
+
+    def receive(self, headers, body):
+        """Check a webhook whose basic auth already passed; store its event; return the Reply."""
+        signature = headers.get("Digital-Signature")
+        if not signature:
+            return _error(HTTPStatus.UNAUTHORIZED, "missing Digital-Signature header")
+        try:
+            content = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(HTTPStatus.BAD_REQUEST, "body is not UTF-8")
+        try:
+            self._bank.verify_event(content, signature)
+        except SignatureError as e:
+            logger.warning("webhook refused: %s", e)
+            return _error(HTTPStatus.UNAUTHORIZED, "invalid Digital-Signature")
+        except BankUnavailable as e:
+            logger.warning("webhook not verified, Stark Bank's key is unavailable (%s); answering 503", e)
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot verify the signature now; deliver again later")
+        try:
+            event = events.check_shape(json.loads(content))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            logger.warning("webhook refused: signed but malformed (%s)", e)
+            return _error(HTTPStatus.BAD_REQUEST, f"malformed event: {e}")
+        try:
+            new = self._store.add_event(
+                event["id"], event["subscription"], event["log"]["type"], events.entity_of(event),
+                event, "webhook", self._clock(),
+            )
+        except StarkChallengeError as e:
+            logger.error("webhook %s not stored: %s; answering 503", event["id"], e)
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot store the event now; deliver again later")
+        if new:
+            logger.info(
+                "webhook accepted: event %s, %s %s %s",
+                event["id"], event["subscription"], event["log"]["type"], events.entity_of(event),
+            )
+            self._on_event()
+            return Reply(HTTPStatus.OK, {"status": "stored", "event": event["id"]})
+        logger.info("webhook accepted: event %s again (already stored)", event["id"])
+        return Reply(HTTPStatus.OK, {"status": "duplicate", "event": event["id"]})

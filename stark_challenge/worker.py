@@ -1,0 +1,185 @@
+"""Worker: the background thread that turns stored events into transfers.
+
+One pass (``run_once``) does, in order:
+
+1. pull undelivered events from Stark Bank, when due (at start-up, then every
+   ``EVENT_POLL_INTERVAL``): each is stored exactly like a pushed one (same event-id
+   dedup), processed, and only then marked delivered at Stark Bank;
+2. process the stored events not yet processed (``events.process``);
+3. send the transfers that are due (``transfers.Sender``).
+
+The webhook calls ``wake()`` after storing an event, so a credit is forwarded at
+once; otherwise the thread sleeps until the next due transfer or pull. Errors are
+caught per pass and per item, logged with the id, and the loop carries on.
+``recover()`` runs once before the loop: it settles what a crash left half-done.
+"""
+
+import datetime
+import logging
+import threading
+
+from . import events
+from .errors import BankError, StarkChallengeError
+from .transfers import Sender
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAKE_S = 30.0  # wake at least this often, to notice due retries and pulls
+ERROR_PAUSE_S = 5.0  # after a pass failed as a whole
+
+
+def _utcnow():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+class Worker:
+    """Processes stored events and sends transfers, in one thread. See the module docstring."""
+
+    def __init__(self, store, bank, instance_tag, poll_interval_s, clock=_utcnow, sender=None):
+        self._store = store
+        self._bank = bank
+        self._tag = instance_tag
+        self._poll_interval_s = poll_interval_s  # 0 = pull only at start-up
+        self._clock = clock
+        self._sender = sender or Sender(store, bank, instance_tag, clock)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
+        self._next_pull_at = None  # None = pull on the next pass
+        self._pulled_once = False
+        self.last_pass_at = None  # for /health
+        self.last_error = None
+
+    # -- one pass ---------------------------------------------------------------
+
+    def recover(self):
+        """Settle transfers a crash left in flight; log what was resumed. Safe to call again."""
+        pending = len(self._store.pending_events(limit=10_000))
+        if pending:
+            logger.info("recovery: %d stored events not yet processed; processing them", pending)
+        settled = self._sender.recover()
+        if settled:
+            logger.info("recovery: %d transfers resumed", settled)
+
+    def run_once(self):
+        """Do one pass (pull if due, process events, send transfers); return seconds until the next."""
+        if self._pull_due():
+            self.pull_events()
+        while self.process_events():
+            if self._stop.is_set():
+                break
+        # One transfer at a time, so stop() waits for at most one create call.
+        while not self._stop.is_set() and self._sender.send_due(limit=1):
+            self.process_events()  # events that arrived meanwhile, e.g. a fast 'success'
+        self.last_pass_at = self._clock()
+        return self._seconds_to_next()
+
+    def _pull_due(self):
+        if not self._pulled_once:
+            return True
+        return self._next_pull_at is not None and self._clock() >= self._next_pull_at
+
+    def _seconds_to_next(self):
+        now = self._clock()
+        candidates = [IDLE_WAKE_S]
+        due = self._store.next_transfer_due_at()
+        if due is not None:
+            candidates.append((due - now).total_seconds())
+        if self._next_pull_at is not None:
+            candidates.append((self._next_pull_at - now).total_seconds())
+        return max(0.0, min(candidates))
+
+    def process_events(self, limit=100):
+        """Process up to ``limit`` stored events; return how many were processed."""
+        batch = self._store.pending_events(limit)
+        for event in batch:
+            try:
+                outcome = events.process(self._store, event, self._tag, self._clock())
+                logger.debug("event %s (%s %s): %s", event.id, event.subscription, event.log_type, outcome)
+            except StarkChallengeError:
+                logger.exception("event %s: processing failed; will retry", event.id)
+                return 0
+        return len(batch)
+
+    def pull_events(self):
+        """Fetch undelivered events from Stark Bank, store and process them, mark them delivered.
+
+        Return how many were new. Stark Bank errors are logged; the pull is tried
+        again at the next interval.
+        """
+        self._pulled_once = True
+        if self._poll_interval_s:
+            self._next_pull_at = self._clock() + datetime.timedelta(seconds=self._poll_interval_s)
+        try:
+            found = self._bank.undelivered_events()
+        except BankError as e:
+            logger.warning("pull of undelivered events failed: %s", e)
+            return 0
+        new = 0
+        for event in found:
+            try:
+                stored = events.check_shape({"event": event})
+            except ValueError as e:
+                logger.error("pulled event %s is malformed (%s); left undelivered", event.get("id"), e)
+                continue
+            if self._store.add_event(
+                stored["id"], stored["subscription"], stored["log"]["type"], events.entity_of(stored),
+                stored, "pull", self._clock(),
+            ):
+                new += 1
+        if found:
+            logger.info("pulled %d undelivered events from Stark Bank, %d new", len(found), new)
+        while self.process_events():
+            pass
+        for event in found:
+            if not self._store.event_processed(str(event.get("id"))):
+                continue
+            try:
+                self._bank.mark_delivered(event["id"])
+            except BankError as e:
+                logger.warning("event %s: could not mark it delivered (%s); it will be pulled again", event["id"], e)
+        return new
+
+    # -- the thread -------------------------------------------------------------
+
+    def wake(self):
+        """Ask the thread to run a pass now (called after a webhook stored an event)."""
+        self._wake.set()
+
+    def start(self):
+        """Run ``recover`` and then passes in a daemon thread until ``stop``."""
+        self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        try:
+            self.recover()
+        except Exception:
+            logger.exception("recovery failed; continuing with the normal loop")
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                delay = self.run_once()
+                self.last_error = None
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                logger.exception("worker pass failed; trying again in %.0f s", ERROR_PAUSE_S)
+                delay = ERROR_PAUSE_S
+            self._wake.wait(delay)
+
+    def stop(self, timeout=10.0):
+        """Finish the current item, stop the thread and wait for it. Idempotent."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def state(self):
+        """Return a dict describing the worker, for /health."""
+        return {
+            "alive": bool(self._thread and self._thread.is_alive()),
+            "last_pass_at": self.last_pass_at.isoformat() if self.last_pass_at else None,
+            "last_error": self.last_error,
+        }
