@@ -260,7 +260,7 @@ class Bank:
 
     def _fetch_public_key(self):
         response = _translate(
-            lambda: starkbank.request.get("/public-key", query={"limit": 1}), "fetch public key"
+            lambda: starkbank.request.get("public-key", query={"limit": 1}), "fetch public key"
         )
         if response.status != 200:
             raise BankUnavailable(f"fetch public key: Stark Bank answered {response.status}")

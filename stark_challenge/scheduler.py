@@ -144,8 +144,18 @@ class Schedule:
         return min(wake) if wake else None
 
     def start(self):
-        """Run what is due now, then keep running rounds from a Timer thread until ``stop``."""
-        self._tick()
+        """Run what is due now and then every round as it comes due, in a Timer thread, until ``stop``.
+
+        Returns at once: the first round runs in the Timer thread, not the caller's.
+        """
+        with self._lock:
+            self._arm(0.0)
+
+    def _arm(self, delay):
+        self._timer = self._timer_factory(delay, self._tick)
+        self._timer.daemon = True
+        self._timer.name = "schedule"
+        self._timer.start()
 
     def _tick(self):
         try:
@@ -161,11 +171,7 @@ class Schedule:
                 self._finished = True
                 logger.info("schedule finished: every round of the window is settled")
                 return
-            delay = max(0.0, (next_at - self._clock()).total_seconds())
-            self._timer = self._timer_factory(delay, self._tick)
-            self._timer.daemon = True
-            self._timer.name = "schedule"
-            self._timer.start()
+            self._arm(max(0.0, (next_at - self._clock()).total_seconds()))
 
     def stop(self, timeout=None):
         """Cancel the timer and wait for a round in progress to finish. Idempotent."""

@@ -1,0 +1,403 @@
+"""Command line: the only place that builds the service's objects and starts them.
+
+The README's two commands::
+
+    python3 -m stark_challenge --emulator    # try it: a local Stark Bank and the service, no account
+    make test                                # the whole suite
+
+Subcommands: run (the default), ``status``, ``check``, ``keygen``, ``webhook``.
+Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import datetime
+from http import HTTPStatus
+
+from . import __version__, config as config_module, logs, report
+from .errors import BankError, ConfigError, StarkChallengeError
+
+logger = logging.getLogger("stark_challenge")
+
+# Try-it mode runs fast unless the user set these: a round every 30 s for 3 minutes.
+EMULATOR_DEFAULTS = {
+    "INVOICE_INTERVAL": "30s",
+    "INVOICE_DURATION": "3m",
+    "EVENT_POLL_INTERVAL": "30s",
+    "BANK_TIMEOUT": "5s",
+}
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def utcnow():
+    """Return the current time, timezone-aware UTC."""
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _variables_help():
+    lines = ["configuration (environment variables; a .env file in the working directory is read too):"]
+    for v in config_module.VARIABLES:
+        default = f" [default: {v.default}]" if v.default else ""
+        lines.append(f"  {v.name:<22} {v.help}{default}")
+    return "\n".join(lines)
+
+
+def _add_run_options(parser, defaults):
+    # Given both before and after "run"; the subcommand's copy must not reset what
+    # the top level parsed, hence SUPPRESS there (an argparse subparser quirk).
+    keep = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--env-file", metavar="PATH", **({"default": ".env"} if defaults else keep),
+                        help="read configuration from this file too (default: .env; the environment wins)")
+    parser.add_argument("--emulator", action="store_true", **keep,
+                        help="run against a built-in Stark Bank emulator with a throwaway project: "
+                             "no account needed, short intervals, a temporary database unless DATABASE_PATH is set")
+    parser.add_argument("--host", **keep, help="override HOST")
+    parser.add_argument("--port", type=int, **keep, help="override PORT")
+
+
+def build_parser():
+    """Return the argparse parser of the whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stark_challenge",
+        description="Issue Stark Bank invoices on a schedule and forward every credited invoice, "
+                    "minus fees, by transfer, exactly once.",
+        epilog=_variables_help() + "\n\nexit status: 0 ok, 1 runtime failure, 2 usage or configuration error",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"stark_challenge {__version__}")
+    _add_run_options(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run_parser = sub.add_parser("run", help="run the service (the default)",
+                                description="Run the service: HTTP server, invoice schedule, transfer worker.")
+    _add_run_options(run_parser, defaults=False)
+
+    status = sub.add_parser("status", help="print where the money stands, from the database (read-only)",
+                            description="Read the database read-only (safe while the service runs) and "
+                                        "print rounds, invoices, credits, fees and transfers.")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    check = sub.add_parser("check", help="validate the configuration and the Stark Bank credentials",
+                           description="Validate every variable, load the key and, unless --offline, call "
+                                       "Stark Bank once to prove the credentials work; print the plan.")
+    check.add_argument("--offline", action="store_true", help="do not call Stark Bank")
+
+    keygen = sub.add_parser("keygen", help="write a new project key pair",
+                            description="Write private-key.pem (mode 0600) and public-key.pem to DIR. "
+                                        "Upload the public key when creating the project at Stark Bank.")
+    keygen.add_argument("dir", nargs="?", default="keys", metavar="DIR", help="where to write (default: ./keys)")
+
+    webhook = sub.add_parser("webhook", help="manage Stark Bank webhook subscriptions",
+                             description="Subscribe a URL to invoice and transfer events, list or delete them.")
+    actions = webhook.add_subparsers(dest="action", metavar="ACTION", required=True)
+    register = actions.add_parser("register", help="subscribe URL to invoice and transfer events",
+                                  description="Subscribe URL (e.g. https://host/webhook) to invoice and transfer "
+                                              "events; WEBHOOK_USERNAME/PASSWORD, when set, go in its userinfo.")
+    register.add_argument("url")
+    actions.add_parser("list", help="list the subscriptions", description="List the webhook subscriptions.")
+    delete = actions.add_parser("delete", help="delete a subscription", description="Delete subscription ID.")
+    delete.add_argument("id")
+    return parser
+
+
+def _overrides(args):
+    found = {}
+    if args.host:
+        found["HOST"] = args.host
+    if args.port is not None:
+        found["PORT"] = str(args.port)
+    return found
+
+
+def load_config(args, require_credentials=True, extra=None):
+    """Return the Config for these arguments; raise ConfigError."""
+    return config_module.load(
+        dotenv_path=args.env_file,
+        overrides={**(extra or {}), **_overrides(args)},
+        require_credentials=require_credentials,
+        isatty=sys.stderr.isatty(),
+    )
+
+
+def fail(message, status=2):
+    """Print one line to stderr and return ``status`` (for ``return fail(...)``)."""
+    print(f"stark_challenge: {message}", file=sys.stderr)
+    return status
+
+
+# -- run ------------------------------------------------------------------------
+
+
+def _start_emulator(args):
+    """Start the built-in emulator; return (emulator, config) with the service pointed at it."""
+    from .emulator import Emulator  # only here: the service never imports the emulator otherwise
+
+    emulator = Emulator(pay_ratio=0.6, pay_delay_s=4.0, transfer_delay_s=2.0).start()
+    project_id, private_key = emulator.create_project()
+    os.environ.update({k: v for k, v in emulator.env().items() if not k.startswith("STARK_")})
+    env_file = config_module.read_dotenv(args.env_file) if args.env_file else {}
+    fast = {k: v for k, v in EMULATOR_DEFAULTS.items() if not (os.environ.get(k) or env_file.get(k))}
+    if not (os.environ.get("DATABASE_PATH") or env_file.get("DATABASE_PATH")):
+        directory = tempfile.mkdtemp(prefix="stark_challenge-")
+        fast["DATABASE_PATH"] = os.path.join(directory, "stark_challenge.sqlite3")
+    fast.update({"STARK_PROJECT_ID": project_id, "STARK_PRIVATE_KEY": private_key, "STARK_ENVIRONMENT": "sandbox"})
+    return emulator, load_config(args, extra=fast)
+
+
+def run(args):
+    """Run the service until SIGTERM or SIGINT; return the exit status."""
+    from .bank import Bank
+    from .invoicer import Invoicer
+    from .notify import Notifier
+    from .scheduler import Schedule
+    from .server import serve
+    from .store import Store, StoreError
+    from .webhook import Intake
+    from .worker import Worker
+
+    emulator = None
+    try:
+        if args.emulator:
+            emulator, config = _start_emulator(args)
+        else:
+            config = load_config(args)
+        logs.setup(config.log_level, config.log_format)
+        if emulator:  # its per-delivery lines would drown the service's own
+            logging.getLogger("stark_challenge.emulator").setLevel(logging.WARNING)
+        bank = Bank(config)
+        bank.configure()
+    except ConfigError as e:
+        if emulator:
+            emulator.stop()
+        return fail(str(e))
+
+    if not config.basic_auth:
+        logger.warning("WEBHOOK_USERNAME/WEBHOOK_PASSWORD not set: POST /webhook relies on signatures alone")
+    try:
+        store = Store(config.database_path)
+    except StoreError as e:
+        return fail(str(e), 1)
+
+    notifier = Notifier()
+    worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s)
+    schedule = Schedule(
+        store, job=lambda n, due_at: invoicer.issue_round(n, due_at),
+        interval_s=config.invoice_interval_s, duration_s=config.invoice_duration_s,
+    )
+    window = schedule.open()
+    invoicer = Invoicer(
+        bank, store, config, window["schedule_id"], clock=utcnow,
+        retry_base_s=min(30.0, window["interval_s"] / 10),
+    )
+    intake = Intake(store, bank, config, clock=utcnow, on_event=worker.wake)
+
+    def health():
+        store_ok = store.ping()
+        body = {
+            "status": "ok" if store_ok else "degraded",
+            "version": __version__,
+            "store": "ok" if store_ok else "unavailable",
+            "scheduler": schedule.state() if store_ok else None,
+            "worker": worker.state(),
+            "public_key_fetches": bank.keys.fetches,
+        }
+        return (HTTPStatus.OK if store_ok else HTTPStatus.SERVICE_UNAVAILABLE), body
+
+    def status_report():
+        return report.build(store.summary(), utcnow())
+
+    try:
+        server = serve(config.host, config.port, intake, health, status_report, config.max_connections)
+    except OSError as e:
+        store.close()
+        return fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)
+    logger.info("stark_challenge %s listening on %s:%d (%s, database %s)",
+                __version__, config.host, server.port, config.environment, config.database_path)
+
+    if emulator:
+        _register_emulator_webhook(bank, config, server.port)
+
+    stop = threading.Event()
+    signals = []
+
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        if len(signals) > 1:
+            logger.error("second signal: exiting at once")
+            os._exit(1)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    worker.start()
+    schedule.start()
+    notifier.send(READY=1, STATUS=f"listening on port {server.port}")
+    notifier.start_watchdog(store.ping, lambda: _one_line_status(store))
+
+    while not stop.wait(1.0):
+        pass
+
+    logger.info("stopping (signal %d): finishing in-flight work", signals[0])
+    notifier.send(STOPPING=1)
+    notifier.stop()
+    server.stop(SHUTDOWN_TIMEOUT_S)
+    schedule.stop(SHUTDOWN_TIMEOUT_S)
+    worker.stop(SHUTDOWN_TIMEOUT_S)
+    store.close()
+    if emulator:
+        emulator.stop()
+    logger.info("stopped")
+    return 0
+
+
+def _register_emulator_webhook(bank, config, port):
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
+    userinfo = f"{config.webhook_username}:{config.webhook_password}@" if config.basic_auth else ""
+    hook = bank.create_webhook(f"http://{userinfo}{host}:{port}/webhook", ["invoice", "transfer"])
+    logger.info("emulator: webhook %s registered for port %d; invoices are paid a few seconds after each round",
+                hook["id"], port)
+
+
+def _one_line_status(store):
+    s = store.summary()
+    return (f"{s['rounds']['issued']} rounds, {s['credits']['count']} credits, "
+            f"{s['transfers'].get('success', {}).get('count', 0)} transfers done")
+
+
+# -- other commands -------------------------------------------------------------
+
+
+def status(args):
+    """Print the status report from the database, read-only."""
+    from .store import StoreError, open_read_only, summarize
+
+    try:
+        config = load_config(args, require_credentials=False)
+        conn = open_read_only(config.database_path)
+    except ConfigError as e:
+        return fail(str(e))
+    except StoreError as e:
+        return fail(str(e), 1)
+    try:
+        data = report.build(summarize(conn), utcnow())
+    finally:
+        conn.close()
+    print(json.dumps(data, indent=2) if args.json else report.render(data))
+    return 0
+
+
+def check(args):
+    """Validate the configuration (and credentials, unless --offline); print the plan."""
+    from .bank import Bank
+    from .scheduler import round_count
+
+    try:
+        config = load_config(args)
+        bank = Bank(config)
+        bank.configure()
+    except ConfigError as e:
+        return fail(str(e))
+    if not args.offline:
+        try:
+            bank.check_credentials()
+        except BankError as e:
+            return fail(f"Stark Bank refused or did not answer: {e}")
+    rounds = round_count(config.invoice_interval_s, config.invoice_duration_s)
+    print(f"configuration ok{'' if args.offline else '; credentials accepted by Stark Bank'} ({config.environment})")
+    print(f"  rounds: {config.invoice_min}-{config.invoice_max} invoices every {config.invoice_interval_s:g} s, "
+          f"{'forever' if rounds is None else f'{rounds} rounds'}, tagged {config.instance_tag!r}")
+    print(f"  credits forwarded to: {config.transfer_name}, bank {config.transfer_bank_code}, "
+          f"branch {config.transfer_branch}, account {config.transfer_account} ({config.transfer_account_type})")
+    print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}")
+    print(f"  database: {config.database_path}")
+    return 0
+
+
+def keygen(args):
+    """Write a new key pair to args.dir; the private key with mode 0600."""
+    from .bank import new_key_pair
+
+    private_path = os.path.join(args.dir, "private-key.pem")
+    public_path = os.path.join(args.dir, "public-key.pem")
+    if os.path.exists(private_path):
+        return fail(f"{private_path} exists; not overwriting a key", 1)
+    private_pem, public_pem = new_key_pair()
+    try:
+        os.makedirs(args.dir, mode=0o700, exist_ok=True)
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(private_pem)
+        with open(public_path, "w") as f:
+            f.write(public_pem)
+    except OSError as e:
+        return fail(f"cannot write the keys to {args.dir}: {e.strerror}", 1)
+    print(f"private key: {private_path} (mode 0600; keep it secret, set STARK_PRIVATE_KEY to this path)")
+    print(f"public key:  {public_path}")
+    print("Upload the public key when you create the project at Stark Bank "
+          "(Integrations > New project), then set STARK_PROJECT_ID to the project's id.")
+    return 0
+
+
+def webhook(args):
+    """Register, list or delete webhook subscriptions at Stark Bank."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from .bank import Bank
+
+    try:
+        config = load_config(args)
+        bank = Bank(config)
+        bank.configure()
+    except ConfigError as e:
+        return fail(str(e))
+    try:
+        if args.action == "register":
+            parts = urlsplit(args.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                return fail("URL: expected http(s)://host/path")
+            url = args.url
+            if config.basic_auth and "@" not in parts.netloc:
+                from urllib.parse import quote
+
+                userinfo = f"{quote(config.webhook_username, safe='')}:{quote(config.webhook_password, safe='')}"
+                url = urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
+            hook = bank.create_webhook(url, ["invoice", "transfer"])
+            print(f"webhook {hook['id']} registered: {logs.redact(hook['url'])} ({', '.join(hook['subscriptions'])})")
+        elif args.action == "list":
+            hooks = bank.webhooks()
+            for hook in hooks:
+                print(f"{hook['id']}  {logs.redact(hook['url'])}  {', '.join(hook['subscriptions'])}")
+            if not hooks:
+                print("no webhooks")
+        else:
+            hook = bank.delete_webhook(args.id)
+            print(f"webhook {hook['id']} deleted")
+    except BankError as e:
+        return fail(str(e), 1)
+    return 0
+
+
+COMMANDS = {None: run, "run": run, "status": status, "check": check, "keygen": keygen, "webhook": webhook}
+
+
+def main(argv=None):
+    """Parse the command line, run the command, return its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except StarkChallengeError as e:
+        return fail(str(e), 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

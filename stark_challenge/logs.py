@@ -1,0 +1,79 @@
+"""Logs: set up ``logging`` for a person (text) or for journald and machines (JSON lines).
+
+``setup(level, fmt)`` installs one handler on the root logger, writing to stderr:
+
+- ``text``: ``2026-11-28 14:00:00 INFO  invoicer: round 0 issued: 9 invoices, total R$ 3,120.00``
+- ``json``: ``{"time": "...", "level": "INFO", "logger": "stark_challenge.invoicer", "message": "..."}``
+  one object a line, with ``exception`` when there is a traceback.
+
+Times are UTC. Messages never carry secrets: the modules log ids, amounts and masked
+tax ids only, and ``redact`` is applied to every line as a last guard against a PEM
+key or an Authorization header slipping into an exception message.
+"""
+
+import datetime
+import json
+import logging
+import re
+import sys
+
+__all__ = ["setup", "redact", "TextFormatter", "JsonFormatter"]
+
+_SECRETS = (
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
+     "[private key redacted]"),
+    (re.compile(r"(?i)(authorization:?\s*basic\s+)[A-Za-z0-9+/=]+"), r"\1[redacted]"),
+    (re.compile(r"(?i)(https?://[^:/\s]+:)[^@/\s]+@"), r"\1[redacted]@"),
+)
+
+
+def redact(text):
+    """Return ``text`` with private keys, basic-auth tokens and URL passwords replaced."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _utc(record):
+    return datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+
+
+class TextFormatter(logging.Formatter):
+    """One readable line per record: time (UTC), level, short logger name, message."""
+
+    def format(self, record):
+        name = record.name.rsplit(".", 1)[-1]
+        line = f"{_utc(record):%Y-%m-%d %H:%M:%S} {record.levelname:<7} {name}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return redact(line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception)."""
+
+    def format(self, record):
+        entry = {
+            "time": _utc(record).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup(level="INFO", fmt="text", stream=None):
+    """Send every log record at ``level`` and above to ``stream`` (stderr), as ``fmt`` ('text' or 'json')."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # The SDK's HTTP stack logs every connection at DEBUG; keep it to warnings.
+    for noisy in ("urllib3", "requests"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler

@@ -1,0 +1,77 @@
+"""Report: where the money stands, from the store's numbers, as a dict or a compact table.
+
+Used by ``python -m stark_challenge status`` (reading the database read-only, safe
+while the service runs) and by ``GET /status``. Amounts are integer cents in the
+dict and reais in the table.
+"""
+
+import datetime
+
+from .scheduler import round_count
+
+__all__ = ["build", "render"]
+
+
+def _reais(cents):
+    sign = "-" if cents < 0 else ""
+    cents = abs(cents)
+    return f"{sign}R$ {cents // 100:,}.{cents % 100:02d}"
+
+
+def build(summary, now):
+    """Return the status dict: the store's ``summary`` plus the rounds due by ``now`` (aware UTC)."""
+    report = dict(summary)
+    schedule = summary.get("schedule")
+    rounds = dict(summary["rounds"])
+    if schedule:
+        started = datetime.datetime.fromisoformat(schedule["started_at"])
+        total = round_count(schedule["interval_s"], schedule["duration_s"])
+        elapsed = (now - started).total_seconds()
+        due = int(elapsed // schedule["interval_s"]) + 1 if elapsed >= 0 else 0
+        rounds["due"] = min(due, total) if total is not None else due
+        rounds["total"] = total
+    else:
+        rounds["due"], rounds["total"] = 0, None
+    report["rounds"] = rounds
+    open_states = ("pending", "sending", "created", "processing", "stalled")
+    transfers = summary["transfers"]
+    report["transfers_pending"] = {
+        "count": sum(transfers.get(s, {}).get("count", 0) for s in open_states),
+        "amount": sum(transfers.get(s, {}).get("amount", 0) for s in open_states),
+    }
+    report["transfers_failed"] = {
+        "count": sum(transfers.get(s, {}).get("count", 0) for s in ("failed", "rejected")),
+        "amount": sum(transfers.get(s, {}).get("amount", 0) for s in ("failed", "rejected")),
+    }
+    report["generated_at"] = now.isoformat(timespec="seconds")
+    return report
+
+
+def render(report):
+    """Return the status report as a compact, aligned text table."""
+    r = report["rounds"]
+    total = "forever" if r["total"] is None else str(r["total"])
+    lines = [
+        ("rounds", f"{r['issued']} issued, {r['due']} due so far, {total} in the window"
+                   + (f", {r['failed']} failed" if r["failed"] else "")),
+    ]
+    invoices = report["invoices"]
+    count = sum(v["count"] for v in invoices.values())
+    amount = sum(v["amount"] for v in invoices.values())
+    lines.append(("invoices", f"{count} issued, {_reais(amount)}"))
+    for status in sorted(invoices):
+        lines.append((f"  {status}", f"{invoices[status]['count']}, {_reais(invoices[status]['amount'])}"))
+    c = report["credits"]
+    lines.append(("credited", f"{c['count']} invoices, {_reais(c['amount'])}"))
+    lines.append(("fees", _reais(c["fee"])))
+    lines.append(("to forward", _reais(c["net"]) + (f" ({c['skipped']} credits not ours or not covering fee)"
+                                                    if c["skipped"] else "")))
+    lines.append(("transferred", f"{_reais(report['transferred'])} confirmed by Stark Bank"))
+    p, f = report["transfers_pending"], report["transfers_failed"]
+    lines.append(("pending", f"{p['count']} transfers, {_reais(p['amount'])}"))
+    lines.append(("failed", f"{f['count']} transfers, {_reais(f['amount'])}"))
+    e = report["events"]
+    lines.append(("last webhook", e["last_webhook_at"] or "never"))
+    lines.append(("events", f"{e['received']} received, {e['pending']} waiting to be processed"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
