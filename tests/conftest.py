@@ -104,7 +104,7 @@ def sdk(emulator, monkeypatch):
 
 def sdk_config(sdk, **values):
     """Return a Config for the emulator's project (see ``sdk``), with overrides."""
-    return make_config(STARK_PROJECT_ID=sdk["project_id"], STARK_PRIVATE_KEY=sdk["private_key"], **values)
+    return make_config(**{"STARK_PROJECT_ID": sdk["project_id"], "STARK_PRIVATE_KEY": sdk["private_key"], **values})
 
 
 class Service:

@@ -1,0 +1,148 @@
+"""bank: SDK calls against the emulator, error translation, and signature verification that gives
+the same verdicts as the SDK's own ``starkbank.event.parse`` while fetching the key at most once a minute."""
+
+import json
+
+import pytest
+import starkbank
+from ellipticcurve import Ecdsa, PrivateKey
+
+from stark_challenge.bank import Bank, KeyCache
+from stark_challenge.errors import BankRejected, BankUnavailable, ConfigError, SignatureError
+
+from conftest import sdk_config, signed_event
+
+
+@pytest.fixture
+def bank(sdk):
+    b = Bank(sdk_config(sdk))
+    b.configure()
+    return b
+
+
+def sdk_accepts(content, signature):
+    try:
+        starkbank.event.parse(content=content, signature=signature)
+        return True
+    except starkbank.error.InvalidSignatureError:
+        return False
+
+
+def ours_accepts(bank, content, signature):
+    try:
+        bank.verify_event(content, signature)
+        return True
+    except SignatureError:
+        return False
+
+
+def test_verdicts_match_the_sdks_parse(emulator, bank):
+    body, headers = signed_event(emulator, "1", {"id": "9", "amount": 100, "fee": 1, "tags": []})
+    good = headers["Digital-Signature"]
+    content = body.decode()
+    stranger = Ecdsa.sign(content, PrivateKey()).toBase64()
+    reordered = json.dumps(json.loads(content), sort_keys=True)  # the SDK accepts the key-sorted form too
+    sorted_signed = emulator.sign(reordered.encode())
+    cases = [
+        (content, good),
+        (content.replace('"amount":100', '"amount":101'), good),
+        (content, stranger),
+        (content + " ", good),
+        (content, sorted_signed),
+        (content, "bm90IGEgc2lnbmF0dXJl"),
+        (content, "%%%"),
+    ]
+    for case in cases:
+        assert ours_accepts(bank, *case) == sdk_accepts(*case), case
+    assert [ours_accepts(bank, *c) for c in cases] == [True, False, False, False, True, False, False]
+
+
+def test_forged_signatures_refetch_the_key_at_most_once_a_minute(emulator, sdk):
+    now = [1000.0]
+    bank = Bank(sdk_config(sdk), clock=lambda: now[0])
+    bank.configure()
+    body, headers = signed_event(emulator, "1", {"id": "9"})
+    forged = Ecdsa.sign(body.decode(), PrivateKey()).toBase64()
+    before = emulator.public_key_fetches
+
+    for _ in range(200):
+        with pytest.raises(SignatureError):
+            bank.verify_event(body.decode(), forged)
+    assert emulator.public_key_fetches - before == 1  # the first fetch; the refresh is not due yet
+
+    now[0] += 61
+    for _ in range(50):
+        with pytest.raises(SignatureError):
+            bank.verify_event(body.decode(), forged)
+    assert emulator.public_key_fetches - before == 2
+    bank.verify_event(body.decode(), headers["Digital-Signature"])  # genuine ones still pass
+
+
+def test_an_unreachable_key_is_unavailable_not_a_bad_signature(emulator, sdk):
+    now = [0.0]
+    bank = Bank(sdk_config(sdk), clock=lambda: now[0])
+    bank.configure()
+    body, headers = signed_event(emulator, "1", {"id": "9"})
+    emulator.fail_next("GET", "/v2/public-key", count=1, status=500)
+    with pytest.raises(BankUnavailable):
+        bank.verify_event(body.decode(), headers["Digital-Signature"])
+    with pytest.raises(BankUnavailable):  # no new fetch within KEY_RETRY_S
+        bank.verify_event(body.decode(), headers["Digital-Signature"])
+    now[0] += 10
+    bank.verify_event(body.decode(), headers["Digital-Signature"])
+
+
+def test_key_cache_counts_fetches_and_shares_a_refresh():
+    fetched = []
+    key = PrivateKey().publicKey().toPem()
+    cache = KeyCache(lambda: fetched.append(1) or key, clock=lambda: 0.0)
+    first = cache.get()
+    assert cache.get() is first and fetched == [1]
+    assert cache.refresh(stale=first) is None  # within the minute
+    assert cache.fetches == 1
+
+
+def test_sdk_errors_become_ours(emulator, bank):
+    tags = ["t", "x-1"]
+    emulator.fail_next("POST", "/v2/transfer", status=400)
+    with pytest.raises(BankRejected) as rejected:
+        bank.create_transfer(100, "x-1", tags)
+    assert rejected.value.codes == ("injectedFault",)
+    emulator.fail_next("POST", "/v2/transfer", status=500)
+    with pytest.raises(BankUnavailable):
+        bank.create_transfer(100, "x-1", tags)
+    emulator.fail_next_after("POST", "/v2/transfer")
+    with pytest.raises(BankUnavailable):
+        bank.create_transfer(100, "x-1", tags)
+    # That last one was created: Stark Bank refuses the external id again, and it can be found by tag.
+    with pytest.raises(BankRejected):
+        bank.create_transfer(100, "x-1", tags)
+    found = bank.find_transfer("x-1")
+    assert found["external_id"] == "x-1" and found["amount"] == 100
+    assert bank.find_transfer("x-2") is None
+
+
+def test_a_transfer_goes_to_the_configured_account(emulator, bank):
+    sent = bank.create_transfer(4321, "x-9", ["stark-challenge", "invoice-1", "x-9"])
+    assert sent["status"] == "created"
+    (t,) = emulator.transfers()
+    assert (t["amount"], t["externalId"], t["bankCode"], t["branchCode"], t["accountNumber"], t["taxId"],
+            t["name"], t["accountType"]) == (4321, "x-9", "20018183", "0001", "6341320293482496",
+                                             "20.018.183/0001-80", "Stark Bank S.A.", "payment")
+
+
+def test_undelivered_events_come_back_shaped_like_webhooks(emulator, bank):
+    emulator.set(hold_deliveries=True)
+    bank.create_transfer(500, "x-5", ["t"])
+    events = bank.undelivered_events()
+    assert events and events[0]["subscription"] == "transfer"
+    assert events[0]["log"]["transfer"]["externalId"] == "x-5"
+    assert isinstance(events[0]["log"]["transfer"]["amount"], int)
+    bank.mark_delivered(events[0]["id"])
+    assert events[0]["id"] not in {e["id"] for e in bank.undelivered_events()}
+
+
+def test_a_bad_private_key_is_a_config_error(sdk):
+    bank = Bank(sdk_config(sdk, STARK_PRIVATE_KEY="-----BEGIN EC PRIVATE KEY-----\nnope\n-----END EC PRIVATE KEY-----"))
+    with pytest.raises(ConfigError, match="STARK_PRIVATE_KEY"):
+        bank.configure()
