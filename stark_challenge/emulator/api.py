@@ -175,7 +175,9 @@ class Api:
     def handle(self, method, target, headers, body):
         """Answer one API call; return a Reply. headers has lowercased names; body is bytes."""
         parts = urlsplit(target)
-        path = parts.path.rstrip("/") or "/"
+        # The SDK asks for "/v2//public-key" (starkcore/utils/parse.py joins "/public-key"
+        # onto ".../v2/"); like Stark Bank, treat repeated slashes as one.
+        path = re.sub("/+", "/", parts.path).rstrip("/") or "/"
         query = {name: values[-1] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
         if self._knobs.latency_s:
             self._stopping.wait(self._knobs.latency_s)

@@ -95,7 +95,7 @@ class Emulator:
             context = make_tls_context(self._certificates.cert_path, self._certificates.key_path)
             self._server = ProxyServer(self._address, context, self._api)
             self._timers.start()
-            self._serve_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+            self._serve_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
                                                   name="emulator-proxy", daemon=True)
             self._serve_thread.start()
         except BaseException:

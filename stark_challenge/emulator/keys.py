@@ -17,7 +17,7 @@ class EventKey:
     def __init__(self, private_key=None):
         self._private_key = private_key or PrivateKey()
         # PEM of the public key, as served at GET /v2/public-key.
-        self.public_pem = self._private_key.publicKey().toPem()
+        self.public_pem = self._private_key.publicKey().toPem().strip() + "\n"
 
     def sign(self, body):
         """Return the base64 DER signature (the Digital-Signature header) of body, str or bytes."""
@@ -28,4 +28,4 @@ class EventKey:
 def new_project_key():
     """Return (private PEM, public PEM) of a new secp256k1 key."""
     private_key = PrivateKey()
-    return private_key.toPem(), private_key.publicKey().toPem()
+    return private_key.toPem().strip() + "\n", private_key.publicKey().toPem().strip() + "\n"
