@@ -148,6 +148,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             denied = self.server.intake.authorize(self.headers)
             if denied is not None:
+                logger.warning("status refused: bad or missing basic auth from %s", self.client_address[0])
                 self._reply(denied.status, denied.body, denied.headers)
                 return
             self._reply(HTTPStatus.OK, self.server.report())
@@ -165,8 +166,11 @@ class Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _unsupported
 
     def send_error(self, code, message=None, explain=None):
-        # Malformed request lines and headers (http.server's own checks) answer JSON too.
+        # Malformed request lines and headers (http.server's own checks) answer JSON too,
+        # with a status line: http.server would answer an unparsable line as HTTP/0.9, bare.
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
         try:
             self._reply(code, {"error": message or HTTPStatus(code).phrase}, close=True)
         except OSError:

@@ -1,0 +1,137 @@
+"""server: routes, limits and bounds of the HTTP front door, on a real socket (port 0)."""
+
+import http.client
+import json
+import socket
+from http import HTTPStatus
+
+import pytest
+
+from stark_challenge.bank import Bank
+from stark_challenge.server import serve
+from stark_challenge.webhook import Intake
+
+from conftest import sdk_config, signed_event
+
+
+@pytest.fixture
+def server_for(sdk, store, clock):
+    started = []
+
+    def make(max_connections=8, **values):
+        config = sdk_config(sdk, **values)
+        bank = Bank(config)
+        bank.configure()
+        intake = Intake(store, bank, config, clock)
+        server = serve("127.0.0.1", 0, intake, lambda: (HTTPStatus.OK, {"status": "ok"}),
+                       lambda: {"report": True}, max_connections)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop(timeout=2)
+
+
+def call(server, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def test_health_answers_json(server_for):
+    status, headers, body = call(server_for(), "GET", "/health")
+    assert (status, body) == (200, {"status": "ok"})
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_unknown_paths_are_404_and_wrong_methods_405(server_for):
+    server = server_for()
+    assert call(server, "GET", "/nope")[0] == 404
+    assert call(server, "POST", "/health", b"{}")[0] == 405
+    status, headers, body = call(server, "GET", "/webhook")
+    assert (status, headers["Allow"], body) == (405, "POST", {"error": "method not allowed"})
+    assert call(server, "DELETE", "/webhook")[0] == 405
+
+
+def test_a_genuine_webhook_is_stored_and_acknowledged(emulator, server_for, store):
+    body, headers = signed_event(emulator, "ev-1", {"id": "inv-1", "amount": 1, "fee": 0, "tags": []})
+    status, _, reply = call(server_for(), "POST", "/webhook", body, headers)
+    assert (status, reply) == (200, {"status": "stored", "event": "ev-1"})
+    assert [e.id for e in store.pending_events()] == ["ev-1"]
+
+
+def test_an_oversized_body_is_refused_from_its_length_without_reading_it(server_for, store):
+    server = server_for()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        answer = sock.recv(4096)  # answered without sending a single byte of the body
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b"Connection: close" in answer
+    assert store.pending_events() == []
+
+
+def test_a_body_without_length_is_refused(server_for):
+    server = server_for()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 411")
+    assert call(server, "POST", "/webhook", None, {"Content-Length": "abc"})[0] in (400, 411)
+
+
+def test_basic_auth_guards_the_webhook_and_the_status(emulator, server_for):
+    server = server_for(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="s3cret")
+    body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"})
+    status, answer_headers, reply = call(server, "POST", "/webhook", body, headers)
+    assert status == 401 and "Basic" in answer_headers["WWW-Authenticate"] and reply == {"error": "authentication required"}
+    assert call(server, "GET", "/status")[0] == 401
+    auth = {"Authorization": "Basic c3Rhcms6czNjcmV0"}  # stark:s3cret
+    assert call(server, "GET", "/status", None, auth)[2] == {"report": True}
+    assert call(server, "POST", "/webhook", body, {**headers, **auth})[0] == 200
+    assert call(server, "GET", "/health")[0] == 200  # health stays open for probes
+
+
+def test_a_malformed_request_line_gets_a_json_400(server_for):
+    server = server_for()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400")
+    assert b'{"error"' in answer
+
+
+def test_connections_beyond_the_bound_get_503_instead_of_a_thread(server_for):
+    server = server_for(max_connections=1)
+    holder = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    holder.request("GET", "/health")
+    holder.getresponse().read()  # keep-alive: this connection keeps the only slot
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 503")
+    finally:
+        holder.close()
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server_for):
+    server = server_for()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    for _ in range(5):
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+    conn.close()
+
+
+def test_stop_closes_idle_keep_alive_connections_promptly(server_for):
+    server = server_for()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", "/health")
+    conn.getresponse().read()
+    server.stop(timeout=2)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+    conn.close()
