@@ -17,7 +17,6 @@ deleted by stop.
 """
 
 import logging
-import os
 import random
 import secrets
 import shutil
@@ -236,6 +235,11 @@ class Emulator:
         """Return True while deliveries are held or still being sent (retries included)."""
         return self._courier.busy() or self._courier.held() > 0
 
+    def idle(self):
+        """Return True when nothing is scheduled or in flight: no pending payment or
+        transfer step, and no delivery held, being sent or waiting to retry."""
+        return self._timers.pending() == 0 and not self.deliveries_pending()
+
     @property
     def public_key_fetches(self):
         """How many times GET /v2/public-key was answered."""
@@ -271,9 +275,12 @@ class Emulator:
     def set(self, **knobs):
         """Change knobs (see `Knobs`), e.g. set(deliver_times=2, hold_deliveries=True).
 
-        Raise TypeError for an unknown knob, ValueError for a bad value (nothing changes).
+        Setting hold_deliveries=False also releases the deliveries held so far. Raise
+        TypeError for an unknown knob, ValueError for a bad value (nothing changes).
         """
         self.knobs.update(**knobs)
+        if knobs.get("hold_deliveries") is False:
+            self._courier.release()
 
     def fail_next(self, method, path_prefix, count=1, status=500):
         """Answer the next count calls of method on paths starting with path_prefix with

@@ -60,7 +60,8 @@ class Knobs:
     deliver_times = 1
     # With deliver_times > 1, send the copies at once from parallel threads.
     deliver_concurrently = False
-    # Queue deliveries instead of sending them, until Emulator.release_deliveries().
+    # Queue deliveries instead of sending them, until Emulator.release_deliveries()
+    # (or until this is set back to False through Emulator.set).
     hold_deliveries = False
     # Seconds to wait after receiving each API request, before acting on it.
     latency_s = 0.0

@@ -27,6 +27,7 @@ class Timers:
         self._sequence = itertools.count()  # breaks ties so funcs are never compared
         self._wakeup = threading.Condition()
         self._stopped = False
+        self._running = 0  # 1 while a popped call is executing
         self._thread = None
 
     def start(self):
@@ -44,9 +45,9 @@ class Timers:
             self._wakeup.notify()
 
     def pending(self):
-        """Return how many calls are waiting."""
+        """Return how many calls are waiting or running."""
         with self._wakeup:
-            return len(self._queue)
+            return len(self._queue) + self._running
 
     def stop(self, timeout_s=5.0):
         """Drop pending calls, end the thread and join it; idempotent."""
@@ -68,7 +69,11 @@ class Timers:
                 if self._stopped:
                     return
                 _, _, func, args = heapq.heappop(self._queue)
+                self._running = 1
             try:
                 func(*args)
             except Exception:
                 logger.exception("emulator timer call %r failed", func)
+            finally:
+                with self._wakeup:
+                    self._running = 0
