@@ -1,0 +1,621 @@
+"""Benchmark of the webhook intake: throughput, latency, memory, start-up and CPU per webhook.
+
+Not a test: ``make bench`` runs it, prints a table and writes ``bench/results.json``.
+It starts the real service (``python -m stark_challenge``, as a user runs it) against
+the Stark Bank emulator on loopback, with basic auth on, and drives it with
+``bench/loadgen.py`` in a separate process, which sends correctly signed, unique
+``invoice`` / ``credited`` events over HTTP/1.1 keep-alive connections.
+
+The phases, in order (each waits until the worker has processed every stored event):
+
+1. ``verify``: CPU of one bare ECDSA verification (the SDK's ``ellipticcurve``) in this
+   process, before anything else runs: the floor of a design that checks every
+   signature in one Python process (the GIL serialises verifications).
+2. ``startup``: three starts of the service, time from ``exec`` to a 200 on ``/health``;
+   then its idle RSS (``/proc/<pid>/status`` VmRSS) once round 0 is issued.
+3. ``saturation``: events for invoices of another app (stored and recorded, never
+   paid out), sent as fast as answers come back: accepted webhooks per second and
+   the service's CPU per accepted webhook (``/proc/<pid>/stat`` utime + stime, until
+   the worker has processed them all), next to one verification.
+4. ``rate_half`` and ``rate_50``: the same events offered at a fixed rate (half of the
+   measured saturation, then 50/s): p50/p99/max latency, counted from when each
+   request was due.
+5. ``forged_auth`` and ``forged_signature``: wrong basic-auth password; right password
+   but a signature of another body. Rejection share, p99, CPU per request and the
+   public-key fetches they caused at the emulator.
+6. ``transfers_rate`` and ``transfers_saturation``: invoices created at the emulator
+   through the SDK with the service's INSTANCE_TAG and paid there; their real credited
+   events are signed and sent (at 20/s, then as fast as possible). Time from the
+   webhook's 200 to the transfer's ``created`` at the emulator, and what the worker's
+   transfer sending (ECDSA signing, TLS through the emulator's proxy, in the same
+   process) does to intake.
+
+Bounded: about a minute on a 2-core machine, loopback only; every process it starts
+is stopped (SIGTERM, then SIGKILL) before it exits, and its temporary files removed.
+"""
+
+import datetime
+import http.client
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the checkout's service, also when the package is not installed
+
+import starkbank  # noqa: E402  (after the path)
+from ellipticcurve import Ecdsa, PrivateKey, Signature  # noqa: E402
+
+from stark_challenge.emulator import Emulator  # noqa: E402
+from stark_challenge.invoicer import build_invoices  # noqa: E402
+from stark_challenge.store import open_read_only  # noqa: E402
+
+LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")
+RESULTS = os.path.join(ROOT, "bench", "results.json")
+
+CONNECTIONS = 8  # keep-alive connections of the load generator; the service allows 32
+SATURATION_S = 6.0  # seconds of closed-loop load for the throughput figure
+RATE_S = 5.0  # seconds of each fixed-rate phase
+LOW_RATE = 50.0  # requests per second of the "offered 50/s" phase (issue #6)
+FORGED_AUTH = 3000  # requests with a wrong password: cheap, so many, for a CPU figure above the tick
+FORGED_SIGNATURE = 400  # requests with a well-formed signature of another body
+TRANSFERS_RATE = 100  # tagged credits offered at TRANSFER_RATE per second
+TRANSFER_RATE = 20.0
+TRANSFERS_SATURATION = 200  # tagged credits sent as fast as possible
+INSTANCE_TAG = "stark-bench"
+DRAIN_TIMEOUT_S = 60.0
+CLOCK_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+# -- the service process, seen from outside --------------------------------------
+
+
+def cpu_s(pid):
+    """Return the CPU seconds (user + system, all threads) process ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S  # utime, stime: fields 14, 15 of stat(5)
+
+
+def rss_mb(pid):
+    """Return the resident set size of process ``pid`` in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def free_port():
+    """Return a TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port, path, headers=None, timeout=2.0):
+    """Return (status, body bytes) of a GET, or (0, b"") if nothing answered."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    except OSError:
+        return 0, b""
+    finally:
+        conn.close()
+
+
+class Service:
+    """The service as a user runs it, in a subprocess; ``start`` returns seconds to a 200 on /health."""
+
+    def __init__(self, env, log_path):
+        self.env = env
+        self.port = int(env["PORT"])
+        self.log_path = log_path
+        self.proc = None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def start(self, timeout=20.0):
+        with open(self.log_path, "a") as log:
+            began = time.perf_counter()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stark_challenge"], env=self.env, cwd=ROOT,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        deadline = began + timeout
+        while time.perf_counter() < deadline:
+            if http_get(self.port, "/health", timeout=1.0)[0] == 200:
+                return time.perf_counter() - began
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.002)
+        self.kill()
+        raise RuntimeError(f"the service did not become healthy; its log:\n{self.tail()}")
+
+    def stop(self, timeout=15.0):
+        """SIGTERM and wait; return the exit status (SIGKILL if it does not stop in time)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        return None if self.proc is None else self.proc.returncode
+
+    def tail(self, lines=30):
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+
+# -- requests -------------------------------------------------------------------
+
+
+def event_body(event):
+    """Return the webhook body of an event dict, as Stark Bank sends it: compact JSON."""
+    return json.dumps({"event": event}, separators=(",", ":"))
+
+
+def credited_event(event_id, invoice):
+    """Return an ``invoice`` / ``credited`` event dict for ``invoice`` (camelCase API JSON)."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+    return {
+        "id": event_id, "created": now, "isDelivered": False, "subscription": "invoice",
+        "workspaceId": "1",
+        "log": {"id": f"log-{event_id}", "type": "credited", "created": now, "errors": [], "invoice": invoice},
+    }
+
+
+class Requests:
+    """Makes signed requests: unique events, good or bad basic auth, good or bad signatures."""
+
+    def __init__(self, emulator, auth, template_invoice):
+        self._emulator = emulator
+        self._auth = auth  # the Authorization header value
+        self._template = template_invoice
+        self._serial = int(time.time() * 1000) * 10_000
+
+    def foreign(self, count):
+        """Return ``count`` signed credited events for invoices of another app, each unique."""
+        out = []
+        for _ in range(count):
+            self._serial += 1
+            invoice = dict(self._template, id=str(self._serial), tags=["another-app"])
+            out.append(self.signed(credited_event(str(self._serial + 10**17), invoice)))
+        return out
+
+    def signed(self, event, auth=None, signature=None):
+        body = event_body(event)
+        return {"body": body, "headers": {
+            "Content-Type": "application/json",
+            "Authorization": auth or self._auth,
+            "Digital-Signature": signature or self._emulator.sign(body),
+        }}
+
+
+def write_lines(path, requests):
+    with open(path, "w", encoding="utf-8") as f:
+        for request in requests:
+            f.write(json.dumps(request) + "\n")
+
+
+def run_loadgen(workdir, name, requests, mode, port, rate=None, duration_s=None, connections=CONNECTIONS):
+    """Run the load generator in its own process; return its result dict (see loadgen.py)."""
+    requests_path = os.path.join(workdir, f"{name}.jsonl")
+    job_path = os.path.join(workdir, f"{name}.job.json")
+    write_lines(requests_path, requests)
+    job = {"host": "127.0.0.1", "port": port, "path": "/webhook", "requests": requests_path,
+           "connections": connections, "mode": mode, "rate": rate, "duration_s": duration_s or 3600}
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    done = subprocess.run([sys.executable, LOADGEN, job_path], capture_output=True, text=True,
+                          env=clean_env(), timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {done.stderr}")
+    return json.loads(done.stdout)
+
+
+def clean_env():
+    """Return os.environ without coverage hooks (they would slow every child process)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+
+
+# -- statistics -----------------------------------------------------------------
+
+
+def percentile(values, p):
+    """Return the nearest-rank ``p``-th percentile of ``values`` (None if empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * p // 100))
+    return ordered[int(rank) - 1]
+
+
+def latency_ms(result):
+    """Return the latencies of a loadgen result in ms (answer read minus due/sent)."""
+    return [(done - due) * 1000 for _, due, done, _, _ in result["results"]]
+
+
+def summarize(result):
+    """Return the counts, throughput and latency percentiles of one loadgen result."""
+    rows = result["results"]
+    latencies = latency_ms(result)
+    statuses = {}
+    for row in rows:
+        statuses[str(row[3])] = statuses.get(str(row[3]), 0) + 1
+    first = min((r[1] for r in rows), default=result["started"])
+    last = max((r[2] for r in rows), default=result["finished"])
+    elapsed = max(last - first, 1e-9)
+    return {
+        "sent": len(rows),
+        "statuses": statuses,
+        "stored": sum(1 for r in rows if r[4]),
+        "elapsed_s": round(elapsed, 3),
+        "per_s": round(len(rows) / elapsed, 1),
+        "stored_per_s": round(sum(1 for r in rows if r[4]) / elapsed, 1),
+        "p50_ms": rnd(percentile(latencies, 50)),
+        "p99_ms": rnd(percentile(latencies, 99)),
+        "max_ms": rnd(max(latencies, default=None)),
+    }
+
+
+def rnd(value, digits=2):
+    return None if value is None else round(value, digits)
+
+
+# -- phases ---------------------------------------------------------------------
+
+
+def measure_verification(count=300):
+    """Return the CPU ms of one bare ECDSA verification of a webhook-sized body (median of 5 runs)."""
+    key = PrivateKey()
+    public = key.publicKey()
+    body = event_body(credited_event("1" * 16, {"id": "2" * 16, "amount": 12345, "fee": 50, "tags": ["x"],
+                                                "name": "Ana Souza", "taxId": "012.345.678-90"}))
+    body = body + " " * max(0, 1500 - len(body))  # about a real credited event's size
+    signature = Ecdsa.sign(body, key)
+    assert Ecdsa.verify(body, signature, public)
+    runs = []
+    for _ in range(5):
+        began = time.thread_time()
+        for _ in range(count // 5):
+            Ecdsa.verify(body, signature, public)
+        runs.append((time.thread_time() - began) / (count // 5) * 1000)
+    parse_began = time.thread_time()
+    encoded = signature.toBase64()
+    for _ in range(count):
+        Signature.fromBase64(encoded)
+    parse_ms = (time.thread_time() - parse_began) / count * 1000
+    return statistics.median(runs), parse_ms
+
+
+class Bench:
+    """One run: owns the emulator, the service, the work directory; ``run()`` returns the results dict."""
+
+    def __init__(self):
+        self.workdir = tempfile.mkdtemp(prefix="stark-bench-")
+        self.emulator = None
+        self.service = None
+        self.results = {}
+        self.db_path = os.path.join(self.workdir, "bench.sqlite3")
+
+    # the pieces
+
+    def _start_emulator(self):
+        self.emulator = Emulator(pay_ratio=0.0, transfer_delay_s=0.5, invoice_fee=50, seed=6).start()
+        project_id, private_key = self.emulator.create_project()
+        password = secrets.token_urlsafe(18)
+        env = {k: v for k, v in clean_env().items() if not k.startswith(("STARK_", "WEBHOOK_", "INVOICE_"))}
+        env.update(self.emulator.env(project_id, private_key))
+        env.update({
+            "HOST": "127.0.0.1", "PORT": str(free_port()), "DATABASE_PATH": self.db_path,
+            "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "INSTANCE_TAG": INSTANCE_TAG,
+            "WEBHOOK_USERNAME": "stark", "WEBHOOK_PASSWORD": password,
+            "INVOICE_INTERVAL": "24h", "INVOICE_DURATION": "0", "INVOICE_MIN": "8", "INVOICE_MAX": "8",
+            "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "5s",
+        })
+        self.service = Service(env, os.path.join(self.workdir, "service.log"))
+        import base64
+        self.auth = "Basic " + base64.b64encode(f"stark:{password}".encode()).decode()
+        self.bad_auth = "Basic " + base64.b64encode(b"stark:not-the-password").decode()
+        # The SDK in this process creates and reads the invoices of the transfer phases.
+        bench_project, bench_key = self.emulator.create_project()
+        os.environ.update({k: v for k, v in self.emulator.env().items() if not k.startswith("STARK_")})
+        starkbank.user = starkbank.Project(environment="sandbox", id=bench_project, private_key=bench_key)
+
+    def _wait(self, predicate, what, timeout=DRAIN_TIMEOUT_S, interval=0.02):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval)
+        raise RuntimeError(f"timed out waiting for {what}; service log:\n{self.service.tail()}")
+
+    def _pending_events(self):
+        conn = open_read_only(self.db_path)
+        try:
+            return conn.execute("select count(*) from event where processed_at is null").fetchone()[0]
+        finally:
+            conn.close()
+
+    def _drain(self):
+        """Wait until the worker has processed every stored event; return the seconds it took."""
+        began = time.perf_counter()
+        self._wait(lambda: self._pending_events() == 0, "the worker to process every event", interval=0.05)
+        return time.perf_counter() - began
+
+    def _phase(self, name, requests, mode, rate=None, duration_s=None, drain=True):
+        """Run one loadgen phase; return its summary with the service's CPU over it."""
+        pid = self.service.pid
+        fetches = self.emulator.public_key_fetches
+        cpu0 = cpu_s(pid)
+        result = run_loadgen(self.workdir, name, requests, mode, self.service.port, rate, duration_s)
+        cpu_load = cpu_s(pid) - cpu0
+        summary = summarize(result)
+        summary["pending_after_load"] = self._pending_events()
+        summary["drain_s"] = round(self._drain(), 3) if drain else None
+        cpu_all = cpu_s(pid) - cpu0
+        summary["cpu_s"] = round(cpu_all, 3)
+        summary["cpu_load_s"] = round(cpu_load, 3)
+        summary["cpu_ms_per_request"] = rnd(cpu_all * 1000 / max(summary["sent"], 1), 3)
+        summary["cpu_ms_per_stored"] = rnd(cpu_all * 1000 / summary["stored"], 3) if summary["stored"] else None
+        summary["public_key_fetches"] = self.emulator.public_key_fetches - fetches
+        summary["mode"] = mode if rate is None else f"{mode} {rate:g}/s"
+        self.results["phases"][name] = summary
+        print(f"  {name:<22} {summary['sent']:>6} sent  {summary['per_s']:>7.1f}/s  "
+              f"p99 {summary['p99_ms']} ms  cpu/req {summary['cpu_ms_per_request']} ms", flush=True)
+        return summary, result
+
+    # the run
+
+    def run(self):
+        self.results = {"machine": machine(), "phases": {}}
+        verify_ms, parse_ms = measure_verification()
+        self.results["verify_cpu_ms"] = round(verify_ms, 3)
+        self.results["signature_parse_cpu_ms"] = round(parse_ms, 4)
+        print(f"one ECDSA verification: {verify_ms:.3f} ms CPU "
+              f"(ceiling {1000 / verify_ms:.0f}/s in one process)", flush=True)
+
+        self._start_emulator()
+        self._startup()
+        self._saturation()
+        self._rates()
+        self._forged()
+        self._transfers()
+        self.results["rss_end_mb"] = round(rss_mb(self.service.pid), 1)
+        self.results["service_exit_status"] = self.service.stop()
+        return self.results
+
+    def _startup(self):
+        times = []
+        for attempt in range(3):
+            times.append(self.service.start())
+            if attempt < 2:
+                self.service.stop()
+        self.results["startup_s"] = [round(t, 3) for t in times]
+        # Idle: round 0 issued and the first pull of undelivered events done.
+        self._wait(lambda: any(r["method"] == "POST" and r["path"] == "/v2/invoice" for r in self.emulator.requests)
+                   and any(r["path"] == "/v2/event" for r in self.emulator.requests), "round 0 and the first pull")
+        time.sleep(1.0)
+        cpu0 = cpu_s(self.service.pid)
+        time.sleep(1.0)
+        self.results["idle_cpu_ms_per_s"] = round((cpu_s(self.service.pid) - cpu0) * 1000, 1)
+        self.results["rss_idle_mb"] = round(rss_mb(self.service.pid), 1)
+        print(f"start-up to /health 200: {', '.join(f'{t * 1000:.0f} ms' for t in times)}; "
+              f"idle RSS {self.results['rss_idle_mb']} MB", flush=True)
+        template = dict(self.emulator.invoices()[0])
+        template.update(status="paid", fee=50)
+        self.requests = Requests(self.emulator, self.auth, template)
+
+    def _saturation(self):
+        self._phase("warmup", self.requests.foreign(300), "closed")
+        ceiling = 1000 / self.results["verify_cpu_ms"]
+        summary, _ = self._phase("saturation", self.requests.foreign(int(ceiling * SATURATION_S * 1.2)), "closed",
+                                 duration_s=SATURATION_S)
+        self.saturation_per_s = summary["stored_per_s"]
+
+    def _rates(self):
+        half = max(1.0, round(self.saturation_per_s / 2))
+        self._phase("rate_half", self.requests.foreign(int(half * RATE_S) + 1), "rate", rate=half, duration_s=RATE_S)
+        self._phase("rate_50", self.requests.foreign(int(LOW_RATE * RATE_S) + 1), "rate", rate=LOW_RATE,
+                    duration_s=RATE_S)
+
+    def _forged(self):
+        good = self.requests.foreign(FORGED_AUTH + FORGED_SIGNATURE + 1)
+        bad_auth = [dict(r, headers=dict(r["headers"], Authorization=self.bad_auth)) for r in good[:FORGED_AUTH]]
+        self._phase("forged_auth", bad_auth, "closed", drain=False)
+        # A well-formed signature, by the right key, of another body: only the check can tell.
+        rest = good[FORGED_AUTH:]
+        bad_signature = [dict(r, headers=dict(r["headers"], **{"Digital-Signature": rest[i + 1]["headers"]["Digital-Signature"]}))
+                         for i, r in enumerate(rest[:-1])]
+        self._phase("forged_signature", bad_signature, "closed", drain=False)
+
+    def _tagged_credits(self, count):
+        """Create ``count`` invoices tagged for the service, pay them; return their credited events."""
+        rng = random.Random(count)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        made = []
+        for start in range(0, count, 100):
+            chunk = build_invoices(rng, min(100, count - start), now, [INSTANCE_TAG, "bench"])
+            made += starkbank.invoice.create([
+                starkbank.Invoice(amount=i["amount"], name=i["name"], tax_id=i["tax_id"], due=i["due"],
+                                  expiration=i["expiration_s"], tags=i["tags"]) for i in chunk
+            ])
+        ids = {invoice.id for invoice in made}
+        for invoice_id in ids:
+            self.emulator.pay(invoice_id)
+        events = [e for e in self.emulator.events()
+                  if e["subscription"] == "invoice" and e["log"]["type"] == "credited"
+                  and e["log"]["invoice"]["id"] in ids]
+        assert len(events) == count, (len(events), count)
+        return events
+
+    def _ack_to_transfer(self, events, result):
+        """Return ack->transfer-created latencies (ms) for the events of one loadgen result."""
+        acked = {}
+        for index, _, done, status, _ in result["results"]:
+            if status == 200:
+                invoice_id = events[index]["log"]["invoice"]["id"]
+                acked[invoice_id] = result["wall0"] + (done - result["perf0"])
+        want = set(acked)
+
+        def transfers():
+            found = {t["tags"][1].removeprefix("invoice-"): t for t in self.emulator.transfers()
+                     if INSTANCE_TAG in t["tags"]}
+            return found if want <= set(found) else None
+
+        found = self._wait(transfers, "every tagged credit's transfer")
+        created = {i: datetime.datetime.fromisoformat(found[i]["created"]).timestamp() for i in want}
+        latencies = [(created[i] - acked[i]) * 1000 for i in want]
+        span = max(created.values()) - min(acked.values())
+        return latencies, len(want) / span if span > 0 else None
+
+    def _transfers(self):
+        for name, count, mode, rate in (("transfers_rate", TRANSFERS_RATE, "rate", TRANSFER_RATE),
+                                        ("transfers_saturation", TRANSFERS_SATURATION, "closed", None)):
+            events = self._tagged_credits(count)
+            requests = [self.requests.signed(event) for event in events]
+            began_transfers = len(self.emulator.transfers())
+            summary, result = self._phase(name, requests, mode, rate=rate, drain=False)
+            latencies, per_s = self._ack_to_transfer(events, result)
+            self._drain()
+            summary["transfers"] = len(self.emulator.transfers()) - began_transfers
+            summary["ack_to_transfer_p50_ms"] = rnd(percentile(latencies, 50))
+            summary["ack_to_transfer_p99_ms"] = rnd(percentile(latencies, 99))
+            summary["ack_to_transfer_max_ms"] = rnd(max(latencies))
+            summary["transfers_per_s"] = rnd(per_s, 1)
+            print(f"  {'':<22} ack->transfer p50 {summary['ack_to_transfer_p50_ms']} ms, "
+                  f"p99 {summary['ack_to_transfer_p99_ms']} ms, {summary['transfers_per_s']} transfers/s", flush=True)
+
+    def close(self):
+        if self.service is not None:
+            self.service.stop()
+        if self.emulator is not None:
+            self.emulator.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def machine():
+    """Return what the numbers depend on: cores, CPU model, Python, SDK versions, commit."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import ellipticcurve
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "starkbank": starkbank.version,
+        "ellipticcurve": getattr(ellipticcurve, "version", ""),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# -- the table ------------------------------------------------------------------
+
+
+def verdicts(results):
+    """Return (metric, value, target, met) rows comparing the run with issue #6's targets."""
+    phases = results["phases"]
+    verify = results["verify_cpu_ms"]
+    ceiling = 1000 / verify
+    sat = phases["saturation"]
+    cpu_ratio = sat["cpu_ms_per_stored"] / verify
+    rows = [
+        ("one ECDSA verification (CPU)", f"{verify:.3f} ms", f"ceiling {ceiling:.0f}/s", None),
+        ("accepted webhooks/s at saturation", f"{sat['stored_per_s']:.0f}/s ({sat['stored_per_s'] / ceiling:.0%})",
+         f">= {0.8 * ceiling:.0f}/s (80%)", sat["stored_per_s"] >= 0.8 * ceiling),
+        ("CPU per accepted webhook", f"{sat['cpu_ms_per_stored']:.3f} ms ({cpu_ratio:.2f}x)",
+         "<= 1.3x verification", cpu_ratio <= 1.3),
+        ("latency at saturation p50/p99", f"{sat['p50_ms']} / {sat['p99_ms']} ms", "", None),
+    ]
+    half = phases["rate_half"]
+    rows.append((f"latency at {half['mode'].split()[1]} (half) p50/p99/max",
+                 f"{half['p50_ms']} / {half['p99_ms']} / {half['max_ms']} ms", "p99 < 50 ms", half["p99_ms"] < 50))
+    low = phases["rate_50"]
+    rows.append(("latency at 50/s p50/p99/max", f"{low['p50_ms']} / {low['p99_ms']} / {low['max_ms']} ms",
+                 "p99 <= 10 ms", low["p99_ms"] <= 10))
+    for name, label in (("transfers_rate", f"ack->transfer at {TRANSFER_RATE:g}/s p50/p99"),
+                        ("transfers_saturation", "ack->transfer, saturating p50/p99")):
+        t = phases[name]
+        rows.append((label, f"{t['ack_to_transfer_p50_ms']} / {t['ack_to_transfer_p99_ms']} ms", "", None))
+    t = phases["transfers_saturation"]
+    rows.append(("accepted/s with transfers competing", f"{t['stored_per_s']:.0f}/s, "
+                 f"{t['transfers_per_s']} transfers/s", "", None))
+    for name, label, target in (("forged_auth", "bad basic auth", 0.2), ("forged_signature", "bad signature", None)):
+        f = phases[name]
+        rejected = f["statuses"].get("401", 0) / max(f["sent"], 1)
+        rows.append((f"{label}: rejected, p99", f"{rejected:.0%}, {f['p99_ms']} ms", "100%", rejected == 1))
+        rows.append((f"{label}: CPU per request, key fetches",
+                     f"{f['cpu_ms_per_request']:.3f} ms, {f['public_key_fetches']} fetches",
+                     f"< {target} ms" if target else "", f["cpu_ms_per_request"] < target if target else None))
+    rows.append(("RSS idle / end of run", f"{results['rss_idle_mb']} / {results['rss_end_mb']} MB", "idle < 45 MB",
+                 results["rss_idle_mb"] < 45))
+    startup = results["startup_s"]
+    rows.append(("start-up to 200 on /health", " / ".join(f"{s * 1000:.0f}" for s in startup) + " ms", "< 1 s",
+                 max(startup) < 1.0))
+    return rows
+
+
+def render(rows):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+    lines = []
+    for metric, value, target, met in rows:
+        mark = "" if met is None else ("met" if met else "NOT MET")
+        lines.append(f"{metric:<{widths[0]}}  {value:<{widths[1]}}  {target:<{widths[2]}}  {mark}".rstrip())
+    return "\n".join(lines)
+
+
+def main():
+    bench = Bench()
+    try:
+        results = bench.run()
+    finally:
+        bench.close()
+    rows = verdicts(results)
+    results["table"] = [{"metric": m, "value": v, "target": t, "met": ok} for m, v, t, ok in rows]
+    m = results["machine"]
+    print(f"\n{m['nproc']} x {m['cpu_model']}, Python {m['python']}, starkbank {m['starkbank']}, commit {m['commit']}")
+    print(render(rows))
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, RESULTS)
+    print(f"\nwritten: {os.path.relpath(RESULTS, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
