@@ -127,8 +127,8 @@ def load_config(args, require_credentials=True, extra=None):
 
 
 def fail(message, status=2):
-    """Print one line to stderr and return ``status`` (for ``return fail(...)``)."""
-    print(f"stark_challenge: {message}", file=sys.stderr)
+    """Print ``message`` to stderr as one line, secrets redacted; return ``status`` (for ``return fail(...)``)."""
+    print(f"stark_challenge: {' '.join(logs.redact(message).split())}", file=sys.stderr)
     return status
 
 
@@ -192,6 +192,10 @@ def run(args):
         interval_s=config.invoice_interval_s, duration_s=config.invoice_duration_s,
     )
     window = schedule.open()
+    done = [r for r in store.rounds() if r.state in ("issued", "failed")]
+    if done:
+        logger.info("recovery: resuming the schedule started %s (%d of its rounds already settled)",
+                    window["started_at"].isoformat(timespec="seconds"), len(done))
     invoicer = Invoicer(
         bank, store, config, window["schedule_id"], clock=utcnow,
         retry_base_s=min(30.0, window["interval_s"] / 10),
@@ -239,8 +243,10 @@ def run(args):
 
     worker.start()
     schedule.start()
-    notifier.send(READY=1, STATUS=f"listening on port {server.port}")
-    notifier.start_watchdog(store.ping, lambda: _one_line_status(store))
+    # The port is bound and the store open: ready (sd_notify; a no-op outside systemd).
+    notifier.send(READY=1, STATUS=report.one_line(status_report()))
+    notifier.start(healthy=lambda: store.ping() and worker.state()["alive"],
+                   status=lambda: report.one_line(status_report()))
 
     while not stop.wait(1.0):
         pass
@@ -264,12 +270,6 @@ def _register_emulator_webhook(bank, config, port):
     hook = bank.create_webhook(f"http://{userinfo}{host}:{port}/webhook", ["invoice", "transfer"])
     logger.info("emulator: webhook %s registered for port %d; invoices are paid a few seconds after each round",
                 hook["id"], port)
-
-
-def _one_line_status(store):
-    s = store.summary()
-    return (f"{s['rounds']['issued']} rounds, {s['credits']['count']} credits, "
-            f"{s['transfers'].get('success', {}).get('count', 0)} transfers done")
 
 
 # -- other commands -------------------------------------------------------------
@@ -322,21 +322,23 @@ def check(args):
 
 
 def keygen(args):
-    """Write a new key pair to args.dir; the private key with mode 0600."""
+    """Write a new key pair to args.dir, the private key with mode 0600; never overwrite a file."""
     from .bank import new_key_pair
 
     private_path = os.path.join(args.dir, "private-key.pem")
     public_path = os.path.join(args.dir, "public-key.pem")
-    if os.path.exists(private_path):
-        return fail(f"{private_path} exists; not overwriting a key", 1)
+    for path in (private_path, public_path):
+        if os.path.lexists(path):
+            return fail(f"{path} exists; not overwriting a key", 1)
     private_pem, public_pem = new_key_pair()
     try:
         os.makedirs(args.dir, mode=0o700, exist_ok=True)
-        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(private_pem)
-        with open(public_path, "w") as f:
-            f.write(public_pem)
+        # O_EXCL: created here and now, with its mode from the start (no window at 0644).
+        for path, pem, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+            with os.fdopen(fd, "w") as f:
+                f.write(pem)
     except OSError as e:
         return fail(f"cannot write the keys to {args.dir}: {e.strerror}", 1)
     print(f"private key: {private_path} (mode 0600; keep it secret, set STARK_PRIVATE_KEY to this path)")

@@ -7,8 +7,11 @@
   one object a line, with ``exception`` when there is a traceback.
 
 Times are UTC. Messages never carry secrets: the modules log ids, amounts and masked
-tax ids only, and ``redact`` is applied to every line as a last guard against a PEM
-key or an Authorization header slipping into an exception message.
+tax ids only, and ``redact`` is applied to every line (tracebacks included) as a last
+guard against a PEM key, an Authorization header, a URL's password or a full CPF/CNPJ
+slipping into an exception message.
+
+This module only formats; it opens no file and starts no thread.
 """
 
 import datetime
@@ -17,21 +20,35 @@ import logging
 import re
 import sys
 
+from .people import mask_tax_id
+
 __all__ = ["setup", "redact", "TextFormatter", "JsonFormatter"]
 
 _SECRETS = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
      "[private key redacted]"),
-    (re.compile(r"(?i)(authorization:?\s*basic\s+)[A-Za-z0-9+/=]+"), r"\1[redacted]"),
-    (re.compile(r"(?i)(https?://[^:/\s]+:)[^@/\s]+@"), r"\1[redacted]@"),
+    # "Authorization: Basic x", and the dict repr "'Authorization': 'Basic x'" of a headers object.
+    (re.compile(r"""(?i)(authorization['"]?\s*[:=]\s*['"]?\s*(?:(?:basic|bearer|digest)\s+)?"""
+                r"""|authorization\s+(?:basic|bearer|digest)\s+)[^\s'",}]+"""),
+     r"\1[redacted]"),
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@"), r"\1[redacted]@"),
+)
+# A CPF (11 digits) or CNPJ (14), formatted or bare, standing on its own (not inside a
+# longer number such as a 16-digit Stark Bank id).
+_TAX_ID = re.compile(
+    r"(?<![\d./-])(?:\d{3}\.\d{3}\.\d{3}-\d{2}|\d{2}\.\d{3}\.\d{3}/\d{4}-\d{2}|\d{11}|\d{14})(?![\d./-]?\d)"
 )
 
 
 def redact(text):
-    """Return ``text`` with private keys, basic-auth tokens and URL passwords replaced."""
+    """Return ``text`` with private keys, Authorization values, URL passwords and tax ids hidden.
+
+    Tax ids are masked as ``people.mask_tax_id`` does (``***.456.789-**``), so a line
+    still tells two payers apart.
+    """
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
-    return text
+    return _TAX_ID.sub(lambda m: mask_tax_id(m.group(0)), text)
 
 
 def _utc(record):

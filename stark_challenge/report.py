@@ -1,15 +1,16 @@
 """Report: where the money stands, from the store's numbers, as a dict or a compact table.
 
 Used by ``python -m stark_challenge status`` (reading the database read-only, safe
-while the service runs) and by ``GET /status``. Amounts are integer cents in the
-dict and reais in the table.
+while the service runs), by ``GET /status``, and (``one_line``) by the ``STATUS=``
+line the service sends to systemd. Amounts are integer cents in the dict and reais
+in the table. Pure: it reads no database and no clock of its own.
 """
 
 import datetime
 
 from .scheduler import round_count
 
-__all__ = ["build", "render"]
+__all__ = ["build", "render", "one_line"]
 
 
 def _reais(cents):
@@ -75,3 +76,13 @@ def render(report):
     lines.append(("events", f"{e['received']} received, {e['pending']} waiting to be processed"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def one_line(report):
+    """Return the report as one short line, for systemd's ``STATUS=`` (``systemctl status``)."""
+    r = report["rounds"]
+    total = "" if r["total"] is None else f"/{r['total']}"
+    p, f = report["transfers_pending"], report["transfers_failed"]
+    return (f"rounds {r['issued']}{total} issued; {report['credits']['count']} credited; "
+            f"{_reais(report['transferred'])} transferred; {p['count']} transfers pending, {f['count']} failed; "
+            f"{report['events']['pending']} events pending")

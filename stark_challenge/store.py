@@ -34,6 +34,7 @@ import json
 import os
 import sqlite3
 import threading
+import urllib.parse
 from typing import NamedTuple, Optional
 
 from .errors import StarkChallengeError
@@ -715,12 +716,21 @@ def summarize(conn):
 def open_read_only(path):
     """Return a read-only sqlite3 connection to the database at ``path`` (safe while the service runs).
 
+    Nothing is written, and no file is created: while the service runs, its ``-wal``
+    and ``-shm`` files exist and a ``mode=ro`` connection reads through them without
+    blocking the writer (WAL). When they do not exist, the service is stopped and
+    every write is in the main file; a ``mode=ro`` open would then create the two
+    files, owned by whoever runs ``status`` (root, say), and the service's own user
+    could not write them at its next start, so the file is opened ``immutable``.
     Raise StoreError if the file does not exist or is not a database.
     """
     if not os.path.exists(path):
         raise StoreError(f"{path}: no such database (set DATABASE_PATH)")
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    if not os.path.exists(path + "-wal"):
+        uri += "&immutable=1"
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
         conn.execute("select count(*) from schedule").fetchone()
     except sqlite3.Error as e:
         raise StoreError(f"{path}: cannot read the database ({e})") from None

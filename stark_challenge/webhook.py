@@ -102,10 +102,12 @@ class Intake:
         """Check a webhook whose basic auth already passed; store its event; return the Reply."""
         signature = headers.get("Digital-Signature")
         if not signature:
+            logger.warning("webhook refused: no Digital-Signature header")
             return _error(HTTPStatus.UNAUTHORIZED, "missing Digital-Signature header")
         try:
             content = body.decode("utf-8")
         except UnicodeDecodeError:
+            logger.warning("webhook refused: body is not UTF-8")
             return _error(HTTPStatus.BAD_REQUEST, "body is not UTF-8")
         try:
             self._bank.verify_event(content, signature)

@@ -62,6 +62,8 @@ class Worker:
         settled = self._sender.recover()
         if settled:
             logger.info("recovery: %d transfers resumed", settled)
+        if not (pending or settled):
+            logger.info("recovery: no events or transfers left half-done")
 
     def run_once(self):
         """Do one pass (pull if due, process events, send transfers); return seconds until the next."""
