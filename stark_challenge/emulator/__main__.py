@@ -4,7 +4,8 @@
     python -m stark_challenge.emulator --port 8899 --webhook http://user:pass@127.0.0.1:8000/webhook
 
 It creates a project, writes its private key (mode 0600) into a temporary directory,
-prints ``export NAME=value`` lines on stdout (copy them into the service's shell), logs
+prints ``export NAME=value`` lines on stdout (copy them into the service's shell;
+STARK_PRIVATE_KEY is the key file's path, not the PEM text), logs
 on stderr, and serves until Ctrl-C or SIGTERM, when it stops and deletes its files.
 """
 
@@ -70,11 +71,10 @@ def main(argv=None):
         with os.fdopen(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
             file.write(private_pem)
         variables = emulator.env(project_id)
-        variables["STARK_PRIVATE_KEY_FILE"] = key_path
+        variables["STARK_PRIVATE_KEY"] = key_path  # a path, not the PEM: one line, no secret on screen
         print("# Stark Bank emulator on %s; paste these into the service's shell:" % emulator.proxy_url)
         for name, value in variables.items():
-            print("export %s=%s" % (name, shlex.quote(value)))
-        print('export STARK_PRIVATE_KEY="$(cat %s)"' % shlex.quote(key_path), flush=True)
+            print("export %s=%s" % (name, shlex.quote(value)), flush=True)
         while not done.wait(0.5):
             pass
         logging.getLogger(__name__).info("stopping")
