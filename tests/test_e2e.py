@@ -3,10 +3,14 @@ the emulator, through the real SDK. Every assertion reads the emulator's own rec
 
 import concurrent.futures
 import json
+import os
+import signal
+import subprocess
+import sys
 
 from stark_challenge.people import is_valid_tax_id
 
-from conftest import signed_event, wait_for
+from conftest import free_port, signed_event, wait_for
 
 
 def _settled(emulator, service):
@@ -118,3 +122,25 @@ def test_no_transfer_for_unpaid_invoices(emulator, service_factory):
     assert status == 200 and report["events"]["received"] >= 9
     assert emulator.transfers() == []
     assert service.stop() == 0
+
+
+def test_try_it_mode_shows_the_whole_money_flow_without_an_account(tmp_path):
+    # README's first command: no credentials, the built-in emulator, readable log lines.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STARK_", "WEBHOOK_", "INVOICE_", "DATABASE_"))}
+    env.update(LOG_FORMAT="text", PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "try.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "stark_challenge", "--emulator", "--port", str(free_port())],
+                                env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "transfer sent" in log_path.read_text() or proc.poll() is not None,
+                 timeout=45, message="a transfer in the try-it log")
+        text = log_path.read_text()
+        assert "round 0 issued" in text and "credited" in text and "webhook accepted" in text
+        assert "transfer sent" in text, text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
