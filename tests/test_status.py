@@ -1,0 +1,225 @@
+"""Status report: `python -m stark_challenge status` and GET /status, against a database filled
+by a real run with the emulator, compared with the emulator's own records."""
+
+import base64
+import datetime
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from stark_challenge import report
+from stark_challenge.store import Store, StoreError, open_read_only
+
+from conftest import ROOT, signed_event, wait_for
+
+PASSWORD = "status-Pa55word"
+
+
+def _reais(cents):
+    return f"R$ {cents // 100:,}.{cents % 100:02d}"
+
+
+def _basic(username, password):
+    return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+
+
+def run_cli(*args, cwd, **env):
+    """Run ``python -m stark_challenge ARGS`` with only ``env`` (and PATH) set; return the CompletedProcess."""
+    environ = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT, **env}
+    return subprocess.run([sys.executable, "-m", "stark_challenge", *args], env=environ, cwd=cwd,
+                          capture_output=True, text=True, timeout=30)
+
+
+def status_json(database, cwd):
+    done = run_cli("status", "--json", cwd=cwd, DATABASE_PATH=database)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _expected(emulator):
+    """Return the numbers the report must show, computed from the emulator's records."""
+    invoices = emulator.invoices()
+    paid = [i for i in invoices if i["status"] == "paid"]
+    success = [t for t in emulator.transfers() if t["status"] == "success"]
+    return {
+        "invoice_count": len(invoices),
+        "invoice_total": sum(i["amount"] for i in invoices),
+        "credited": sum(i["amount"] for i in paid),
+        "fees": sum(i["fee"] for i in paid),
+        "transferred": sum(t["amount"] for t in success),
+        "credits": len(paid),
+    }
+
+
+def _actual(data):
+    return {
+        "invoice_count": sum(v["count"] for v in data["invoices"].values()),
+        "invoice_total": sum(v["amount"] for v in data["invoices"].values()),
+        "credited": data["credits"]["amount"],
+        "fees": data["credits"]["fee"],
+        "transferred": data["transferred"],
+        "credits": data["credits"]["count"],
+    }
+
+
+@pytest.fixture
+def filled(emulator, service_factory, tmp_path):
+    """A service that ran two rounds, every invoice paid and forwarded; still running."""
+    emulator.set(pay_ratio=1.0, invoice_fee=41)
+    service = service_factory(WEBHOOK_USERNAME="ops", WEBHOOK_PASSWORD=PASSWORD, INVOICE_INTERVAL="1s",
+                              INVOICE_DURATION="2s", INVOICE_MIN=5, INVOICE_MAX=7)
+    service.start()
+    wait_for(lambda: len({i["tags"][1] for i in emulator.invoices()}) == 2, message="2 rounds")
+    wait_for(lambda: len(emulator.transfers()) == len(emulator.invoices())
+             and all(t["status"] == "success" for t in emulator.transfers()), message="every transfer succeeded")
+    # The service has heard of every success and processed every event.
+    expected = _expected(emulator)
+    database = service.env["DATABASE_PATH"]
+    def settled():
+        data = status_json(database, tmp_path)
+        events = data["events"]
+        return (_actual(data) == expected and events["pending"] == 0
+                and events["received"] == len(emulator.events()) and not emulator.deliveries_pending())
+
+    wait_for(settled, message="the report to settle")
+    return service
+
+
+def test_status_json_matches_the_emulators_records(emulator, filled, tmp_path):
+    data = status_json(filled.env["DATABASE_PATH"], tmp_path)
+    expected = _expected(emulator)
+
+    assert _actual(data) == expected
+    assert expected["credited"] - expected["fees"] == data["credits"]["net"] == data["transferred"]
+    assert data["credits"]["fee"] == 41 * expected["credits"]
+    assert set(data["invoices"]) == {"credited"}  # every invoice ended credited
+    assert data["rounds"] == {"issued": 2, "issuing": 0, "failed": 0, "due": 2, "total": 2}
+    assert data["transfers_pending"] == {"count": 0, "amount": 0}
+    assert data["transfers_failed"] == {"count": 0, "amount": 0}
+    assert data["transfers"] == {"success": {"count": expected["credits"], "amount": expected["transferred"]}}
+    assert data["events"]["pending"] == 0
+    assert data["events"]["received"] == len(emulator.events())
+    assert data["events"]["last_webhook_at"] is not None
+
+
+def test_status_table_shows_the_figures_in_reais(emulator, filled, tmp_path):
+    done = run_cli("status", cwd=tmp_path, DATABASE_PATH=filled.env["DATABASE_PATH"])
+    assert done.returncode == 0 and done.stderr == ""
+    expected = _expected(emulator)
+    credited, fees = _reais(expected["credited"]), _reais(expected["fees"])
+    total, transferred = _reais(expected["invoice_total"]), _reais(expected["transferred"])
+    n = expected["invoice_count"]
+    lines = done.stdout.splitlines()
+    last_webhook = lines[-2]
+    assert last_webhook.startswith("last webhook  20")
+    assert lines[:-2] + lines[-1:] == [
+        "rounds        2 issued, 2 due so far, 2 in the window",
+        f"invoices      {n} issued, {total}",
+        f"  credited    {n}, {total}",  # invoices by status, with their totals
+        f"credited      {expected['credits']} invoices, {credited}",
+        f"fees          {fees}",
+        f"to forward    {transferred}",
+        f"transferred   {transferred} confirmed by Stark Bank",
+        "pending       0 transfers, R$ 0.00",
+        "failed        0 transfers, R$ 0.00",
+        f"events        {len(emulator.events())} received, 0 waiting to be processed",
+    ]
+
+
+def test_get_status_needs_basic_auth_and_equals_the_cli(emulator, filled, tmp_path):
+    status, body = filled.request("GET", "/status")
+    assert (status, body) == (401, {"error": "authentication required"})
+    assert filled.request("GET", "/status", headers=_basic("ops", "wrong"))[0] == 401
+
+    status, served = filled.request("GET", "/status", headers=_basic("ops", PASSWORD))
+    printed = status_json(filled.env["DATABASE_PATH"], tmp_path)
+    assert status == 200
+    served.pop("generated_at"), printed.pop("generated_at")
+    assert served == printed
+
+
+def test_status_reads_while_the_service_writes_without_blocking_it(emulator, filled, tmp_path):
+    database = filled.env["DATABASE_PATH"]
+    reader = open_read_only(database)
+    try:
+        # A read transaction held open, as a slow `status` would.
+        reader.execute("begin")
+        before = reader.execute("select count(*) from event").fetchone()[0]
+        invoice = dict(emulator.invoices()[0], status="paid")
+        body, headers = signed_event(emulator, "9100000000000001", invoice, log_type="paid")
+        started = time.monotonic()
+        status, reply = filled.request("POST", "/webhook", body, {**headers, **_basic("ops", PASSWORD)})
+        assert (status, reply["status"]) == (200, "stored")
+        assert time.monotonic() - started < 4  # not held up by the reader (a writer would wait 5 s)
+        # The reader keeps its snapshot; a new read sees the write.
+        assert reader.execute("select count(*) from event").fetchone()[0] == before
+        reader.execute("commit")
+        assert reader.execute("select count(*) from event").fetchone()[0] == before + 1
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.execute("delete from event")
+    finally:
+        reader.close()
+    assert status_json(database, tmp_path)["events"]["received"] == before + 1
+
+
+def test_status_of_a_stopped_service_leaves_no_files_behind(filled, tmp_path):
+    database = filled.env["DATABASE_PATH"]
+    running = status_json(database, tmp_path)
+    assert filled.stop() == 0
+    directory = os.path.dirname(database)
+    files = sorted(os.listdir(directory))
+    assert not os.path.exists(database + "-wal")  # a clean stop checkpoints the WAL away
+
+    stopped = status_json(database, tmp_path)
+    assert sorted(os.listdir(directory)) == files
+    running.pop("generated_at"), stopped.pop("generated_at")
+    assert stopped == running
+
+
+def test_status_of_a_fresh_database_prints_zeros(tmp_path):
+    Store(str(tmp_path / "fresh.sqlite3")).close()
+    done = run_cli("status", cwd=tmp_path, DATABASE_PATH=str(tmp_path / "fresh.sqlite3"))
+    assert done.returncode == 0
+    assert done.stdout.splitlines() == [
+        "rounds        0 issued, 0 due so far, forever in the window",
+        "invoices      0 issued, R$ 0.00",
+        "credited      0 invoices, R$ 0.00",
+        "fees          R$ 0.00",
+        "to forward    R$ 0.00",
+        "transferred   R$ 0.00 confirmed by Stark Bank",
+        "pending       0 transfers, R$ 0.00",
+        "failed        0 transfers, R$ 0.00",
+        "last webhook  never",
+        "events        0 received, 0 waiting to be processed",
+    ]
+
+
+def test_status_without_a_database_fails_with_one_line(tmp_path):
+    done = run_cli("status", cwd=tmp_path, DATABASE_PATH=str(tmp_path / "missing.sqlite3"))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"stark_challenge: {tmp_path / 'missing.sqlite3'}: no such database (set DATABASE_PATH)\n"
+    assert not os.path.exists(tmp_path / "missing.sqlite3")
+
+
+def test_open_read_only_refuses_a_file_that_is_not_our_database(tmp_path):
+    other = tmp_path / "other.sqlite3"
+    sqlite3.connect(other).close()
+    with pytest.raises(StoreError, match="cannot read the database"):
+        open_read_only(str(other))
+
+
+def test_one_line_status_summarises_the_report():
+    summary = {
+        "schedule": None, "rounds": {"issued": 3, "issuing": 0, "failed": 0}, "invoices": {},
+        "credits": {"count": 4, "amount": 50000, "fee": 200, "net": 49800, "skipped": 0},
+        "transfers": {"success": {"count": 3, "amount": 39800}, "pending": {"count": 1, "amount": 10000}},
+        "transferred": 39800, "events": {"received": 20, "pending": 2, "last_webhook_at": None},
+    }
+    data = report.build(summary, datetime.datetime(2026, 11, 28, tzinfo=datetime.timezone.utc))
+    assert report.one_line(data) == ("rounds 3 issued; 4 credited; R$ 398.00 transferred; "
+                                     "1 transfers pending, 0 failed; 2 events pending")
