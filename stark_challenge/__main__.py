@@ -22,7 +22,7 @@ import datetime
 from http import HTTPStatus
 
 from . import __version__, config as config_module, logs, report
-from .errors import BankError, ConfigError, StarkChallengeError
+from .errors import BankError, BankRejected, ConfigError, StarkChallengeError
 
 logger = logging.getLogger("stark_challenge")
 
@@ -295,7 +295,11 @@ def status(args):
 
 
 def check(args):
-    """Validate the configuration (and credentials, unless --offline); print the plan."""
+    """Validate the configuration (and credentials, unless --offline); print the plan.
+
+    Exit 0 if all is well, 2 if a variable, the key or the credentials are wrong,
+    1 if Stark Bank could not be reached (nothing was proven either way).
+    """
     from .bank import Bank
     from .scheduler import round_count
 
@@ -308,17 +312,49 @@ def check(args):
     if not args.offline:
         try:
             bank.check_credentials()
-        except BankError as e:
-            return fail(f"Stark Bank refused or did not answer: {e}")
+        except BankRejected as e:
+            return fail(str(e))
+        except BankError as e:  # no verdict on the configuration: a runtime failure
+            return fail(str(e), 1)
     rounds = round_count(config.invoice_interval_s, config.invoice_duration_s)
+    window = "forever" if rounds is None else f"for {_duration(config.invoice_duration_s)} ({rounds} rounds)"
     print(f"configuration ok{'' if args.offline else '; credentials accepted by Stark Bank'} ({config.environment})")
-    print(f"  rounds: {config.invoice_min}-{config.invoice_max} invoices every {config.invoice_interval_s:g} s, "
-          f"{'forever' if rounds is None else f'{rounds} rounds'}, tagged {config.instance_tag!r}")
+    print(f"  rounds: {config.invoice_min}-{config.invoice_max} invoices every "
+          f"{_duration(config.invoice_interval_s)} {window}, tagged {config.instance_tag!r}")
     print(f"  credits forwarded to: {config.transfer_name}, bank {config.transfer_bank_code}, "
           f"branch {config.transfer_branch}, account {config.transfer_account} ({config.transfer_account_type})")
     print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}")
-    print(f"  database: {config.database_path}")
+    print(f"  database: {config.database_path} ({_database_plan(config.database_path)})")
     return 0
+
+
+def _duration(seconds):
+    """Return ``seconds`` as the configuration writes it, in the largest whole unit: 3h, 24h, 90s, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit == "d" else 1) and seconds % size == 0:
+            return f"{seconds // size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _database_plan(path):
+    """Return what a start would do with the database at ``path``: resume a window, or start one."""
+    from .store import StoreError, open_read_only, summarize
+
+    if not os.path.exists(path):
+        return "new: the first round is issued at start"
+    try:
+        conn = open_read_only(path)
+    except StoreError as e:
+        return f"unreadable: {e}"
+    try:
+        data = report.build(summarize(conn), utcnow())
+    finally:
+        conn.close()
+    r = data["rounds"]
+    if data.get("schedule") is None:
+        return "no schedule yet: the first round is issued at start"
+    return (f"resumes the schedule started {data['schedule']['started_at'][:19]}Z: "
+            f"{r['issued']} rounds issued, {r['due']} due")
 
 
 def keygen(args):

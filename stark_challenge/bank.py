@@ -269,8 +269,29 @@ class Bank:
     # -- account ----------------------------------------------------------------
 
     def check_credentials(self):
-        """Make one authenticated call; return None if the credentials work, raise BankError otherwise."""
-        _translate(lambda: list(starkbank.invoice.query(limit=1)), "check credentials")
+        """Make one authenticated call (list one invoice); return None if Stark Bank accepts the credentials.
+
+        Raise BankRejected with Stark Bank's error codes if it refuses them (any 4xx:
+        the SDK reports a 401 such as ``invalidAccessId`` as an UnknownError wrapping
+        the body, so the raw answer is read here instead), BankUnavailable if there is
+        no answer or a 5xx.
+        """
+        # starkbank.request.get returns the answer whatever its status (raiseException=False).
+        response = _translate(lambda: starkbank.request.get("invoice", query={"limit": 1}), "check credentials")
+        if response.status == 200:
+            return
+        if response.status == 0:  # the SDK's status for "no answer": timeout, refused, proxy
+            raise BankUnavailable(f"check credentials: no answer from Stark Bank ({_short(response.content, 120)})")
+        if response.status >= 500:
+            raise BankUnavailable(f"check credentials: Stark Bank answered {response.status}")
+        try:
+            errors = [(e["code"], e["message"]) for e in response.json()["errors"]]
+        except (ValueError, KeyError, TypeError, UnicodeError):
+            errors = [("", f"HTTP {response.status}")]
+        raise BankRejected(
+            "check credentials: Stark Bank refused them: " + "; ".join(f"{c}: {m}" if c else m for c, m in errors),
+            errors,
+        )
 
     def create_webhook(self, url, subscriptions):
         """Subscribe ``url`` to events; return the webhook as a dict (id, url, subscriptions)."""
@@ -290,5 +311,7 @@ class Bank:
 
 def new_key_pair():
     """Return a new (private PEM, public PEM) secp256k1 pair, as Stark Bank projects use."""
-    return starkbank.key.create()
+    private_pem, public_pem = starkbank.key.create()
+    # The SDK's PEMs start with a blank line; a PEM file starts with its BEGIN line.
+    return private_pem.strip() + "\n", public_pem.strip() + "\n"
 
