@@ -218,7 +218,8 @@ def run(args):
         return report.build(store.summary(), utcnow())
 
     try:
-        server = serve(config.host, config.port, intake, health, status_report, config.max_connections)
+        server = serve(config.host, config.port, intake, health, status_report, config.max_connections,
+                       config.request_timeout_s)
     except OSError as e:
         store.close()
         return fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)

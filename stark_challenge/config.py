@@ -48,6 +48,7 @@ VARIABLES = (
     Variable("EVENT_POLL_INTERVAL", "10m", "how often undelivered events are pulled from Stark Bank; 0 = only at start-up"),
     Variable("BANK_TIMEOUT", "15s", "timeout of every call to Stark Bank"),
     Variable("MAX_CONNECTIONS", "32", "most HTTP connections served at once; more wait briefly, then get 503"),
+    Variable("REQUEST_TIMEOUT", "10s", "a client that sends nothing for this long (mid-request or idle) is disconnected"),
     Variable("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Variable("LOG_FORMAT", "", "text or json (default: text on a terminal, json otherwise)"),
 )
@@ -87,6 +88,7 @@ class Config:
     event_poll_interval_s: float  # 0 = only at start-up
     bank_timeout_s: float
     max_connections: int
+    request_timeout_s: float  # a stalled client is cut off after this
     log_level: str
     log_format: str  # "text" or "json"
 
@@ -276,6 +278,7 @@ def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=T
         event_poll_interval_s=_duration(env, "EVENT_POLL_INTERVAL", allow_zero=True),
         bank_timeout_s=_duration(env, "BANK_TIMEOUT", allow_zero=False),
         max_connections=_int(env, "MAX_CONNECTIONS", 1, 1024),
+        request_timeout_s=_duration(env, "REQUEST_TIMEOUT", allow_zero=False),
         log_level=log_level,
         log_format=log_format,
     )

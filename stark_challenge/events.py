@@ -16,8 +16,9 @@ webhook answers 400 otherwise). ``process`` applies one stored event to the stor
   attempt under a derived external id.
 - anything else is kept as received and marked processed.
 
-Nothing here calls Stark Bank. Bad data never raises: the outcome says what was
-wrong, and the event is marked processed so it cannot block the queue.
+Nothing here calls Stark Bank. Bad data never raises: a field of the wrong type
+(amounts must be integer cents, tags a list, ids strings) makes the outcome say
+what was wrong, and the event is marked processed so it cannot block the queue.
 """
 
 import logging
@@ -67,8 +68,13 @@ def entity_of(event):
     return entity.get("id", "") if isinstance(entity, dict) else ""
 
 
+# Larger amounts are not money but bad data, and would not fit SQLite's 64-bit integers.
+MAX_CENTS = 10 ** 15
+
+
 def _cents(value):
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_CENTS
+    return value if ok else None
 
 
 def process(store, event, instance_tag, now):
@@ -107,7 +113,8 @@ def _invoice(store, event, instance_tag, now):
         logger.error("event %s: credited invoice %s has no integer amount/fee; not forwarded", event.id, invoice_id)
         return "invalid: credited invoice without integer amount and fee"
     store.update_invoice(invoice_id, "credited", now, fee=fee)
-    ours = instance_tag in (invoice.get("tags") or [])
+    tags = invoice.get("tags")
+    ours = isinstance(tags, list) and instance_tag in tags  # a list: a string would match by substring
     net = amount - fee
     if not ours:
         reason = f"invoice lacks the tag {instance_tag!r}"
@@ -132,7 +139,8 @@ def _invoice(store, event, instance_tag, now):
 
 def _transfer(store, event, instance_tag, now):
     transfer = event.body["log"]["transfer"]
-    ext = transfer.get("externalId") or ""
+    ext = transfer.get("externalId")
+    ext = ext if isinstance(ext, str) else ""
     errors = [
         (e.get("code", ""), e.get("message", "")) if isinstance(e, dict) else ("", str(e))
         for e in (event.body["log"].get("errors") or [])

@@ -9,6 +9,11 @@ call; a round of 8-12 is one call). Every invoice carries three tags:
   ambiguous failure (a timeout: the call may or may not have created the invoices)
   the retry asks Stark Bank for that tag first and re-creates only if nothing carries it.
 
+Invoices have no idempotency key at Stark Bank, so the lookup must not race the call
+it is about: when the process stopped during a create call (the round is left
+``issuing`` with no retry time), the next attempt waits until ``BANK_TIMEOUT`` after
+that call began, by when Stark Bank has either created the batch or dropped it.
+
 ``Invoicer.issue_round`` is called by the scheduler's thread only; it is not meant
 to run twice at once (the store's lock file keeps other processes away).
 """
@@ -84,11 +89,15 @@ class Invoicer:
         """Issue round ``n`` unless it was settled before; return an Outcome.
 
         Never creates a round's invoices twice: the attempt is recorded before the
-        call, and a retry looks the batch up by its tag before creating anything.
-        BankUnavailable and BankRejected are handled here (retry with backoff, then
-        give up after MAX_ATTEMPTS); other errors propagate.
+        call, and a retry looks the batch up by its tag before creating anything
+        (after an interrupted call, only once that call is over: see the module
+        docstring). BankUnavailable and BankRejected are handled here (retry with
+        backoff, then give up after MAX_ATTEMPTS); other errors propagate.
         """
         now = self._clock()
+        wait_until = self._interrupted_call_over_at(n, now)
+        if wait_until is not None:
+            return Outcome("retry", wait_until)
         planned = self._rng.randint(self._config.invoice_min, self._config.invoice_max)
         before = self._store.claim_round(n, due_at, planned, now)
         if before is None:
@@ -105,6 +114,19 @@ class Invoicer:
             n, issued.count, _reais(issued.total), f" ({late:.0f} s late)" if late >= 60 else "",
         )
         return Outcome("issued", None)
+
+    def _interrupted_call_over_at(self, n, now):
+        """Return when the create call of round ``n`` that the last process left out is surely over,
+        or None if there is none or it is over by ``now``."""
+        current = self._store.round(n)
+        if current is None or current.state != "issuing" or current.next_try_at is not None:
+            return None
+        over_at = current.updated_at + datetime.timedelta(seconds=self._config.bank_timeout_s)
+        if over_at <= now:
+            return None
+        logger.info("round %d: a create call was out when the service stopped; looking the batch up at %s",
+                    n, over_at.isoformat(timespec="seconds"))
+        return over_at
 
     def _issue_chunks(self, n, planned, reconcile):
         recorded = self._store.recorded_chunks(n)

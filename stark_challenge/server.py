@@ -11,7 +11,8 @@ Any other path is 404, another method on a known path 405. Every answer is JSON.
 Bounds: at most ``max_connections`` connections are served at once, one thread
 each; a connection that finds no free slot within ``QUEUE_WAIT_S`` gets 503 and is
 closed, so a flood cannot grow threads or memory without limit. A client that
-stalls is cut off after ``Handler.timeout`` seconds. Bodies over 64 KiB are refused
+stalls (mid-request, or idle between keep-alive requests) is cut off after the
+server's ``request_timeout_s`` (``REQUEST_TIMEOUT``). Bodies over 64 KiB are refused
 from their Content-Length, unread.
 
 ``serve()`` starts it in a thread and returns the server; ``server.stop()`` stops
@@ -33,6 +34,7 @@ __all__ = ["Server", "Handler", "serve"]
 logger = logging.getLogger(__name__)
 
 QUEUE_WAIT_S = 0.5  # how long a new connection may wait for a free slot before 503
+REQUEST_TIMEOUT_S = 10.0  # default socket timeout: a client silent this long is cut off (slowloris)
 ROUTES = {"/webhook": ("POST",), "/health": ("GET", "HEAD"), "/status": ("GET", "HEAD")}
 
 
@@ -52,6 +54,10 @@ class Handler(BaseHTTPRequestHandler):
             # Between requests a keep-alive connection is idle: stop() may close it.
             if self.server.mark_idle(self.connection):
                 self.close_connection = True
+
+    def setup(self):
+        self.timeout = self.server.request_timeout_s  # the per-server value wins over the class default
+        super().setup()
 
     def parse_request(self):
         self.server.mark_busy(self.connection)
@@ -187,10 +193,11 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # in-flight requests are awaited by stop(), not by the interpreter
     request_queue_size = 128
 
-    def __init__(self, address, intake, health, report, max_connections=32):
+    def __init__(self, address, intake, health, report, max_connections=32, request_timeout_s=REQUEST_TIMEOUT_S):
         self.intake = intake  # webhook.Intake
         self.health = health  # () -> (HTTPStatus, dict)
         self.report = report  # () -> dict
+        self.request_timeout_s = request_timeout_s  # socket timeout of every connection
         self._max = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._thread = None
@@ -278,6 +285,6 @@ class Server(ThreadingHTTPServer):
         self.server_close()
 
 
-def serve(host, port, intake, health, report, max_connections=32):
+def serve(host, port, intake, health, report, max_connections=32, request_timeout_s=REQUEST_TIMEOUT_S):
     """Bind, start serving in a thread, and return the Server. Raise OSError if the port is taken."""
-    return Server((host, port), intake, health, report, max_connections).start()
+    return Server((host, port), intake, health, report, max_connections, request_timeout_s).start()

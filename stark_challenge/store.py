@@ -6,6 +6,8 @@ The tables, and the invariant each one keeps:
               Written once, so a restart keeps the same 24 h window.
 ``round``     one row per round ``n``: ``issuing`` while a create call may be out,
               ``issued`` once its invoices are recorded, ``failed`` after bounded retries.
+              An ``issuing`` round without ``next_try_at`` has a call out, or had one
+              when the process stopped; ``updated_at`` is when that call began.
 ``invoice``   every invoice this deployment issued, with its round and last known status.
 ``event``     every Stark Bank event received (webhook or pull), keyed by the event id:
               a redelivered event is recognised here and not processed again.
@@ -141,7 +143,8 @@ class Round(NamedTuple):
     count: int  # invoices recorded
     total: int  # cents recorded
     error: Optional[str]
-    next_try_at: Optional[datetime.datetime]
+    next_try_at: Optional[datetime.datetime]  # None while an attempt is under way
+    updated_at: Optional[datetime.datetime]  # when the last attempt began or ended
 
 
 class Transfer(NamedTuple):
@@ -319,13 +322,14 @@ class Store:
 
     def _round(self, n):
         row = self._one(
-            "select n, due_at, state, planned, attempts, count, total, error, next_try_at"
+            "select n, due_at, state, planned, attempts, count, total, error, next_try_at, updated_at"
             " from round where n = ?",
             (n,),
         )
         if row is None:
             return None
-        return Round(row[0], _time(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], _time(row[8]))
+        return Round(row[0], _time(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], _time(row[8]),
+                     _time(row[9]))
 
     def round(self, n):
         """Return round ``n`` as a Round, or None if it was never attempted."""
@@ -344,6 +348,7 @@ class Store:
         Return None if the round is already ``issued`` or ``failed`` (nothing to do).
         The returned Round is None-like for a first attempt: ``attempts == 0``.
         ``planned`` is used only on the first claim: a retry keeps the size drawn first.
+        The claim clears ``next_try_at`` and sets ``updated_at`` to ``now``: a call is out.
         """
         with self.atomic():
             before = self._round(n)
@@ -355,9 +360,9 @@ class Store:
                     " values (?, ?, 'issuing', ?, 1, ?)",
                     (n, _iso(due_at), planned, _iso(now)),
                 )
-                return Round(n, due_at, "issuing", planned, 0, 0, 0, None, None)
+                return Round(n, due_at, "issuing", planned, 0, 0, 0, None, None, now)
             self._conn.execute(
-                "update round set attempts = attempts + 1, updated_at = ? where n = ?",
+                "update round set attempts = attempts + 1, next_try_at = null, updated_at = ? where n = ?",
                 (_iso(now), n),
             )
             return before

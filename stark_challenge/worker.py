@@ -4,8 +4,11 @@ One pass (``run_once``) does, in order:
 
 1. pull undelivered events from Stark Bank, when due (at start-up, then every
    ``EVENT_POLL_INTERVAL``): each is stored exactly like a pushed one (same event-id
-   dedup), processed, and only then marked delivered at Stark Bank;
-2. process the stored events not yet processed (``events.process``);
+   dedup), processed, and only then marked delivered at Stark Bank. A pull that
+   fails is tried again with exponential backoff and jitter (never later than the
+   next regular pull), so a failure at start-up is not left for the whole interval;
+2. process the stored events not yet processed (``events.process``); an event whose
+   processing fails stays pending and is tried again, without holding up the others;
 3. send the transfers that are due (``transfers.Sender``).
 
 The webhook calls ``wake()`` after storing an event, so a credit is forwarded at
@@ -16,10 +19,11 @@ caught per pass and per item, logged with the id, and the loop carries on.
 
 import datetime
 import logging
+import random
 import threading
 
 from . import events
-from .errors import BankError, StarkChallengeError
+from .errors import BankError
 from .transfers import Sender
 
 __all__ = ["Worker"]
@@ -28,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAKE_S = 30.0  # wake at least this often, to notice due retries and pulls
 ERROR_PAUSE_S = 5.0  # after a pass failed as a whole
+PULL_RETRY_BASE_S = 2.0  # first wait after a failed pull; doubles per failure
+PULL_RETRY_MAX_S = 300.0
 
 
 def _utcnow():
@@ -37,7 +43,7 @@ def _utcnow():
 class Worker:
     """Processes stored events and sends transfers, in one thread. See the module docstring."""
 
-    def __init__(self, store, bank, instance_tag, poll_interval_s, clock=_utcnow, sender=None):
+    def __init__(self, store, bank, instance_tag, poll_interval_s, clock=_utcnow, sender=None, rng=None):
         self._store = store
         self._bank = bank
         self._tag = instance_tag
@@ -47,8 +53,10 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
-        self._next_pull_at = None  # None = pull on the next pass
-        self._pulled_once = False
+        self._rng = rng or random.Random()  # jitter of the pull retries
+        self._next_pull_at = None  # None: pull on the next pass until one succeeded, then never
+        self._pulled_once = False  # a pull succeeded
+        self._pull_failures = 0  # failed pulls in a row
         self.last_pass_at = None  # for /health
         self.last_error = None
 
@@ -79,9 +87,9 @@ class Worker:
         return self._seconds_to_next()
 
     def _pull_due(self):
-        if not self._pulled_once:
-            return True
-        return self._next_pull_at is not None and self._clock() >= self._next_pull_at
+        if self._next_pull_at is None:
+            return not self._pulled_once
+        return self._clock() >= self._next_pull_at
 
     def _seconds_to_next(self):
         now = self._clock()
@@ -94,31 +102,45 @@ class Worker:
         return max(0.0, min(candidates))
 
     def process_events(self, limit=100):
-        """Process up to ``limit`` stored events; return how many were processed."""
-        batch = self._store.pending_events(limit)
-        for event in batch:
+        """Process up to ``limit`` stored events; return how many were processed.
+
+        An event whose processing fails (the store refused, say) is logged and left
+        pending for a later pass; the events after it are still processed.
+        """
+        processed = 0
+        for event in self._store.pending_events(limit):
             try:
                 outcome = events.process(self._store, event, self._tag, self._clock())
-                logger.debug("event %s (%s %s): %s", event.id, event.subscription, event.log_type, outcome)
-            except StarkChallengeError:
+            except Exception:  # the loop boundary: one bad event must not hold up the others
                 logger.exception("event %s: processing failed; will retry", event.id)
-                return 0
-        return len(batch)
+                continue
+            logger.debug("event %s (%s %s): %s", event.id, event.subscription, event.log_type, outcome)
+            processed += 1
+        return processed
 
     def pull_events(self):
         """Fetch undelivered events from Stark Bank, store and process them, mark them delivered.
 
-        Return how many were new. Stark Bank errors are logged; the pull is tried
-        again at the next interval.
+        Return how many were new. Stark Bank errors are logged and the pull is
+        tried again with backoff (see the module docstring).
         """
-        self._pulled_once = True
-        if self._poll_interval_s:
-            self._next_pull_at = self._clock() + datetime.timedelta(seconds=self._poll_interval_s)
+        now = self._clock()
         try:
             found = self._bank.undelivered_events()
         except BankError as e:
-            logger.warning("pull of undelivered events failed: %s", e)
+            self._pull_failures += 1
+            delay = min(PULL_RETRY_MAX_S, PULL_RETRY_BASE_S * 2 ** (self._pull_failures - 1))
+            if self._poll_interval_s:
+                delay = min(delay, self._poll_interval_s)
+            delay *= 0.5 + self._rng.random() / 2  # jitter: 50-100% of the backoff
+            self._next_pull_at = now + datetime.timedelta(seconds=delay)
+            logger.warning("pull of undelivered events failed (%d in a row), trying again in %.1f s: %s",
+                           self._pull_failures, delay, e)
             return 0
+        self._pull_failures = 0
+        self._pulled_once = True
+        self._next_pull_at = (now + datetime.timedelta(seconds=self._poll_interval_s)
+                              if self._poll_interval_s else None)
         new = 0
         for event in found:
             try:

@@ -17,8 +17,10 @@ Lists are served newest first, up to `limit` (1..100, default 100) per page, wit
 opaque `cursor` for the next page, filtered by the query parameters the SDK sends
 (status, tags matching any, ids, after/before on the creation date, ...).
 
-Every call is recorded (method, path, status) for tests to count. Thread-safe: the
-ledger locks its own state and this module keeps only the call record, under its lock.
+Every call is recorded (method, path, status) for tests to count once answered, and
+listed as in flight from its arrival until then (so a test can act while a call waits
+out latency_s). Thread-safe: the ledger locks its own state and this module keeps only
+the call records, under its lock.
 """
 
 import datetime
@@ -131,6 +133,7 @@ class Api:
         self._stopping = stopping  # threading.Event set on shutdown; ends latency waits
         self._lock = threading.Lock()
         self._calls = []  # {"method", "path", "query", "status"[, "dropped"]}
+        self._in_flight = []  # {"method", "path", "query"} of calls received, not yet answered
         self._public_key_fetches = 0
         # (method, path pattern, handler, needs authentication); first match wins.
         self._routes = [(method, re.compile(pattern + "$"), handler, signed) for method, pattern, handler, signed in (
@@ -164,6 +167,11 @@ class Api:
         with self._lock:
             return [dict(call) for call in self._calls]
 
+    def calls_in_flight(self):
+        """Return a copy of the calls received and not yet answered, oldest first."""
+        with self._lock:
+            return [dict(call) for call in self._in_flight]
+
     @property
     def public_key_fetches(self):
         """How many times GET /v2/public-key was answered."""
@@ -179,6 +187,16 @@ class Api:
         # onto ".../v2/"); like Stark Bank, treat repeated slashes as one.
         path = re.sub("/+", "/", parts.path).rstrip("/") or "/"
         query = {name: values[-1] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
+        arrived = {"method": method, "path": path, "query": parts.query}
+        with self._lock:
+            self._in_flight.append(arrived)
+        try:
+            return self._handle(method, parts, path, query, headers, body)
+        finally:
+            with self._lock:
+                self._in_flight.remove(arrived)
+
+    def _handle(self, method, parts, path, query, headers, body):
         if self._knobs.latency_s:
             self._stopping.wait(self._knobs.latency_s)
         fault = self._faults.take(method, path)

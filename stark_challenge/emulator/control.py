@@ -246,6 +246,12 @@ class Emulator:
         return self._api.public_key_fetches
 
     @property
+    def requests_in_flight(self):
+        """API calls received and not yet answered (waiting out latency_s, say), oldest
+        first: dicts with method, path, query."""
+        return self._api.calls_in_flight()
+
+    @property
     def requests(self):
         """Every API call so far, oldest first: dicts with method, path, query, status
         (and dropped=True for calls cut by fail_next_after)."""
