@@ -30,6 +30,10 @@ The phases, in order (each waits until the worker has processed every stored eve
    transfer sending (ECDSA signing, TLS through the emulator's proxy, in the same
    process) does to intake.
 
+Two knobs, for profiling (see ``profile_service.py``): ``BENCH_PROFILE=PATH`` runs the
+service under cProfile and writes its stats to PATH; ``BENCH_ONLY=saturation,forged``
+runs only those groups of phases (``rates`` needs ``saturation``; ``transfers``).
+
 Bounded: about a minute on a 2-core machine, loopback only; every process it starts
 is stopped (SIGTERM, then SIGKILL) before it exits, and its temporary files removed.
 """
@@ -75,16 +79,37 @@ TRANSFERS_SATURATION = 200  # tagged credits sent as fast as possible
 INSTANCE_TAG = "stark-bench"
 DRAIN_TIMEOUT_S = 60.0
 CLOCK_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+# For profiling runs: BENCH_ONLY=saturation,forged runs those phase groups only (the
+# others: rates, transfers; the rates need saturation) and writes no results.
+ONLY = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]
 
 
 # -- the service process, seen from outside --------------------------------------
 
 
-def cpu_s(pid):
-    """Return the CPU seconds (user + system, all threads) process ``pid`` has used."""
+def cpu_times(pid):
+    """Return (user, system) CPU seconds, all threads, process ``pid`` has used."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S  # utime, stime: fields 14, 15 of stat(5)
+    return int(fields[11]) * CLOCK_TICK_S, int(fields[12]) * CLOCK_TICK_S  # utime, stime: 14, 15 in proc(5)
+
+
+def cpu_s(pid):
+    """Return the CPU seconds (user + system, all threads) process ``pid`` has used."""
+    return sum(cpu_times(pid))
+
+
+def thread_cpu_s(pid):
+    """Return {thread id: CPU seconds} of the live threads of process ``pid``."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        found[tid] = (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S
+    return found
 
 
 def rss_mb(pid):
@@ -116,6 +141,13 @@ def http_get(port, path, headers=None, timeout=2.0):
         conn.close()
 
 
+def service_command(env):
+    """Return the command that runs the service: as a user runs it, or under cProfile (BENCH_PROFILE)."""
+    if env.get("BENCH_PROFILE"):
+        return [sys.executable, os.path.join(ROOT, "bench", "profile_service.py")]
+    return [sys.executable, "-m", "stark_challenge"]
+
+
 class Service:
     """The service as a user runs it, in a subprocess; ``start`` returns seconds to a 200 on /health."""
 
@@ -133,7 +165,7 @@ class Service:
         with open(self.log_path, "a") as log:
             began = time.perf_counter()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stark_challenge"], env=self.env, cwd=ROOT,
+                service_command(self.env), env=self.env, cwd=ROOT,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = began + timeout
@@ -369,13 +401,29 @@ class Bench:
         """Run one loadgen phase; return its summary with the service's CPU over it."""
         pid = self.service.pid
         fetches = self.emulator.public_key_fetches
-        cpu0 = cpu_s(pid)
+        threads0 = thread_cpu_s(pid)  # main, acceptor, worker...: every thread but the connections'
+        user0, system0 = cpu_times(pid)
+        cpu0 = user0 + system0
+        wall0 = time.perf_counter()
         result = run_loadgen(self.workdir, name, requests, mode, self.service.port, rate, duration_s)
-        cpu_load = cpu_s(pid) - cpu0
+        wall = time.perf_counter() - wall0
+        user1, system1 = cpu_times(pid)
+        cpu_load = user1 + system1 - cpu0
         summary = summarize(result)
+        summary["cpu_busy_share"] = rnd(cpu_load / wall, 3)  # of one core, while the load ran
+        summary["cpu_system_share"] = rnd((system1 - system0) / max(cpu_load, 1e-9), 3)
         summary["pending_after_load"] = self._pending_events()
         summary["drain_s"] = round(self._drain(), 3) if drain else None
         cpu_all = cpu_s(pid) - cpu0
+        threads1 = thread_cpu_s(pid)
+        # The connection threads of this phase are new, and gone once it ends: the process's
+        # CPU less what the older threads (the worker, mostly) used is the intake's.
+        background = sum(threads1[t] - cpu for t, cpu in threads0.items() if t in threads1)
+        summary["cpu_intake_s"] = round(cpu_all - background, 3)
+        summary["cpu_background_s"] = round(background, 3)
+        if summary["stored"]:
+            summary["cpu_ms_intake_per_stored"] = rnd((cpu_all - background) * 1000 / summary["stored"], 3)
+            summary["cpu_ms_background_per_stored"] = rnd(background * 1000 / summary["stored"], 3)
         summary["cpu_s"] = round(cpu_all, 3)
         summary["cpu_load_s"] = round(cpu_load, 3)
         summary["cpu_ms_per_request"] = rnd(cpu_all * 1000 / max(summary["sent"], 1), 3)
@@ -384,7 +432,9 @@ class Bench:
         summary["mode"] = mode if rate is None else f"{mode} {rate:g}/s"
         self.results["phases"][name] = summary
         print(f"  {name:<22} {summary['sent']:>6} sent  {summary['per_s']:>7.1f}/s  "
-              f"p99 {summary['p99_ms']} ms  cpu/req {summary['cpu_ms_per_request']} ms", flush=True)
+              f"p99 {summary['p99_ms']} ms  cpu/req {summary['cpu_ms_per_request']} ms  "
+              f"busy {summary['cpu_busy_share']:.0%} (sys {summary['cpu_system_share']:.0%})  "
+              f"intake {summary['cpu_intake_s']} s, worker {summary['cpu_background_s']} s", flush=True)
         return summary, result
 
     # the run
@@ -399,10 +449,10 @@ class Bench:
 
         self._start_emulator()
         self._startup()
-        self._saturation()
-        self._rates()
-        self._forged()
-        self._transfers()
+        for group in (self._saturation, self._rates, self._forged, self._transfers):
+            if ONLY and group.__name__.strip("_") not in ONLY:
+                continue
+            group()
         self.results["rss_end_mb"] = round(rss_mb(self.service.pid), 1)
         self.results["service_exit_status"] = self.service.stop()
         return self.results
@@ -603,6 +653,9 @@ def main():
         results = bench.run()
     finally:
         bench.close()
+    if ONLY:
+        print(f"only {', '.join(ONLY)} (BENCH_ONLY): no table, {os.path.relpath(RESULTS, ROOT)} not written")
+        return 0
     rows = verdicts(results)
     results["table"] = [{"metric": m, "value": v, "target": t, "met": ok} for m, v, t, ok in rows]
     m = results["machine"]

@@ -46,6 +46,12 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Seconds a client may stall before its connection is dropped (slowloris).
     timeout = 10
+    # A reply goes out in one write (status line, headers and body buffered until
+    # ``handle_one_request`` flushes), and without Nagle's algorithm: on a keep-alive
+    # connection, headers and body written apart wait for the client's delayed ACK,
+    # up to 40 ms a request (issue #6).
+    wbufsize = -1
+    disable_nagle_algorithm = True
 
     def handle_one_request(self):
         try:
@@ -62,6 +68,13 @@ class Handler(BaseHTTPRequestHandler):
     def parse_request(self):
         self.server.mark_busy(self.connection)
         return super().parse_request()
+
+    def handle_expect_100(self):
+        # The interim "100 Continue" must leave now, not with the final answer: the
+        # client waits for it before sending the body (wfile is buffered, see wbufsize).
+        ok = super().handle_expect_100()
+        self.wfile.flush()
+        return ok
 
     def _reply(self, status, body, headers=(), close=False):
         payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
