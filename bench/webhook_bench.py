@@ -473,7 +473,7 @@ class Bench:
         self.results["idle_cpu_ms_per_s"] = round((cpu_s(self.service.pid) - cpu0) * 1000, 1)
         self.results["rss_idle_mb"] = round(rss_mb(self.service.pid), 1)
         print(f"start-up to /health 200: {', '.join(f'{t * 1000:.0f} ms' for t in times)}; "
-              f"idle RSS {self.results['rss_idle_mb']} MB", flush=True)
+              f"idle RSS {self.results['rss_idle_mb']} MB (pid {self.service.pid})", flush=True)
         template = dict(self.emulator.invoices()[0])
         template.update(status="paid", fee=50)
         self.requests = Requests(self.emulator, self.auth, template)

@@ -13,7 +13,9 @@ each; a connection that finds no free slot within ``QUEUE_WAIT_S`` gets 503 and 
 closed, so a flood cannot grow threads or memory without limit. A client that
 stalls (mid-request, or idle between keep-alive requests) is cut off after the
 server's ``request_timeout_s`` (``REQUEST_TIMEOUT``). Bodies over 64 KiB are refused
-from their Content-Length, unread.
+from their Content-Length, unread. Refusals are logged through a ``logs.Throttle``
+(the first of each kind, then at most one a second with a count), so a flood of
+them costs neither a line each nor the CPU to write it.
 
 ``serve()`` starts it in a thread and returns the server; ``server.stop()`` stops
 accepting, waits for in-flight requests, and closes the socket.
@@ -27,6 +29,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import __version__
+from .logs import Throttle
 from .webhook import MAX_BODY_BYTES
 
 __all__ = ["Server", "Handler", "serve"]
@@ -125,7 +128,8 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"}, close=True)
             return None
         if int(length) > MAX_BODY_BYTES:
-            logger.warning("webhook refused: body of %s bytes is over the %d limit", length, MAX_BODY_BYTES)
+            self.server.refusals.log(logger, logging.WARNING, "webhook refused: body of %s bytes is over the %d limit",
+                                     length, MAX_BODY_BYTES)
             self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                         {"error": f"body over {MAX_BODY_BYTES} bytes"}, close=True)
             return None
@@ -141,7 +145,8 @@ class Handler(BaseHTTPRequestHandler):
                 return
             denied = self.server.intake.authorize(self.headers)
             if denied is not None:
-                logger.warning("webhook refused: bad or missing basic auth from %s", self.client_address[0])
+                self.server.refusals.log(logger, logging.WARNING, "webhook refused: bad or missing basic auth from %s",
+                                         self.client_address[0])
                 self._discard_body()
                 self._reply(denied.status, denied.body, denied.headers)
                 return
@@ -167,7 +172,8 @@ class Handler(BaseHTTPRequestHandler):
                 return
             denied = self.server.intake.authorize(self.headers)
             if denied is not None:
-                logger.warning("status refused: bad or missing basic auth from %s", self.client_address[0])
+                self.server.refusals.log(logger, logging.WARNING, "status refused: bad or missing basic auth from %s",
+                                         self.client_address[0])
                 self._reply(denied.status, denied.body, denied.headers)
                 return
             self._reply(HTTPStatus.OK, self.server.report())
@@ -196,8 +202,10 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def log_message(self, format, *args):
-        # Access lines are noise next to the service's own log lines; keep them for DEBUG.
-        logger.debug("%s %s", self.client_address[0], format % args)
+        # Access lines are noise next to the service's own log lines; keep them for DEBUG
+        # (and format them only then: this runs for every answer).
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %s", self.client_address[0], format % args)
 
 
 class Server(ThreadingHTTPServer):
@@ -211,6 +219,7 @@ class Server(ThreadingHTTPServer):
         self.health = health  # () -> (HTTPStatus, dict)
         self.report = report  # () -> dict
         self.request_timeout_s = request_timeout_s  # socket timeout of every connection
+        self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
         self._max = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._thread = None
@@ -221,7 +230,8 @@ class Server(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(timeout=QUEUE_WAIT_S):
-            logger.warning("all %d connection slots busy; answering 503 to %s", self._max, client_address[0])
+            self.refusals.log(logger, logging.WARNING, "all %d connection slots busy; answering 503 to %s",
+                              self._max, client_address[0])
             try:
                 body = b'{"error":"busy, try again"}\n'
                 request.sendall(

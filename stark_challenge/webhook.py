@@ -19,6 +19,10 @@ body is an event of the expected shape                400
 the store cannot write                                503 (Stark Bank retries)
 ====================================================  ========================
 
+Refusals are logged through a ``logs.Throttle``: the first of each kind, then at
+most one a second with the count held back, so a flood of forged requests is not
+also a flood of log lines (issue #6).
+
 Only then: 200. The event is committed to the store before the answer, so an
 acknowledged event is never lost; a redelivered one is answered 200 and not stored
 again. Processing happens later, from the store (``worker``). Thread-safe.
@@ -33,6 +37,7 @@ from http import HTTPStatus
 from typing import NamedTuple
 
 from . import events
+from .logs import Throttle
 from .errors import BankUnavailable, SignatureError, StarkChallengeError
 
 __all__ = ["Intake", "Reply", "check_basic_auth", "MAX_BODY_BYTES"]
@@ -86,6 +91,7 @@ class Intake:
         self._password = config.webhook_password
         self._clock = clock  # () -> aware UTC datetime
         self._on_event = on_event or (lambda: None)  # called after a new event is stored
+        self._refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
 
     def authorize(self, headers):
         """Return None if the request may proceed, or the 401 Reply if basic auth fails."""
@@ -102,25 +108,26 @@ class Intake:
         """Check a webhook whose basic auth already passed; store its event; return the Reply."""
         signature = headers.get("Digital-Signature")
         if not signature:
-            logger.warning("webhook refused: no Digital-Signature header")
+            self._refusals.log(logger, logging.WARNING, "webhook refused: no Digital-Signature header")
             return _error(HTTPStatus.UNAUTHORIZED, "missing Digital-Signature header")
         try:
             content = body.decode("utf-8")
         except UnicodeDecodeError:
-            logger.warning("webhook refused: body is not UTF-8")
+            self._refusals.log(logger, logging.WARNING, "webhook refused: body is not UTF-8")
             return _error(HTTPStatus.BAD_REQUEST, "body is not UTF-8")
         try:
             self._bank.verify_event(content, signature)
         except SignatureError as e:
-            logger.warning("webhook refused: %s", e)
+            self._refusals.log(logger, logging.WARNING, "webhook refused: %s", e, kind=str(e))
             return _error(HTTPStatus.UNAUTHORIZED, "invalid Digital-Signature")
         except BankUnavailable as e:
-            logger.warning("webhook not verified, Stark Bank's key is unavailable (%s); answering 503", e)
+            self._refusals.log(logger, logging.WARNING,
+                               "webhook not verified, Stark Bank's key is unavailable (%s); answering 503", e)
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot verify the signature now; deliver again later")
         try:
             event = events.check_shape(json.loads(content))
         except ValueError as e:  # json.JSONDecodeError is a ValueError
-            logger.warning("webhook refused: signed but malformed (%s)", e)
+            self._refusals.log(logger, logging.WARNING, "webhook refused: signed but malformed (%s)", e)
             return _error(HTTPStatus.BAD_REQUEST, f"malformed event: {e}")
         try:
             new = self._store.add_event(
