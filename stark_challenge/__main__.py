@@ -255,6 +255,10 @@ def run(args):
     logger.info("stopping (signal %d): finishing in-flight work", signals[0])
     notifier.send(STOPPING=1)
     notifier.stop()
+    # Ask the worker and the schedule first, so that they finish their current item
+    # while the server drains its requests; then wait for each (bounded, in parallel).
+    worker.stop(timeout=0)
+    schedule.stop(timeout=0)
     server.stop(SHUTDOWN_TIMEOUT_S)
     schedule.stop(SHUTDOWN_TIMEOUT_S)
     worker.stop(SHUTDOWN_TIMEOUT_S)

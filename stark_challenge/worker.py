@@ -158,6 +158,8 @@ class Worker:
         while self.process_events():
             pass
         for event in found:
+            if self._stop.is_set():  # what is left unmarked is pulled again, and deduplicated
+                break
             if not self._store.event_processed(str(event.get("id"))):
                 continue
             try:
@@ -194,7 +196,10 @@ class Worker:
             self._wake.wait(delay)
 
     def stop(self, timeout=10.0):
-        """Finish the current item, stop the thread and wait for it. Idempotent."""
+        """Finish the current item, stop the thread and wait for it up to ``timeout`` s. Idempotent.
+
+        ``timeout=0`` only asks: the thread stops after its current item.
+        """
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

@@ -14,6 +14,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -26,7 +27,11 @@ import urllib.parse
 
 import pytest
 
-from conftest import ROOT, messages_matching, signed_event, wait_for
+from stark_challenge.bank import Bank
+from stark_challenge.invoicer import Invoicer
+from stark_challenge.worker import Worker
+
+from conftest import ROOT, messages_matching, sdk_config, signed_event, wait_for
 
 FEE = 50  # the emulator's default invoice_fee, in cents
 
@@ -394,6 +399,20 @@ def test_a_signal_during_a_transfer_call_finishes_it_closes_the_database_and_exi
     assert messages_matching(service, "^stopped$")
 
 
+def test_sigterm_during_a_round_create_call_waits_for_the_round_and_exits_0(emulator, service_factory):
+    emulator.set(latency_s=1.5)
+    service = service_factory(INVOICE_MIN=3, INVOICE_MAX=3)
+    service.start()
+    wait_for(lambda: in_flight(emulator, "POST", "/v2/invoice"), message="round 0's create call at Stark Bank")
+
+    started = time.monotonic()
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(10) == 0
+    assert time.monotonic() - started < 5.0
+    assert query(service, "select state, count from round") == [("issued", 3)]  # recorded before exit
+    assert len(emulator.invoices()) == 3
+
+
 def test_sigterm_lets_an_in_flight_webhook_finish_and_its_event_is_kept(emulator, service_factory):
     service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1)
     service.start()
@@ -676,3 +695,44 @@ def test_events_with_bad_data_are_stored_acknowledged_and_never_stop_the_worker(
     assert messages_matching(service, "credited 40 cents, fee 50: not forwarded")
     status, health = service.request("GET", "/health")
     assert health["worker"]["alive"] and health["worker"]["last_error"] is None
+
+
+# -- the mechanisms, one step at a time (fake clock, real SDK and emulator) -------------------
+
+
+def test_a_failed_pull_is_retried_with_backoff_even_when_polling_only_at_start_up(emulator, sdk, store, clock):
+    bank = Bank(sdk_config(sdk))
+    bank.configure()
+    worker = Worker(store, bank, "stark-challenge", poll_interval_s=0, clock=clock, rng=random.Random(3))
+    pulls = lambda: calls(emulator, "GET", "/v2/event", "isDelivered=False")  # noqa: E731
+    emulator.fail_next("GET", "/v2/event", count=2, status=500)
+
+    waits = [worker.run_once()]
+    clock.advance(waits[0])
+    waits.append(worker.run_once())
+    clock.advance(waits[1])
+    worker.run_once()
+    assert [p["status"] for p in pulls()] == [500, 500, 200]
+    assert 1.0 <= waits[0] <= 2.0 and 2.0 <= waits[1] <= 4.0  # exponential, with jitter
+    clock.advance(86400)
+    worker.run_once()
+    assert len(pulls()) == 3  # EVENT_POLL_INTERVAL=0: after one pull succeeded, no more
+
+
+def test_a_round_interrupted_mid_call_is_looked_up_only_once_that_call_is_over(emulator, sdk, store, clock):
+    config = sdk_config(sdk, INVOICE_MIN=2, INVOICE_MAX=2, BANK_TIMEOUT="15s")
+    bank = Bank(config)
+    bank.configure()
+    store.claim_round(0, clock(), 2, clock())  # the last process stopped during this call
+    invoicer = Invoicer(bank, store, config, "s1", clock=clock, rng=random.Random(5))
+
+    clock.advance(5)
+    early = invoicer.issue_round(0, clock())
+    assert early.state == "retry" and (early.retry_at - clock()).total_seconds() == 10
+    assert emulator.requests == [] and store.round(0).attempts == 1  # nothing asked, nothing counted
+
+    clock.advance(10)
+    assert invoicer.issue_round(0, clock()).state == "issued"
+    assert [(c["method"], "tags=batch-s1-0-0" in c["query"]) for c in emulator.requests
+            if c["path"] == "/v2/invoice"] == [("GET", True), ("POST", False)]
+    assert len(emulator.invoices()) == 2
