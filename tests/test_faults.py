@@ -6,7 +6,8 @@ API calls it answered) and from the service's SQLite file, opened read-only: eac
 invoice forwarded exactly once, each round issued exactly once, nothing lost.
 
 Waits poll with a deadline (``wait_for``); wide windows for a crash come from the
-emulator's ``latency_s`` knob and from injected faults, never from sleeping.
+emulator's ``latency_s`` knob (a kill lands while ``requests_in_flight`` shows the call
+held at Stark Bank) and from injected faults, never from sleeping.
 """
 
 import base64
