@@ -332,8 +332,11 @@ def rnd(value, digits=2):
 # -- phases ---------------------------------------------------------------------
 
 
-def measure_verification(count=300):
-    """Return the CPU ms of one bare ECDSA verification of a webhook-sized body (median of 5 runs)."""
+def measure_verification(count=350):
+    """Return the CPU ms of one bare ECDSA verification of a webhook-sized body (best of 7 runs).
+
+    The best run, not the median: other work on the machine only ever adds to it.
+    """
     key = PrivateKey()
     public = key.publicKey()
     body = event_body(credited_event("1" * 16, {"id": "2" * 16, "amount": 12345, "fee": 50, "tags": ["x"],
@@ -342,17 +345,17 @@ def measure_verification(count=300):
     signature = Ecdsa.sign(body, key)
     assert Ecdsa.verify(body, signature, public)
     runs = []
-    for _ in range(5):
+    for _ in range(7):
         began = time.thread_time()
-        for _ in range(count // 5):
+        for _ in range(count // 7):
             Ecdsa.verify(body, signature, public)
-        runs.append((time.thread_time() - began) / (count // 5) * 1000)
+        runs.append((time.thread_time() - began) / (count // 7) * 1000)
     parse_began = time.thread_time()
     encoded = signature.toBase64()
     for _ in range(count):
         Signature.fromBase64(encoded)
     parse_ms = (time.thread_time() - parse_began) / count * 1000
-    return statistics.median(runs), parse_ms
+    return min(runs), parse_ms
 
 
 class Bench:
