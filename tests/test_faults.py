@@ -84,10 +84,13 @@ def invoices_of_round_0(emulator, count):
     return wait_for(lambda: len(emulator.invoices()) == count and emulator.invoices(), message="round 0")
 
 
-def key_fetched(emulator, count):
-    """Wait until the ``created`` events of ``count`` invoices were acknowledged (the key is cached)."""
+def settled_after_start(service, emulator, count):
+    """Wait until the ``created`` events of ``count`` invoices were acknowledged (the key is
+    cached) and the worker's first pass is over (the start-up pull, and marking what it found
+    delivered): nothing calls Stark Bank now until a credit arrives."""
     wait_for(lambda: len([d for d in emulator.deliveries() if d["status"] == 200]) >= count,
              message="created events acknowledged")
+    wait_for(lambda: service.request("GET", "/health")[1]["worker"]["last_pass_at"], message="first pass")
 
 
 def assert_each_forwarded_once(emulator, credited, fee=FEE):
@@ -138,7 +141,7 @@ def test_kill_during_a_transfer_call_with_an_event_unprocessed_loses_and_repeats
     service = service_factory(INVOICE_MIN=3, INVOICE_MAX=3)
     service.start()
     a, b, c = invoices_of_round_0(emulator, 3)
-    key_fetched(emulator, 3)
+    settled_after_start(service, emulator, 3)
 
     # A's transfer call hangs at Stark Bank; meanwhile B's credit is stored and acknowledged,
     # but the worker is busy with A, so B's event is left unprocessed.
@@ -293,7 +296,7 @@ def test_transfer_5xx_timeouts_and_failed_lookups_end_in_exactly_one_transfer_ea
     service = service_factory(INVOICE_MIN=3, INVOICE_MAX=3)
     service.start()
     a, b, c = invoices_of_round_0(emulator, 3)
-    key_fetched(emulator, 3)
+    settled_after_start(service, emulator, 3)
 
     # A: 500 without effect; the lookup finds nothing, the same external id is sent again.
     emulator.fail_next("POST", "/v2/transfer", status=500)
@@ -339,7 +342,7 @@ def test_transfer_refused_with_4xx_is_recorded_with_its_codes_and_not_retried(em
     service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1)
     service.start()
     (invoice,) = invoices_of_round_0(emulator, 1)
-    key_fetched(emulator, 1)
+    settled_after_start(service, emulator, 1)
     emulator.fail_next("POST", "/v2/transfer", status=400)
     emulator.pay(invoice["id"])
 
@@ -380,7 +383,7 @@ def test_a_signal_during_a_transfer_call_finishes_it_closes_the_database_and_exi
     service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1)
     service.start()
     (invoice,) = invoices_of_round_0(emulator, 1)
-    key_fetched(emulator, 1)
+    settled_after_start(service, emulator, 1)
     emulator.set(latency_s=1.5)
     emulator.pay(invoice["id"])
     wait_for(lambda: query(service, "select state from transfer") == [("sending",)], message="transfer in flight")
@@ -418,7 +421,7 @@ def test_sigterm_lets_an_in_flight_webhook_finish_and_its_event_is_kept(emulator
     service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1)
     service.start()
     (invoice,) = invoices_of_round_0(emulator, 1)
-    key_fetched(emulator, 1)
+    settled_after_start(service, emulator, 1)
     paid = dict(invoice, status="paid", fee=FEE)
     body, headers = signed_event(emulator, "4000000000000001", paid, "credited")
 
@@ -445,7 +448,7 @@ def test_a_second_signal_forces_exit(emulator, service_factory):
     service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1, BANK_TIMEOUT="30s")
     service.start()
     (invoice,) = invoices_of_round_0(emulator, 1)
-    key_fetched(emulator, 1)
+    settled_after_start(service, emulator, 1)
     emulator.set(latency_s=20.0)  # a transfer call that would hold the shutdown for long
     emulator.pay(invoice["id"])
     wait_for(lambda: query(service, "select state from transfer") == [("sending",)], message="transfer in flight")
@@ -475,7 +478,7 @@ def test_a_flood_of_forged_webhooks_is_refused_cheaply_and_valid_ones_stay_fast(
                               WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="correct-horse")
     service.start()
     invoices_of_round_0(emulator, 1)
-    key_fetched(emulator, 1)
+    settled_after_start(service, emulator, 1)
     pid = service.proc.pid
     auth = "Basic " + base64.b64encode(b"stark:correct-horse").decode()
     fetches = emulator.public_key_fetches
@@ -611,7 +614,7 @@ def test_a_transfer_failed_after_creation_is_sent_once_more_under_a_derived_exte
     service = service_factory(INVOICE_MIN=2, INVOICE_MAX=2)
     service.start()
     a, b = invoices_of_round_0(emulator, 2)
-    key_fetched(emulator, 2)
+    settled_after_start(service, emulator, 2)
     emulator.set(transfer_delay_s=60.0)  # transfers stay "created" until failed by hand
     emulator.pay(a["id"])
     emulator.pay(b["id"])
@@ -650,7 +653,7 @@ def test_events_with_bad_data_are_stored_acknowledged_and_never_stop_the_worker(
     service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1)
     service.start()
     (invoice,) = invoices_of_round_0(emulator, 1)
-    key_fetched(emulator, 1)
+    settled_after_start(service, emulator, 1)
     ours = {"id": "7000000000000001", "tags": ["stark-challenge"], "status": "paid"}
     stored = {  # event id: (entity, log type, subscription)
         "7100000000000001": ({"id": "1"}, "created", "deposit"),  # unknown subscription
