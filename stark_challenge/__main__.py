@@ -10,7 +10,6 @@ Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -151,84 +150,86 @@ def _start_emulator(args):
     return emulator, load_config(args, extra=fast)
 
 
-def run(args):
-    """Run the service until SIGTERM or SIGINT; return the exit status."""
-    from .bank import Bank
-    from .invoicer import Invoicer
-    from .notify import Notifier
-    from .scheduler import Schedule
-    from .server import serve
-    from .store import Store, StoreError
-    from .webhook import Intake
-    from .worker import Worker
+class App:
+    """The service's objects, wired together; started and stopped in order.
 
-    emulator = None
-    try:
-        if args.emulator:
-            emulator, config = _start_emulator(args)
-        else:
-            config = load_config(args)
-        logs.setup(config.log_level, config.log_format)
-        if emulator:  # its per-delivery lines would drown the service's own
-            logging.getLogger("stark_challenge.emulator").setLevel(logging.WARNING)
-        bank = Bank(config)
-        bank.configure()
-    except ConfigError as e:
-        if emulator:
-            emulator.stop()
-        return fail(str(e))
+    Built from a Config, a configured Bank and an open Store. ``start()`` binds the
+    port (OSError if taken) and starts the worker and the schedule; ``stop()``
+    drains them all, bounded by SHUTDOWN_TIMEOUT_S each, and closes the store.
+    """
 
-    if not config.basic_auth:
-        logger.warning("WEBHOOK_USERNAME/WEBHOOK_PASSWORD not set: POST /webhook relies on signatures alone")
-    try:
-        store = Store(config.database_path)
-    except StoreError as e:
-        return fail(str(e), 1)
+    def __init__(self, config, bank, store):
+        from .invoicer import Invoicer
+        from .scheduler import Schedule
+        from .webhook import Intake
+        from .worker import Worker
 
-    notifier = Notifier()
-    worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s)
-    schedule = Schedule(
-        store, job=lambda n, due_at: invoicer.issue_round(n, due_at),
-        interval_s=config.invoice_interval_s, duration_s=config.invoice_duration_s,
-    )
-    window = schedule.open()
-    done = [r for r in store.rounds() if r.state in ("issued", "failed")]
-    if done:
-        logger.info("recovery: resuming the schedule started %s (%d of its rounds already settled)",
-                    window["started_at"].isoformat(timespec="seconds"), len(done))
-    invoicer = Invoicer(
-        bank, store, config, window["schedule_id"], clock=utcnow,
-        retry_base_s=min(30.0, window["interval_s"] / 10),
-    )
-    intake = Intake(store, bank, config, clock=utcnow, on_event=worker.wake)
+        self.config, self.bank, self.store = config, bank, store
+        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s)
+        self.schedule = Schedule(
+            store, job=lambda n, due_at: self.invoicer.issue_round(n, due_at),
+            interval_s=config.invoice_interval_s, duration_s=config.invoice_duration_s,
+        )
+        window = self.schedule.open()
+        done = [r for r in store.rounds() if r.state in ("issued", "failed")]
+        if done:
+            logger.info("recovery: resuming the schedule started %s (%d of its rounds already settled)",
+                        window["started_at"].isoformat(timespec="seconds"), len(done))
+        self.invoicer = Invoicer(
+            bank, store, config, window["schedule_id"], clock=utcnow,
+            retry_base_s=min(30.0, window["interval_s"] / 10),
+        )
+        self.intake = Intake(store, bank, config, clock=utcnow, on_event=self.worker.wake)
+        self.server = None
 
-    def health():
-        store_ok = store.ping()
+    def health(self):
+        """Return (HTTPStatus, body) for GET /health: 503 when the store does not answer."""
+        store_ok = self.store.ping()
         body = {
             "status": "ok" if store_ok else "degraded",
             "version": __version__,
             "store": "ok" if store_ok else "unavailable",
-            "scheduler": schedule.state() if store_ok else None,
-            "worker": worker.state(),
-            "public_key_fetches": bank.keys.fetches,
+            "scheduler": self.schedule.state() if store_ok else None,
+            "worker": self.worker.state(),
+            "public_key_fetches": self.bank.keys.fetches,
         }
         return (HTTPStatus.OK if store_ok else HTTPStatus.SERVICE_UNAVAILABLE), body
 
-    def status_report():
-        return report.build(store.summary(), utcnow())
+    def status_report(self):
+        """Return the status report dict (GET /status, sd_notify STATUS=)."""
+        return report.build(self.store.summary(), utcnow())
 
-    try:
-        server = serve(config.host, config.port, intake, health, status_report, config.max_connections,
-                       config.request_timeout_s)
-    except OSError as e:
-        store.close()
-        return fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)
-    logger.info("stark_challenge %s listening on %s:%d (%s, database %s)",
-                __version__, config.host, server.port, config.environment, config.database_path)
+    def healthy(self):
+        """Return True if the store answers and the worker thread runs (the watchdog's test)."""
+        return self.store.ping() and self.worker.state()["alive"]
 
-    if emulator:
-        _register_emulator_webhook(bank, config, server.port)
+    def start(self):
+        """Bind the port, then start the worker and the schedule. Raise OSError if the port is taken."""
+        from .server import serve
 
+        c = self.config
+        self.server = serve(c.host, c.port, self.intake, self.health, self.status_report,
+                            c.max_connections, c.request_timeout_s)
+        logger.info("stark_challenge %s listening on %s:%d (%s, database %s)",
+                    __version__, c.host, self.server.port, c.environment, c.database_path)
+        self.worker.start()
+        self.schedule.start()
+
+    def stop(self):
+        """Stop accepting, finish in-flight work, close the store."""
+        # Ask the worker and the schedule first, so that they finish their current item
+        # while the server drains its requests; then wait for each (bounded).
+        self.worker.stop(timeout=0)
+        self.schedule.stop(timeout=0)
+        if self.server is not None:
+            self.server.stop(SHUTDOWN_TIMEOUT_S)
+        self.schedule.stop(SHUTDOWN_TIMEOUT_S)
+        self.worker.stop(SHUTDOWN_TIMEOUT_S)
+        self.store.close()
+
+
+def _wait_for_signal():
+    """Block until SIGTERM or SIGINT; return its number. A second signal exits at once (status 1)."""
     stop = threading.Event()
     signals = []
 
@@ -241,32 +242,60 @@ def run(args):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-
-    worker.start()
-    schedule.start()
-    # The port is bound and the store open: ready (sd_notify; a no-op outside systemd).
-    notifier.send(READY=1, STATUS=report.one_line(status_report()))
-    notifier.start(healthy=lambda: store.ping() and worker.state()["alive"],
-                   status=lambda: report.one_line(status_report()))
-
     while not stop.wait(1.0):
         pass
+    return signals[0]
 
-    logger.info("stopping (signal %d): finishing in-flight work", signals[0])
-    notifier.send(STOPPING=1)
-    notifier.stop()
-    # Ask the worker and the schedule first, so that they finish their current item
-    # while the server drains its requests; then wait for each (bounded, in parallel).
-    worker.stop(timeout=0)
-    schedule.stop(timeout=0)
-    server.stop(SHUTDOWN_TIMEOUT_S)
-    schedule.stop(SHUTDOWN_TIMEOUT_S)
-    worker.stop(SHUTDOWN_TIMEOUT_S)
-    store.close()
-    if emulator:
-        emulator.stop()
-    logger.info("stopped")
-    return 0
+
+def run(args):
+    """Run the service until SIGTERM or SIGINT; return the exit status."""
+    from .bank import Bank
+    from .notify import Notifier
+    from .store import Store, StoreError
+
+    emulator = None
+    try:
+        if args.emulator:
+            emulator, config = _start_emulator(args)
+        else:
+            config = load_config(args)
+        logs.setup(config.log_level, config.log_format)
+        if emulator:  # its per-delivery lines would drown the service's own
+            logging.getLogger("stark_challenge.emulator").setLevel(logging.WARNING)
+        bank = Bank(config)
+        bank.configure()
+        if not config.basic_auth:
+            logger.warning("WEBHOOK_USERNAME/WEBHOOK_PASSWORD not set: POST /webhook relies on signatures alone")
+        try:
+            store = Store(config.database_path)
+        except StoreError as e:
+            return fail(str(e), 1)
+        app = App(config, bank, store)
+        try:
+            app.start()
+        except OSError as e:
+            app.stop()
+            return fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)
+        if emulator:
+            _register_emulator_webhook(bank, config, app.server.port)
+
+        # The port is bound and the store open: ready (sd_notify; a no-op outside systemd).
+        notifier = Notifier()
+        notifier.send(READY=1, STATUS=report.one_line(app.status_report()))
+        notifier.start(healthy=app.healthy, status=lambda: report.one_line(app.status_report()))
+
+        signum = _wait_for_signal()
+        logger.info("stopping (signal %d): finishing in-flight work", signum)
+        notifier.send(STOPPING=1)
+        notifier.stop()
+        app.stop()
+        logger.info("stopped")
+        return 0
+    except ConfigError as e:
+        return fail(str(e))
+    finally:
+        if emulator:
+            emulator.stop()
 
 
 def _register_emulator_webhook(bank, config, port):
