@@ -125,6 +125,16 @@ def load_config(args, require_credentials=True, extra=None):
     )
 
 
+def configured_bank(args):
+    """Return (Config, Bank) with the SDK user set; raise ConfigError."""
+    from .bank import Bank
+
+    config = load_config(args)
+    bank = Bank(config)
+    bank.configure()
+    return config, bank
+
+
 def fail(message, status=2):
     """Print ``message`` to stderr as one line, secrets redacted; return ``status`` (for ``return fail(...)``)."""
     print(f"stark_challenge: {' '.join(logs.redact(message).split())}", file=sys.stderr)
@@ -334,13 +344,10 @@ def check(args):
     Exit 0 if all is well, 2 if a variable, the key or the credentials are wrong,
     1 if Stark Bank could not be reached (nothing was proven either way).
     """
-    from .bank import Bank
     from .scheduler import round_count
 
     try:
-        config = load_config(args)
-        bank = Bank(config)
-        bank.configure()
+        config, bank = configured_bank(args)
     except ConfigError as e:
         return fail(str(e))
     if not args.offline:
@@ -422,12 +429,8 @@ def webhook(args):
     """Register, list or delete webhook subscriptions at Stark Bank."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from .bank import Bank
-
     try:
-        config = load_config(args)
-        bank = Bank(config)
-        bank.configure()
+        config, bank = configured_bank(args)
     except ConfigError as e:
         return fail(str(e))
     try:
