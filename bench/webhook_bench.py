@@ -6,7 +6,8 @@ the Stark Bank emulator on loopback, with basic auth on, and drives it with
 ``bench/loadgen.py`` in a separate process, which sends correctly signed, unique
 ``invoice`` / ``credited`` events over HTTP/1.1 keep-alive connections.
 
-The phases, in order (each waits until the worker has processed every stored event):
+The phases, in order (each that stores events waits until the worker has processed
+them all, so the next starts from an idle service):
 
 1. ``verify``: CPU of one bare ECDSA verification (the SDK's ``ellipticcurve``) in this
    process, before anything else runs: the floor of a design that checks every
@@ -16,7 +17,9 @@ The phases, in order (each waits until the worker has processed every stored eve
 3. ``saturation``: events for invoices of another app (stored and recorded, never
    paid out), sent as fast as answers come back: accepted webhooks per second and
    the service's CPU per accepted webhook (``/proc/<pid>/stat`` utime + stime, until
-   the worker has processed them all), next to one verification.
+   the worker has processed them all), next to one verification. The CPU is also
+   split by thread (``/proc/<pid>/task``): the connection threads (intake: HTTP,
+   checks, durable insert) and the older ones (the worker, mostly).
 4. ``rate_half`` and ``rate_50``: the same events offered at a fixed rate (half of the
    measured saturation, then 50/s): p50/p99/max latency, counted from when each
    request was due.
@@ -28,7 +31,14 @@ The phases, in order (each waits until the worker has processed every stored eve
    events are signed and sent (at 20/s, then as fast as possible). Time from the
    webhook's 200 to the transfer's ``created`` at the emulator, and what the worker's
    transfer sending (ECDSA signing, TLS through the emulator's proxy, in the same
-   process) does to intake.
+   process) does to intake. Transfers go out one at a time, each a new TLS connection
+   through the proxy, where urllib3 keeps Nagle's algorithm on (it does so for every
+   proxied connection): a create call often waits ~40 ms for a delayed ACK that a
+   direct connection to Stark Bank (TCP_NODELAY) would not.
+
+Every phase also reports the CPU that other processes used meanwhile
+(``/proc/stat``, less the service, the load generator and this process): on a
+shared machine, a run with more than a few percent there is not to be trusted.
 
 Two knobs, for profiling (see ``profile_service.py``): ``BENCH_PROFILE=PATH`` runs the
 service under cProfile and writes its stats to PATH; ``BENCH_ONLY=saturation,forged``
@@ -38,6 +48,7 @@ Bounded: about a minute on a 2-core machine, loopback only; every process it sta
 is stopped (SIGTERM, then SIGKILL) before it exits, and its temporary files removed.
 """
 
+import base64
 import datetime
 import http.client
 import json
@@ -49,7 +60,6 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -384,12 +394,12 @@ class Bench:
             "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "5s",
         })
         self.service = Service(env, os.path.join(self.workdir, "service.log"))
-        import base64
         self.auth = "Basic " + base64.b64encode(f"stark:{password}".encode()).decode()
         self.bad_auth = "Basic " + base64.b64encode(b"stark:not-the-password").decode()
         # The SDK in this process creates and reads the invoices of the transfer phases.
         bench_project, bench_key = self.emulator.create_project()
-        os.environ.update({k: v for k, v in self.emulator.env().items() if not k.startswith("STARK_")})
+        os.environ.update({k: v for k, v in self.emulator.env(bench_project, bench_key).items()
+                           if not k.startswith("STARK_")})
         starkbank.user = starkbank.Project(environment="sandbox", id=bench_project, private_key=bench_key)
 
     def _wait(self, predicate, what, timeout=DRAIN_TIMEOUT_S, interval=0.02):
