@@ -238,23 +238,25 @@ class App:
         self.store.close()
 
 
-def _wait_for_signal():
-    """Block until SIGTERM or SIGINT; return its number. A second signal exits at once (status 1)."""
+def _catch_signals():
+    """Route SIGTERM and SIGINT to the returned Event (its ``signals`` list names them).
+
+    Installed before any thread starts, so a signal during start-up is a clean stop,
+    not a kill. A second signal exits at once (status 1).
+    """
     stop = threading.Event()
-    signals = []
+    stop.signals = []
 
     def on_signal(signum, _frame):
-        signals.append(signum)
-        if len(signals) > 1:
+        stop.signals.append(signum)
+        if len(stop.signals) > 1:
             logger.error("second signal: exiting at once")
             os._exit(1)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(1.0):
-        pass
-    return signals[0]
+    return stop
 
 
 def run(args):
@@ -263,6 +265,7 @@ def run(args):
     from .notify import Notifier
     from .store import Store, StoreError
 
+    stop = _catch_signals()  # first: a signal during start-up then stops cleanly once started
     emulator = None
     try:
         if args.emulator:
@@ -294,8 +297,9 @@ def run(args):
         notifier.send(READY=1, STATUS=report.one_line(app.status_report()))
         notifier.start(healthy=app.healthy, status=lambda: report.one_line(app.status_report()))
 
-        signum = _wait_for_signal()
-        logger.info("stopping (signal %d): finishing in-flight work", signum)
+        while not stop.wait(1.0):
+            pass
+        logger.info("stopping (signal %d): finishing in-flight work", stop.signals[0])
         notifier.send(STOPPING=1)
         notifier.stop()
         app.stop()
