@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Your Stark Bank project when STARK_PROJECT_ID is set (environment or .env),
+# otherwise the built-in emulator: nothing to configure to try it.
 run: $(STAMP)
-	$(BIN)/python -m stark_challenge --emulator
+	@if [ -n "$$STARK_PROJECT_ID" ] || grep -Eqs '^(export +)?STARK_PROJECT_ID *= *[^ ]' .env; then \
+		$(BIN)/python -m stark_challenge; \
+	else \
+		echo "make run: STARK_PROJECT_ID is not set, so the service runs against the built-in Stark Bank emulator"; \
+		$(BIN)/python -m stark_challenge --emulator; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/webhook_bench.py
