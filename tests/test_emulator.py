@@ -26,20 +26,15 @@ from starkcore.utils.cache import cache as sdk_cache
 from stark_challenge.emulator import Emulator
 from stark_challenge.emulator import taxid
 
+from conftest import wait_for
+
 RECEIVER = dict(name="Stark Bank S.A.", tax_id="20.018.183/0001-80", bank_code="20018183", branch_code="0001",
                 account_number="6341320293482496", account_type="payment")
 
 
 def eventually(predicate, timeout_s=5.0, what="condition"):
     """Return predicate()'s first truthy value, polling until timeout_s; fail the test otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for " + what)
-        time.sleep(0.01)
+    return wait_for(predicate, timeout_s, interval=0.01, message=what)
 
 
 def invoice(amount=1000, tax_id="012.345.678-90", name="Arya Stark", **extra):
