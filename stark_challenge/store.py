@@ -19,7 +19,8 @@ The tables, and the invariant each one keeps:
               refuses to repeat), at most two attempts per invoice, the second one only
               after Stark Bank reported the first ``failed``.
 
-Every verb is a transaction of its own (``BEGIN IMMEDIATE``), or joins the one a
+Every verb is a transaction of its own (``BEGIN IMMEDIATE``; ``add_event``, a single
+statement, is SQLite's implicit transaction of that statement), or joins the one a
 caller opened with ``atomic()``. Deduplication is a unique key and an insert that may
 fail, answered as a boolean, never a check followed by an insert.
 
@@ -429,13 +430,15 @@ class Store:
         ``body`` is the event as a dict. Idempotent and thread-safe: of two concurrent
         deliveries of one event, exactly one gets True.
         """
-        with self.atomic():
-            cur = self._conn.execute(
-                "insert or ignore into event"
-                " (id, subscription, log_type, entity_id, body, source, received_at)"
-                " values (?, ?, ?, ?, ?, ?, ?)",
-                (event_id, subscription, log_type, entity_id,
-                 json.dumps(body, separators=(",", ":")), source, _iso(now)),
+        row = (event_id, subscription, log_type, entity_id, json.dumps(body, separators=(",", ":")), source, _iso(now))
+        # One statement is its own (implicit) transaction, committed and synced like any
+        # other: BEGIN and COMMIT around it would only add two statements per webhook
+        # (issue #6). Inside a caller's atomic() it joins that transaction.
+        with self._lock:
+            cur = self._execute(
+                "insert into event (id, subscription, log_type, entity_id, body, source, received_at)"
+                " values (?, ?, ?, ?, ?, ?, ?) on conflict (id) do nothing",
+                row,
             )
             return cur.rowcount == 1
 
