@@ -74,3 +74,32 @@ def test_the_thread_wakes_on_a_new_event_and_stops_cleanly(emulator, parts, stor
     wait_for(lambda: len(emulator.transfers()) == 1, message="the transfer")
     worker.stop(timeout=5)
     assert not worker.state()["alive"]
+
+
+def test_an_event_that_fails_in_a_batch_stays_pending_and_the_others_are_processed(store, clock, monkeypatch, caplog):
+    # Events are processed a batch per transaction (issue #6); one failure rolls the batch
+    # back and each event is done again in a transaction of its own.
+    from stark_challenge import events
+
+    for n in (1, 2, 3):
+        body = {"id": f"ev-{n}", "subscription": "invoice",
+                "log": {"type": "credited", "invoice": {"id": f"inv-{n}", "amount": 500, "fee": 0, "tags": []}}}
+        store.add_event(f"ev-{n}", "invoice", "credited", f"inv-{n}", body, "webhook", clock())
+
+    real_process = events.process
+
+    def process(store, event, tag, now):
+        with store.atomic():  # its effects are written, then it fails inside its transaction
+            outcome = real_process(store, event, tag, now)
+            if event.id == "ev-2":
+                raise RuntimeError("the store refused")
+            return outcome
+
+    monkeypatch.setattr(events, "process", process)
+    worker = Worker(store, None, "stark-challenge", poll_interval_s=0, clock=clock, sender=object())
+
+    assert worker.process_events() == 2
+    assert [e.id for e in store.pending_events()] == ["ev-2"]
+    assert store.credit("inv-1")["state"] == store.credit("inv-3")["state"] == "skipped"
+    assert store.credit("inv-2") is None  # rolled back with its event, not half-applied
+    assert "event ev-2: processing failed; will retry" in caplog.text
