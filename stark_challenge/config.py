@@ -97,15 +97,6 @@ class Config:
         """Return True if HTTP basic auth is configured."""
         return bool(self.webhook_username and self.webhook_password)
 
-    @property
-    def round_count(self):
-        """Return how many rounds the schedule has, or None when it runs forever."""
-        if not self.invoice_duration_s:
-            return None
-        # Rounds are those with n * interval < duration (3h over 24h = 8 rounds).
-        n = int(self.invoice_duration_s // self.invoice_interval_s)
-        return n + 1 if n * self.invoice_interval_s < self.invoice_duration_s else n
-
 
 def parse_duration(text):
     """Return seconds (float) for ``90``, ``90s``, ``15m``, ``3h``, ``1.5d``; raise ValueError otherwise."""

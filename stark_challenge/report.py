@@ -9,6 +9,7 @@ in the table. Pure: it reads no database and no clock of its own.
 import datetime
 
 from .scheduler import round_count
+from .store import FAILED_STATES, OPEN_STATES
 
 __all__ = ["build", "render", "one_line"]
 
@@ -34,16 +35,12 @@ def build(summary, now):
     else:
         rounds["due"], rounds["total"] = 0, None
     report["rounds"] = rounds
-    open_states = ("pending", "sending", "created", "processing", "stalled")
     transfers = summary["transfers"]
-    report["transfers_pending"] = {
-        "count": sum(transfers.get(s, {}).get("count", 0) for s in open_states),
-        "amount": sum(transfers.get(s, {}).get("amount", 0) for s in open_states),
-    }
-    report["transfers_failed"] = {
-        "count": sum(transfers.get(s, {}).get("count", 0) for s in ("failed", "rejected")),
-        "amount": sum(transfers.get(s, {}).get("amount", 0) for s in ("failed", "rejected")),
-    }
+    for name, states in (("transfers_pending", OPEN_STATES), ("transfers_failed", FAILED_STATES)):
+        report[name] = {
+            "count": sum(transfers.get(s, {}).get("count", 0) for s in states),
+            "amount": sum(transfers.get(s, {}).get("amount", 0) for s in states),
+        }
     report["generated_at"] = now.isoformat(timespec="seconds")
     return report
 

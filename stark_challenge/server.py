@@ -48,7 +48,7 @@ class Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps connections open for Stark Bank's (and the benchmark's) next request.
     protocol_version = "HTTP/1.1"
     # Seconds a client may stall before its connection is dropped (slowloris).
-    timeout = 10
+    timeout = REQUEST_TIMEOUT_S
     # A reply goes out in one write (status line, headers and body buffered until
     # ``handle_one_request`` flushes), and without Nagle's algorithm: on a keep-alive
     # connection, headers and body written apart wait for the client's delayed ACK,

@@ -121,8 +121,9 @@ SCHEMA = (
     "create index if not exists transfer_due on transfer (state, next_try_at)",
 )
 
-# Transfer states in which the money has not (yet) been seen to move.
+# Transfer states in which the money has not (yet) been seen to move, and those in which it never will.
 OPEN_STATES = ("pending", "sending", "created", "processing", "stalled")
+FAILED_STATES = ("failed", "rejected")
 
 
 class StoreError(StarkChallengeError):
@@ -522,8 +523,9 @@ class Store:
         return dict(zip(("amount", "fee", "net", "state", "reason", "event_id"), row))
 
     def _insert_transfer(self, external_id, invoice_id, attempt, amount, now):
+        # "or ignore": the attempt number is unique per invoice, so a repeat queues nothing.
         self._conn.execute(
-            "insert into transfer"
+            "insert or ignore into transfer"
             " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
             " values (?, ?, ?, ?, 'pending', ?, ?, ?)",
             (external_id, invoice_id, attempt, amount, _iso(now), _iso(now), _iso(now)),
@@ -655,12 +657,7 @@ class Store:
                     (status, transfer_id, json.dumps(list(errors)) if errors else row[7], _iso(now), external_id),
                 )
                 if status == "failed" and current.attempt == 1 and retry_external_id:
-                    self._conn.execute(
-                        "insert or ignore into transfer"
-                        " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
-                        " values (?, ?, 2, ?, 'pending', ?, ?, ?)",
-                        (retry_external_id, current.invoice_id, current.amount, _iso(now), _iso(now), _iso(now)),
-                    )
+                    self._insert_transfer(retry_external_id, current.invoice_id, 2, current.amount, now)
             row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
             return self._transfer_from_row(row)
 

@@ -19,13 +19,13 @@ body is an event of the expected shape                400
 the store cannot write                                503 (Stark Bank retries)
 ====================================================  ========================
 
-Refusals are logged through a ``logs.Throttle``: the first of each kind, then at
-most one a second with the count held back, so a flood of forged requests is not
-also a flood of log lines (issue #6).
-
 Only then: 200. The event is committed to the store before the answer, so an
 acknowledged event is never lost; a redelivered one is answered 200 and not stored
 again. Processing happens later, from the store (``worker``). Thread-safe.
+
+Refusals are logged through a ``logs.Throttle``: the first of each kind, then at
+most one a second with the count held back, so a flood of forged requests is not
+also a flood of log lines (issue #6).
 """
 
 import base64
@@ -37,8 +37,8 @@ from http import HTTPStatus
 from typing import NamedTuple
 
 from . import events
-from .logs import Throttle
 from .errors import BankUnavailable, SignatureError, StarkChallengeError
+from .logs import Throttle
 
 __all__ = ["Intake", "Reply", "check_basic_auth", "MAX_BODY_BYTES"]
 
