@@ -191,23 +191,43 @@ class App:
         )
         self.intake = Intake(store, bank, config, clock=utcnow, on_event=self.worker.wake)
         self.server = None
+        self.worker_started = threading.Event()  # set by start() once the worker thread runs
 
     def health(self):
-        """Return (HTTPStatus, body) for GET /health: 503 when the store does not answer."""
+        """Return (HTTPStatus, body) for GET /health: the status word only, for anyone who asks.
+
+        ``degraded`` (503) when the store does not answer or the worker thread is dead;
+        ``starting`` (200: webhooks are already taken) until the worker's first pass is
+        over; ``ok`` (200) otherwise. The details are in ``details()``, behind basic auth.
+        """
+        if not self.store.ping():
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded"}
+        if not self.worker_started.is_set():  # the port is bound a moment before the worker starts
+            return HTTPStatus.OK, {"status": "starting"}
+        if not self.worker.state()["alive"]:
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded"}
+        if self.worker.last_pass_at is None:
+            return HTTPStatus.OK, {"status": "starting"}
+        return HTTPStatus.OK, {"status": "ok"}
+
+    def details(self):
+        """Return the service's live details (version, store, scheduler, worker, key fetches) as a dict."""
         store_ok = self.store.ping()
-        body = {
-            "status": "ok" if store_ok else "degraded",
+        return {
             "version": __version__,
             "store": "ok" if store_ok else "unavailable",
             "scheduler": self.schedule.state() if store_ok else None,
             "worker": self.worker.state(),
             "public_key_fetches": self.bank.keys.fetches,
         }
-        return (HTTPStatus.OK if store_ok else HTTPStatus.SERVICE_UNAVAILABLE), body
 
     def status_report(self):
-        """Return the status report dict (GET /status, sd_notify STATUS=)."""
+        """Return the status report dict (sd_notify STATUS=, and the body of GET /status with ``service``)."""
         return report.build(self.store.summary(), utcnow())
+
+    def status_page(self):
+        """Return GET /status's body: the status report, and the live details under ``service``."""
+        return {**self.status_report(), "service": self.details()}
 
     def healthy(self):
         """Return True if the store answers and the worker thread runs (the watchdog's test)."""
@@ -218,11 +238,12 @@ class App:
         from .server import serve
 
         c = self.config
-        self.server = serve(c.host, c.port, self.intake, self.health, self.status_report,
+        self.server = serve(c.host, c.port, self.intake, self.health, self.status_page,
                             c.max_connections, c.request_timeout_s)
         logger.info("stark_challenge %s listening on %s:%d (%s, database %s)",
                     __version__, c.host, self.server.port, c.environment, c.database_path)
         self.worker.start()
+        self.worker_started.set()
         self.schedule.start()
 
     def stop(self):

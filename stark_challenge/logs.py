@@ -104,11 +104,12 @@ class Throttle:
         self._lock = threading.Lock()
         self._kinds = {}  # message template -> [clock time the next line may go out, lines held back]
 
-    def log(self, logger, level, msg, *args, kind=None):
+    def log(self, logger, level, msg, *args, kind=None, exc_info=False):
         """Log ``msg % args`` on ``logger`` unless this kind was logged less than ``interval_s`` ago.
 
-        ``kind`` (default: ``msg``) must come from a small fixed set. Return True if the
-        line was logged, False if it was held back (and counted).
+        ``kind`` (default: ``msg``) must come from a small fixed set. ``exc_info`` adds
+        the current traceback to a line that goes out. Return True if the line was
+        logged, False if it was held back (and counted).
         """
         if not logger.isEnabledFor(level):
             return False
@@ -122,9 +123,10 @@ class Throttle:
             held = state[1] if state is not None else 0
             self._kinds[kind] = [now + self._interval_s, 0]
         if held:
-            logger.log(level, msg + " (%d more like it held back since the last one logged)", *args, held)
+            logger.log(level, msg + " (%d more like it held back since the last one logged)", *args, held,
+                       exc_info=exc_info)
         else:
-            logger.log(level, msg, *args)
+            logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
 

@@ -184,6 +184,41 @@ def _time(text):
     return datetime.datetime.fromisoformat(text) if text else None
 
 
+# SQLite creates these next to the database, with the database file's mode; the
+# advisory lock file is ours. All hold or reveal payers' names and tax ids.
+SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
+
+
+def _make_private(path, side_files):
+    """Create the database file at ``path`` with mode 0600 unless it exists; narrow it and its side files to 0600.
+
+    Explicit, not left to the umask: outside systemd (whose unit sets UMask=0077) the
+    usual umask 022 would leave payers' names and tax ids readable by every local user.
+    SQLite gives the -wal and -shm files it creates the database file's mode. Files
+    owned by another user are left as they are. Raise OSError if ``path`` cannot be created.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        _narrow(fd)
+    finally:
+        os.close(fd)
+    for suffix in side_files:
+        try:
+            fd = os.open(path + suffix, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            _narrow(fd)
+        finally:
+            os.close(fd)
+
+
+def _narrow(fd):
+    st = os.fstat(fd)
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.fchmod(fd, 0o600)
+
+
 class Store:
     """The SQLite state of one deployment. See the module docstring for the tables."""
 
@@ -200,8 +235,9 @@ class Store:
         self._depth = 0  # nesting of atomic() blocks, guarded by _lock
         self._lock_file = None
         try:
+            _make_private(path, SIDE_FILES)
             if exclusive:
-                self._lock_file = open(path + ".lock", "a")
+                self._lock_file = os.fdopen(os.open(path + ".lock", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
                 try:
                     fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

@@ -8,14 +8,18 @@ The checks, cheapest first, and the answer each failure gets:
 ====================================================  ========================
 check                                                 failure
 ====================================================  ========================
-size: Content-Length present, at most 64 KiB          411 / 413 (in ``server``,
-                                                      before reading the body)
+framing: head at most 16 KiB and 64 lines, one        400 / 431 / 413 and the
+Content-Length of ASCII digits (at most 64 KiB), no   connection closed (in
+Transfer-Encoding, a well-formed request line         ``server``, before reading
+                                                      the body)
 basic auth, when configured (constant-time compare)   401 + WWW-Authenticate
+Content-Length present                                411 (in ``server``)
 ``Digital-Signature`` header present                  401
 body is UTF-8                                         400
 signature matches the exact raw body (``bank``)       401
 Stark Bank's key cannot be fetched                    503 (Stark Bank retries)
-body is an event of the expected shape                400
+body is JSON, nested less than the parser's depth,    400
+and an event of the expected shape
 the store cannot write                                503 (Stark Bank retries)
 ====================================================  ========================
 
@@ -126,9 +130,13 @@ class Intake:
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot verify the signature now; deliver again later")
         try:
             event = events.check_shape(json.loads(content))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            self._refusals.log(logger, logging.WARNING, "webhook refused: signed but malformed (%s)", e)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError; so is an int of too many digits
+            self._refusals.log(logger, logging.WARNING, "webhook refused: signed but malformed (%s)", e,
+                               kind="malformed")
             return _error(HTTPStatus.BAD_REQUEST, f"malformed event: {e}")
+        except RecursionError:  # json's C scanner recurses once per nested [ or {
+            self._refusals.log(logger, logging.WARNING, "webhook refused: signed but nested too deeply")
+            return _error(HTTPStatus.BAD_REQUEST, "malformed event: nested too deeply")
         try:
             new = self._store.add_event(
                 event["id"], event["subscription"], event["log"]["type"], events.entity_of(event),

@@ -39,10 +39,11 @@ def test_rounds_are_issued_on_schedule_with_valid_invoices(emulator, service_fac
         assert is_valid_tax_id(invoice["taxId"])
         assert isinstance(invoice["amount"], int) and invoice["amount"] >= 1000
         assert "stark-challenge" in invoice["tags"]
-    # The schedule is done after 3 rounds: /health says so, and there was one API call per round.
-    wait_for(lambda: service.request("GET", "/health")[1]["scheduler"]["state"] == "finished", message="finished")
-    status, health = service.request("GET", "/health")
-    assert (health["scheduler"]["rounds_total"], health["scheduler"]["rounds_issued"]) == (3, 3)
+    # The schedule is done after 3 rounds: /status says so, and there was one API call per round.
+    wait_for(lambda: service.request("GET", "/status")[1]["service"]["scheduler"]["state"] == "finished",
+             message="finished")
+    status, page = service.request("GET", "/status")
+    assert (page["service"]["scheduler"]["rounds_total"], page["service"]["scheduler"]["rounds_issued"]) == (3, 3)
     creates = [r for r in emulator.requests if r["method"] == "POST" and r["path"] == "/v2/invoice"]
     assert len(creates) == 3
 

@@ -90,7 +90,8 @@ def settled_after_start(service, emulator, count):
     delivered): nothing calls Stark Bank now until a credit arrives."""
     wait_for(lambda: len([d for d in emulator.deliveries() if d["status"] == 200]) >= count,
              message="created events acknowledged")
-    wait_for(lambda: service.request("GET", "/health")[1]["worker"]["last_pass_at"], message="first pass")
+    # /health says "starting" until the worker's first pass is over, "ok" after it.
+    wait_for(lambda: service.request("GET", "/health")[1] == {"status": "ok"}, message="first pass")
 
 
 def assert_each_forwarded_once(emulator, credited, fee=FEE):
@@ -591,20 +592,18 @@ def test_slow_and_stalled_clients_are_cut_off_and_connections_stay_bounded(emula
     half.close()
     stalled.close()
 
-    # More idle connections than slots: an extra one that finds no slot within 0.5 s is
-    # answered 503, the others are cut off after the timeout; threads never exceed the bound.
+    # More idle connections than handler threads: they hold no thread, a genuine request is
+    # answered meanwhile, and each idle one is cut off, unanswered, after the timeout.
     idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(max_connections + 3)]
+    assert service.request("GET", "/health")[0] == 200
     peak = max(threads_of(pid) for _ in range(20))
     answers = []
     for sock in idle:
         sock.settimeout(5)
         answers.append(sock.recv(100))
-        cut_off(sock)
         sock.close()
     assert peak <= max_connections + 6
-    assert all(a == b"" or a.startswith(b"HTTP/1.1 503") for a in answers)
-    assert any(a.startswith(b"HTTP/1.1 503") for a in answers)  # the 5th waited 0.5 s, all slots stalled
-    assert service.request("GET", "/health")[0] == 200
+    assert answers == [b""] * len(idle)
 
 
 # -- 6. transfers that fail later --------------------------------------------------------
@@ -697,8 +696,8 @@ def test_events_with_bad_data_are_stored_acknowledged_and_never_stop_the_worker(
     assert query(service, "select invoice_id from credit where state = 'queued'") == [(invoice["id"],)]
     assert query(service, "select count(*) from event where processed_at is null") == [(0,)]
     assert messages_matching(service, "credited 40 cents, fee 50: not forwarded")
-    status, health = service.request("GET", "/health")
-    assert health["worker"]["alive"] and health["worker"]["last_error"] is None
+    status, page = service.request("GET", "/status")
+    assert page["service"]["worker"]["alive"] and page["service"]["worker"]["last_error"] is None
 
 
 # -- the mechanisms, one step at a time (fake clock, real SDK and emulator) -------------------

@@ -2,7 +2,9 @@
 
 import http.client
 import json
+import select
 import socket
+import threading
 from http import HTTPStatus
 
 import pytest
@@ -79,8 +81,11 @@ def test_a_body_without_length_is_refused(server_for):
     server = server_for()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400")  # a chunked body is refused as framing
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 411")
-    assert call(server, "POST", "/webhook", None, {"Content-Length": "abc"})[0] in (400, 411)
+    assert call(server, "POST", "/webhook", None, {"Content-Length": "abc"})[0] == 400
 
 
 def test_basic_auth_guards_the_webhook_and_the_status(emulator, server_for):
@@ -104,17 +109,50 @@ def test_a_malformed_request_line_gets_a_json_400(server_for):
     assert b'{"error"' in answer
 
 
-def test_connections_beyond_the_bound_get_503_instead_of_a_thread(server_for):
+def test_an_idle_keep_alive_connection_does_not_hold_a_handler(server_for):
     server = server_for(max_connections=1)
     holder = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     holder.request("GET", "/health")
-    holder.getresponse().read()  # keep-alive: this connection keeps the only slot
+    holder.getresponse().read()  # keep-alive: the connection stays open, waiting
     try:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 503")
+        assert call(server, "GET", "/health")[0] == 200  # served by the only handler all the same
+        holder.request("GET", "/health")
+        assert holder.getresponse().status == 200  # and the held connection still works
     finally:
         holder.close()
+
+
+def test_requests_beyond_the_handlers_and_their_queue_get_503_instead_of_a_thread(sdk, store, clock):
+    config = sdk_config(sdk)
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    def stuck_health():  # a stand-in that holds its handler until released
+        entered.release()
+        release.wait(10)
+        return HTTPStatus.OK, {"status": "ok"}
+
+    server = serve("127.0.0.1", 0, Intake(store, Bank(config), config, clock), stuck_health, dict, 1)
+    socks = []
+    try:
+        def send():
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+            return sock
+
+        send()
+        assert entered.acquire(timeout=5)  # the only handler is busy
+        send(), send()  # one waits in the queue (one place per handler), the other finds it full
+        answered, _, _ = select.select(socks[1:], [], [], 5)  # the refusal comes at once
+        assert len(answered) == 1 and answered[0].recv(4096).startswith(b"HTTP/1.1 503")
+        release.set()
+        waiting = [sock for sock in socks if sock is not answered[0]]
+        assert [sock.recv(4096)[:12] for sock in waiting] == [b"HTTP/1.1 200", b"HTTP/1.1 200"]
+    finally:
+        release.set()
+        for sock in socks:
+            sock.close()
+        server.stop(timeout=2)
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server_for):

@@ -140,7 +140,9 @@ def test_get_status_needs_basic_auth_and_equals_the_cli(emulator, filled, tmp_pa
     printed = status_json(filled.env["DATABASE_PATH"], tmp_path)
     assert status == 200
     served.pop("generated_at"), printed.pop("generated_at")
+    details = served.pop("service")  # the live details only the running service knows
     assert served == printed
+    assert details["store"] == "ok" and details["worker"]["alive"]
 
 
 def test_status_reads_while_the_service_writes_without_blocking_it(emulator, filled, tmp_path):
