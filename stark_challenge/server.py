@@ -56,11 +56,13 @@ closes the socket.
 """
 
 import collections
+import errno
 import io
 import json
 import logging
 import queue
 import re
+import resource
 import selectors
 import socket
 import threading
@@ -84,6 +86,7 @@ SWEEP_S = 0.1  # how often deadlines are checked: the precision of a cut
 LINGER_S = 1.0  # after a refusal, how long the client's unread bytes are drained before closing
 LINGER_BYTES = 256 * 1024  # and how many at most: a refused flood is not read to its end
 RECV_BYTES = 64 * 1024  # the most read from a connection at once
+SPARE_FILES = 64  # descriptors kept free of held connections: database, Stark Bank calls, handlers
 ROUTES = {"/webhook": ("POST",), "/health": ("GET", "HEAD"), "/status": ("GET", "HEAD")}
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -154,7 +157,7 @@ def _head_end(buffer):
     return None
 
 
-def render(status, body, headers=(), close=False, head_only=False):
+def render(status, body, headers=(), close=False):
     """Return a whole JSON answer as bytes: status line, headers, body."""
     payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
     status = HTTPStatus(status)
@@ -163,7 +166,19 @@ def render(status, body, headers=(), close=False, head_only=False):
     lines += [f"{name}: {value}" for name, value in headers]
     if close:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else payload)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+
+
+def _open_bound(wanted):
+    """Return ``wanted``, or fewer if the process may not open that many files (RLIMIT_NOFILE).
+
+    ``SPARE_FILES`` descriptors stay free for the database, the calls to Stark Bank and
+    the handlers' connections.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - SPARE_FILES))
 
 
 class _Connection:
@@ -358,7 +373,7 @@ class Server:
         self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
         self.tracebacks = Throttle(interval_s=60.0)  # unexpected errors: a traceback at most once a minute
         self._max = max_connections
-        self._max_open = max_open or OPEN_PER_SLOT * max_connections
+        self._max_open = max_open or _open_bound(OPEN_PER_SLOT * max_connections)
         self._clock = clock
         self._listener = socket.create_server(address, backlog=128)
         self._listener.setblocking(False)
@@ -443,6 +458,7 @@ class Server:
             self._close_quietly(self._listener)
             for conn in list(self._held.values()):
                 self._drop(conn)
+            self._selector.close()
 
     def _accept(self):
         for _ in range(64):  # a burst at a time, so held connections are read in between
@@ -452,6 +468,9 @@ class Server:
                 return
             except OSError as e:  # out of file descriptors, or the client already gone
                 self.refusals.log(logger, logging.WARNING, "accept failed: %s", e.strerror or e, kind="accept")
+                if e.errno in (errno.EMFILE, errno.ENFILE) and self._held:
+                    self._evict()  # make room, or the listener stays readable and the loop spins
+                    continue
                 return
             if len(self._held) >= self._max_open:
                 self._evict()

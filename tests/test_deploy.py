@@ -100,6 +100,27 @@ def test_unit_is_hardened(unit):
     assert service["SystemCallFilter"][0] == "@system-service"
 
 
+def _bytes(size):
+    """Return a systemd size (``256M``) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([KMG]?)", size).groups()
+    return int(number) * 1024 ** " KMG".index(unit or " ")
+
+
+def test_unit_bounds_memory_and_tasks_above_what_the_service_holds_under_attack(unit, service_factory):
+    # The hostile-client tests hold the RSS under 120 MiB with four times MAX_CONNECTIONS
+    # clients sending the largest heads allowed: the limits leave room above that.
+    memory_high, memory_max = (_bytes(unit[("Service", key)][0]) for key in ("MemoryHigh", "MemoryMax"))
+    assert 120 * 1024 ** 2 < memory_high < memory_max
+    # Threads at the default MAX_CONNECTIONS, counted on the running service, with room
+    # for the schedule's timer threads and the watchdog.
+    [tasks_max] = unit[("Service", "TasksMax")]
+    service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1).start()
+    assert "MAX_CONNECTIONS" not in service.env
+    with open(f"/proc/{service.proc.pid}/status") as f:
+        threads = int(next(line for line in f if line.startswith("Threads:")).split()[1])
+    assert threads + 8 <= int(tasks_max)
+
+
 def test_env_example_lists_every_variable_once_with_secrets_blank():
     with open(ENV_EXAMPLE) as f:
         lines = f.read().splitlines()
