@@ -15,7 +15,9 @@ process (so its own CPU and GIL never count against the service), one run per ph
   offers ``rate`` requests a second on a fixed schedule (open loop: a request is
   due at ``start + i / rate`` whatever happened to the others, and its latency counts
   from that moment, so a stalled server cannot hide its queue);
-- ``duration_s``: stop sending after this long, even if requests are left.
+- ``duration_s``: stop sending after this long, even if requests are left;
+- ``fresh`` (optional): a new connection for every request, as a webhook sender that
+  does not keep connections alive would.
 
 The result on stdout is JSON: ``wall0`` (``time.time()`` at ``perf0``) so that times can
 be compared with other processes' clocks, ``started`` and ``finished`` (perf seconds),
@@ -51,7 +53,7 @@ def _send(conn_box, job, request):
             conn.request("POST", job["path"], body=request["body"].encode(), headers=request["headers"])
             response = conn.getresponse()
             body = response.read()
-            if response.will_close:
+            if response.will_close or job.get("fresh"):
                 conn.close()
                 conn_box[0] = None
             return response.status, body

@@ -36,6 +36,14 @@ them all, so the next starts from an idle service):
    proxied connection): a create call often waits ~40 ms for a delayed ACK that a
    direct connection to Stark Bank (TCP_NODELAY) would not.
 
+7. ``hostile``: the service restarted with ``MAX_CONNECTIONS=8`` and ``REQUEST_TIMEOUT=2s``;
+   ``bench/hostile.py``, in its own process, keeps four times MAX_CONNECTIONS slow
+   (slowloris), silent and huge-head (16 KiB, never ended) clients connected, each
+   reconnecting when cut, with a few clients sending 6.3 MB heads and malformed or
+   smuggling requests; meanwhile genuine signed webhooks are offered at 20/s, each on a
+   new connection. The genuine ones' success share (200 within 2 s), p50/p99, the
+   service's peak RSS (VmHWM since that start) and the bytes it logged meanwhile.
+
 Every phase also reports the CPU that other processes used meanwhile
 (``/proc/stat``, less the service, the load generator and this process): on a
 shared machine, a run with more than a few percent there is not to be trusted.
@@ -76,6 +84,7 @@ from stark_challenge.invoicer import build_invoices  # noqa: E402
 from stark_challenge.store import open_read_only  # noqa: E402
 
 LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")
+HOSTILE = os.path.join(ROOT, "bench", "hostile.py")
 RESULTS = os.path.join(ROOT, "bench", "results.json")
 
 CONNECTIONS = 8  # keep-alive connections of the load generator; the service allows 32
@@ -88,6 +97,16 @@ TRANSFERS_RATE = 100  # tagged credits offered at TRANSFER_RATE per second
 TRANSFER_RATE = 20.0
 TRANSFERS_SATURATION = 200  # tagged credits sent as fast as possible
 INSTANCE_TAG = "stark-bench"
+# The hostile phase: the service restarted with the bounds the attacks were first tried
+# against, four times MAX_CONNECTIONS clients of each holding kind, and genuine signed
+# webhooks offered meanwhile, each on a new connection.
+HOSTILE_MAX_CONNECTIONS = 8
+HOSTILE_TIMEOUT = "2s"
+HOSTILE_S = 10.0
+HOSTILE_CLIENTS = {"slow": 4 * HOSTILE_MAX_CONNECTIONS, "silent": 4 * HOSTILE_MAX_CONNECTIONS,
+                   "huge": 4 * HOSTILE_MAX_CONNECTIONS, "flood": 2, "malformed": 8}
+HOSTILE_RATE = 20.0  # genuine webhooks a second during the attack
+HOSTILE_ANSWER_S = 2.0  # a genuine webhook answered 200 within this counts as a success
 DRAIN_TIMEOUT_S = 60.0
 CLOCK_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 # For profiling runs: BENCH_ONLY=saturation,forged runs those phase groups only (the
@@ -274,13 +293,14 @@ def write_lines(path, requests):
             f.write(json.dumps(request) + "\n")
 
 
-def run_loadgen(workdir, name, requests, mode, port, rate=None, duration_s=None, connections=None):
+def run_loadgen(workdir, name, requests, mode, port, rate=None, duration_s=None, connections=None, fresh=False):
     """Run the load generator in its own process; return its result dict (see loadgen.py)."""
     requests_path = os.path.join(workdir, f"{name}.jsonl")
     job_path = os.path.join(workdir, f"{name}.job.json")
     write_lines(requests_path, requests)
     job = {"host": "127.0.0.1", "port": port, "path": "/webhook", "requests": requests_path,
-           "connections": connections or CONNECTIONS, "mode": mode, "rate": rate, "duration_s": duration_s or 3600}
+           "connections": connections or CONNECTIONS, "mode": mode, "rate": rate, "duration_s": duration_s or 3600,
+           "fresh": fresh}
     with open(job_path, "w") as f:
         json.dump(job, f)
     done = subprocess.run([sys.executable, LOADGEN, job_path], capture_output=True, text=True,
@@ -288,6 +308,29 @@ def run_loadgen(workdir, name, requests, mode, port, rate=None, duration_s=None,
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed: {done.stderr}")
     return json.loads(done.stdout)
+
+
+def log_bytes_by_logger(path, offset):
+    """Return {logger: bytes} of the JSON log lines written to ``path`` after ``offset``."""
+    found = {}
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            try:
+                name = json.loads(line)["logger"]
+            except (ValueError, KeyError, TypeError):
+                name = "(not JSON)"
+            found[name] = found.get(name, 0) + len(line)
+    return found
+
+
+def start_hostile(workdir, port, duration_s, clients):
+    """Start the hostile clients (``hostile.py``) in their own process; return the Popen (stdout: result JSON)."""
+    job_path = os.path.join(workdir, "hostile.job.json")
+    with open(job_path, "w") as f:
+        json.dump({"host": "127.0.0.1", "port": port, "duration_s": duration_s, **clients}, f)
+    return subprocess.Popen([sys.executable, HOSTILE, job_path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=clean_env())
 
 
 def clean_env():
@@ -482,11 +525,11 @@ class Bench:
 
         self._start_emulator()
         self._startup()
-        for group in (self._saturation, self._rates, self._forged, self._transfers):
+        for group in (self._saturation, self._rates, self._forged, self._transfers, self._hostile):
             if ONLY and group.__name__.strip("_") not in ONLY:
                 continue
             group()
-        self.results["rss_end_mb"] = round(rss_mb(self.service.pid), 1)
+        self.results.setdefault("rss_end_mb", round(rss_mb(self.service.pid), 1))  # set before hostile's restart
         self.results["service_exit_status"] = self.service.stop()
         return self.results
 
@@ -591,6 +634,49 @@ class Bench:
             print(f"  {'':<22} ack->transfer p50 {summary['ack_to_transfer_p50_ms']} ms, "
                   f"p99 {summary['ack_to_transfer_p99_ms']} ms, {summary['transfers_per_s']} transfers/s", flush=True)
 
+    def _hostile(self):
+        """Genuine webhooks while slow, silent, huge-head and malformed clients attack; see HOSTILE_*."""
+        self.results["rss_end_mb"] = round(rss_mb(self.service.pid), 1)
+        self.service.stop()
+        self.service.env.update({"MAX_CONNECTIONS": str(HOSTILE_MAX_CONNECTIONS), "REQUEST_TIMEOUT": HOSTILE_TIMEOUT})
+        self.service.start()
+        pid = self.service.pid
+        log0 = os.path.getsize(self.service.log_path)
+        attackers = start_hostile(self.workdir, self.service.port, HOSTILE_S + 1.0, HOSTILE_CLIENTS)
+        try:
+            time.sleep(1.0)  # the attackers connect first: the genuine ones arrive into a full house
+            requests = self.requests.foreign(int(HOSTILE_RATE * HOSTILE_S) + 1)
+            result = run_loadgen(self.workdir, "hostile", requests, "rate", self.service.port, rate=HOSTILE_RATE,
+                                 duration_s=HOSTILE_S, connections=CONNECTIONS, fresh=True)
+            out, err = attackers.communicate(timeout=HOSTILE_S + 60)
+        finally:
+            if attackers.poll() is None:
+                attackers.kill()
+                attackers.wait(10)
+        if attackers.returncode != 0:
+            raise RuntimeError(f"hostile.py failed: {err}")
+        with open(f"/proc/{pid}/status") as f:  # the peak since this start: the attack, mostly
+            peak_kib = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+        summary = summarize(result)
+        in_time = [lat for lat, row in zip(latency_ms(result), result["results"])
+                   if row[3] == 200 and lat <= HOSTILE_ANSWER_S * 1000]
+        summary.update({
+            "max_connections": HOSTILE_MAX_CONNECTIONS, "request_timeout": HOSTILE_TIMEOUT,
+            "answered_200_share": rnd(summary["statuses"].get("200", 0) / max(summary["sent"], 1), 3),
+            "answered_within_2s_share": rnd(len(in_time) / max(summary["sent"], 1), 3),
+            "peak_rss_mb": round(peak_kib / 1024, 1),
+            "log_bytes": os.path.getsize(self.service.log_path) - log0,
+            "log_bytes_by_logger": log_bytes_by_logger(self.service.log_path, log0),
+            "attackers": json.loads(out),
+            "mode": f"rate {HOSTILE_RATE:g}/s, a new connection each",
+        })
+        self.results["phases"]["hostile"] = summary
+        self._drain()
+        kinds = ", ".join(f"{k} {v['connections']}" for k, v in summary["attackers"].items())
+        print(f"  {'hostile':<22} {summary['sent']:>6} sent  200 within 2 s: {summary['answered_within_2s_share']:.0%}  "
+              f"p50/p99 {summary['p50_ms']} / {summary['p99_ms']} ms  peak RSS {summary['peak_rss_mb']} MB  "
+              f"log {summary['log_bytes']} B {summary['log_bytes_by_logger']}  (attack connections: {kinds})", flush=True)
+
     def close(self):
         if self.service is not None:
             self.service.stop()
@@ -664,6 +750,14 @@ def verdicts(results):
         rows.append((f"{label}: CPU per request, key fetches",
                      f"{f['cpu_ms_per_request']:.3f} ms, {f['public_key_fetches']} fetches",
                      f"< {target} ms" if target else "", f["cpu_ms_per_request"] < target if target else None))
+    h = phases["hostile"]
+    rows.append((f"hostile clients: genuine answered 200 within {HOSTILE_ANSWER_S:g} s",
+                 f"{h['answered_within_2s_share']:.0%} of {h['sent']}", ">= 80%", h["answered_within_2s_share"] >= 0.8))
+    rows.append(("hostile clients: genuine p50/p99", f"{h['p50_ms']} / {h['p99_ms']} ms", "", None))
+    refusal_bytes = h["log_bytes_by_logger"].get("stark_challenge.server", 0)
+    rows.append(("hostile clients: peak RSS, log written", f"{h['peak_rss_mb']} MB, {h['log_bytes']} bytes "
+                 f"({refusal_bytes} of refusals)",
+                 "< 120 MB", h["peak_rss_mb"] < 120))
     rows.append(("RSS idle / end of run", f"{results['rss_idle_mb']} / {results['rss_end_mb']} MB", "idle < 45 MB",
                  results["rss_idle_mb"] < 45))
     startup = results["startup_s"]
