@@ -18,8 +18,8 @@ them all, so the next starts from an idle service):
    paid out), sent as fast as answers come back: accepted webhooks per second and
    the service's CPU per accepted webhook (``/proc/<pid>/stat`` utime + stime, until
    the worker has processed them all), next to one verification. The CPU is also
-   split by thread (``/proc/<pid>/task``): the connection threads (intake: HTTP,
-   checks, durable insert) and the older ones (the worker, mostly).
+   split by thread (``/proc/<pid>/task``): the HTTP threads, which the service names
+   ``http*`` (intake: reading, checks, durable insert) and the others (the worker, mostly).
 4. ``rate_half`` and ``rate_50``: the same events offered at a fixed rate (half of the
    measured saturation, then 50/s): p50/p99/max latency, counted from when each
    request was due.
@@ -130,15 +130,19 @@ def cpu_s(pid):
 
 
 def thread_cpu_s(pid):
-    """Return {thread id: CPU seconds} of the live threads of process ``pid``."""
+    """Return {thread id: (name, CPU seconds)} of the live threads of process ``pid``.
+
+    The service names its HTTP threads (``http``, ``http-0``...) in the kernel too.
+    """
     found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                name, fields = f.read().split(" (", 1)[1].rsplit(")", 1)
         except OSError:  # the thread ended meanwhile
             continue
-        found[tid] = (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S
+        fields = fields.split()
+        found[tid] = (name, (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S)
     return found
 
 
@@ -471,7 +475,7 @@ class Bench:
         """Run one loadgen phase; return its summary with the service's CPU over it."""
         pid = self.service.pid
         fetches = self.emulator.public_key_fetches
-        threads0 = thread_cpu_s(pid)  # main, acceptor, worker...: every thread but the connections'
+        threads0 = thread_cpu_s(pid)
         user0, system0 = cpu_times(pid)
         cpu0 = user0 + system0
         machine0, own0 = system_busy_s(), own_cpu_s()
@@ -491,10 +495,12 @@ class Bench:
         summary["drain_s"] = round(self._drain(), 3) if drain else None
         cpu_all = cpu_s(pid) - cpu0
         threads1 = thread_cpu_s(pid)
-        # The connection threads of this phase are new, and gone once it ends: the process's
-        # CPU less what the older threads (the worker, mostly) used is the intake's.
-        background = sum(threads1[t] - cpu for t, cpu in threads0.items() if t in threads1)
-        summary["cpu_intake_s"] = round(cpu_all - background, 3)
+        # The HTTP threads (the selector and the handlers, named http*) are the intake; the
+        # process's CPU less theirs is the background's (the worker, mostly).
+        intake = sum(cpu - threads0.get(t, (name, 0.0))[1] for t, (name, cpu) in threads1.items()
+                     if name.startswith("http"))
+        background = cpu_all - intake
+        summary["cpu_intake_s"] = round(intake, 3)
         summary["cpu_background_s"] = round(background, 3)
         if summary["stored"]:
             summary["cpu_ms_intake_per_stored"] = rnd((cpu_all - background) * 1000 / summary["stored"], 3)

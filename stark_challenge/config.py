@@ -47,8 +47,10 @@ VARIABLES = (
     Variable("INSTANCE_TAG", "stark-challenge", "tag on every invoice this deployment issues; only their credits are forwarded"),
     Variable("EVENT_POLL_INTERVAL", "10m", "how often undelivered events are pulled from Stark Bank; 0 = only at start-up"),
     Variable("BANK_TIMEOUT", "15s", "timeout of every call to Stark Bank"),
-    Variable("MAX_CONNECTIONS", "32", "most HTTP connections served at once; more wait briefly, then get 503"),
-    Variable("REQUEST_TIMEOUT", "10s", "a client that sends nothing for this long (mid-request or idle) is disconnected"),
+    Variable("MAX_CONNECTIONS", "32", "HTTP requests handled at once (one thread each) and as many queued; "
+                                       "more get 503; 16 connections held per thread while they send"),
+    Variable("REQUEST_TIMEOUT", "10s", "a request must arrive whole within this of its first byte, and an idle "
+                                       "connection is closed after it"),
     Variable("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Variable("LOG_FORMAT", "", "text or json (default: text on a terminal, json otherwise)"),
 )

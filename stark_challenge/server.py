@@ -181,6 +181,19 @@ def _open_bound(wanted):
     return max(1, min(wanted, soft - SPARE_FILES))
 
 
+def _name_native_thread(name):
+    """Give the calling thread ``name`` in the kernel too (``top -H``, ``/proc/<pid>/task/*/comm``).
+
+    Python's thread names stay inside Python; Linux takes a new one written to the
+    thread's ``comm`` (15 bytes at most). Cosmetic: elsewhere, or without /proc, nothing happens.
+    """
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        return
+
+
 class _Connection:
     """A client connection and what it has sent so far. Owned by one thread at a time."""
 
@@ -437,6 +450,7 @@ class Server:
     # -- the selector thread -----------------------------------------------------
 
     def _run(self):
+        _name_native_thread(threading.current_thread().name)
         next_sweep = self._clock() + SWEEP_S
         try:
             while not self._stopping.is_set():
@@ -605,6 +619,7 @@ class Server:
     # -- the handler threads -----------------------------------------------------
 
     def _handle_loop(self):
+        _name_native_thread(threading.current_thread().name)
         while True:
             item = self._work.get()
             if item is None:

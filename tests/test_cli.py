@@ -13,7 +13,7 @@ import pytest
 
 from stark_challenge import __version__
 
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 PASSWORD = "p@ss/w:rd-Secret"
 HELP = [[], ["run"], ["status"], ["check"], ["keygen"], ["webhook"],
@@ -177,6 +177,9 @@ def test_check_offline_makes_no_api_call(emulator, project, tmp_path):
 def test_check_tells_that_a_start_resumes_an_existing_schedule(emulator, service_factory, tmp_path):
     service = service_factory(INVOICE_INTERVAL="1h", INVOICE_DURATION="24h")
     service.start()
+    # /health answers before round 0 is issued: wait for the round, then stop.
+    wait_for(lambda: service.request("GET", "/status")[1]["service"]["scheduler"]["rounds_issued"] == 1,
+             message="round 0 issued")
     assert service.stop() == 0
     done = cli("check", "--offline", cwd=tmp_path, env=service.env)
     assert done.returncode == 0
