@@ -400,6 +400,8 @@ class Server:
         self._returned = collections.deque()  # connections handed back by handlers
         self._work = queue.Queue(max_connections)  # complete requests waiting for a handler
         self._stopping = threading.Event()
+        self._stop_deadline = None  # clock time by which stop() gives up on requests in flight
+        self._accepting = False  # the listener is registered with the selector
         self._threads = []
 
     # -- life ------------------------------------------------------------------
@@ -412,6 +414,7 @@ class Server:
     def start(self):
         """Start the selector thread and the handler threads; return self."""
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._accepting = True
         self._selector.register(self._wake_sock, selectors.EVENT_READ, "wake")
         reader = threading.Thread(target=self._run, name="http", daemon=True)
         self._threads.append(reader)
@@ -422,19 +425,23 @@ class Server:
         return self
 
     def stop(self, timeout=5.0):
-        """Stop accepting, close waiting connections, wait up to ``timeout`` s for in-flight requests."""
+        """Stop accepting, close idle connections, wait up to ``timeout`` s for requests in flight.
+
+        A request in flight is one whose first bytes have arrived: it may finish arriving
+        and is answered, then its connection closed.
+        """
+        self._stop_deadline = self._clock() + timeout
         self._stopping.set()
         self._wake()
-        deadline = time.monotonic() + timeout
         if self._threads:
-            self._threads[0].join(timeout)  # the selector thread closes the listener and held connections
+            self._threads[0].join(timeout)  # the selector thread: requests still arriving, then closes
         for _ in self._threads[1:]:
             try:
-                self._work.put(None, timeout=max(0.0, deadline - time.monotonic()))
+                self._work.put(None, timeout=max(0.0, self._stop_deadline - self._clock()))
             except queue.Full:
                 break
         for thread in self._threads[1:]:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, self._stop_deadline - self._clock()))
         if any(t.is_alive() for t in self._threads):
             logger.warning("stopping with requests still in flight")
         self._close_quietly(self._listener)
@@ -453,7 +460,7 @@ class Server:
         _name_native_thread(threading.current_thread().name)
         next_sweep = self._clock() + SWEEP_S
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() or self._wind_down():
                 for key, _ in self._selector.select(SWEEP_S):
                     if key.data == "accept":
                         self._accept()
@@ -468,11 +475,27 @@ class Server:
         except Exception:
             logger.exception("the HTTP selector thread failed; no new requests are read")
         finally:
-            self._selector.unregister(self._listener)
-            self._close_quietly(self._listener)
+            self._stop_accepting()
             for conn in list(self._held.values()):
                 self._drop(conn)
             self._selector.close()
+
+    def _stop_accepting(self):
+        if self._accepting:
+            self._accepting = False
+            self._selector.unregister(self._listener)
+            self._close_quietly(self._listener)
+
+    def _wind_down(self):
+        """While stopping: refuse new connections, close idle ones; return True while a request is still arriving.
+
+        A request whose first bytes came before the stop may finish arriving (until the
+        stop's deadline) and is answered, as a thread per connection would have done.
+        """
+        self._stop_accepting()
+        for conn in [c for c in self._held.values() if c.closing or not c.buffer]:
+            self._drop(conn)
+        return bool(self._held) and self._clock() < self._stop_deadline
 
     def _accept(self):
         for _ in range(64):  # a burst at a time, so held connections are read in between

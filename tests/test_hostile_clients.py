@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -327,3 +328,42 @@ def test_the_database_and_its_side_files_are_created_0600_whatever_the_umask(ser
     wait_for(lambda: all(os.path.exists(f) for f in files), message="the database and its side files")
     modes = {os.path.basename(f): stat.S_IMODE(os.stat(f).st_mode) for f in files}
     assert set(modes.values()) == {0o600}, modes
+
+
+@pytest.mark.parametrize("way", ["redelivered", "pulled"])
+def test_a_webhook_refused_503_with_every_handler_busy_is_not_lost(emulator, service_factory, way):
+    # One handler, held in the store's busy wait by a write lock this test takes; the
+    # credited event's delivery then finds the handler and its queue taken and gets 503.
+    # Stark Bank delivers it again ("redelivered"), or gives up and the worker's periodic
+    # pull catches it up ("pulled"): either way its credit is forwarded exactly once.
+    service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1, MAX_CONNECTIONS=1, EVENT_POLL_INTERVAL="1s").start()
+    (invoice,) = wait_for(lambda: len(emulator.invoices()) == 1 and emulator.invoices(), message="round 0")
+    wait_for(lambda: service.request("GET", "/health")[1] == {"status": "ok"}, message="the worker's first pass")
+    emulator.set(delivery_attempts=8 if way == "redelivered" else 1)
+    lock = sqlite3.connect(service.env["DATABASE_PATH"], timeout=5, isolation_level=None)
+    lock.execute("begin immediate")
+    fillers = []
+    try:
+        for n in range(2):  # one in the handler, waiting on the lock; one in the queue
+            body, headers = signed_event(emulator, str(8300000000000000 + n), {"id": str(8400000000000000 + n),
+                                                                              "tags": []}, "created")
+            sock = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+            sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (
+                len(body), b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items()), body))
+            fillers.append(sock)
+        emulator.pay(invoice["id"])
+        credited = wait_for(lambda: [e["id"] for e in emulator.events() if e["log"]["type"] == "credited"],
+                            message="the credited event")
+        wait_for(lambda: any(d["eventId"] in credited and d["status"] == 503 for d in emulator.deliveries()),
+                 message="the credited event's delivery refused with 503")
+    finally:
+        lock.execute("rollback")
+        lock.close()
+        for sock in fillers:
+            sock.close()
+    wait_for(lambda: len(emulator.transfers()) == 1, timeout=30, message="the credit's transfer")
+    (transfer,) = emulator.transfers()
+    assert transfer["externalId"] == f"stark-challenge-inv-{invoice['id']}"
+    assert transfer["amount"] == invoice["amount"] - 50  # the emulator's fee
+    answered = [d["status"] for d in emulator.deliveries() if d["eventId"] in credited]
+    assert (200 in answered) == (way == "redelivered")
