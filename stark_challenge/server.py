@@ -398,7 +398,9 @@ class Server:
         self._held = {}  # socket -> _Connection, the connections the selector thread holds
         self._peers = {}  # socket -> client address, for every open connection (handlers read it)
         self._returned = collections.deque()  # connections handed back by handlers
-        self._work = queue.Queue(max_connections)  # complete requests waiting for a handler
+        self._work = queue.Queue()  # complete requests for the handlers, bounded by _in_flight
+        self._in_flight = 0  # requests handed on and not yet answered: at most 2 * max_connections
+        self._in_flight_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stop_deadline = None  # clock time by which stop() gives up on requests in flight
         self._accepting = False  # the listener is registered with the selector
@@ -436,10 +438,7 @@ class Server:
         if self._threads:
             self._threads[0].join(timeout)  # the selector thread: requests still arriving, then closes
         for _ in self._threads[1:]:
-            try:
-                self._work.put(None, timeout=max(0.0, self._stop_deadline - self._clock()))
-            except queue.Full:
-                break
+            self._work.put(None)  # after the requests already queued
         for thread in self._threads[1:]:
             thread.join(max(0.0, self._stop_deadline - self._clock()))
         if any(t.is_alive() for t in self._threads):
@@ -595,9 +594,13 @@ class Server:
         del conn.buffer[:end]
         conn.framing = None
         self._release(conn)
-        try:
-            self._work.put_nowait((conn, data))
-        except queue.Full:
+        with self._in_flight_lock:
+            full = self._in_flight >= 2 * self._max  # every handler busy, and as many waiting
+            if not full:
+                self._in_flight += 1
+        if not full:
+            self._work.put((conn, data))
+        else:
             self.refusals.log(logger, logging.WARNING, "all %d handlers busy and %d requests queued; 503 to %s",
                               self._max, self._max, conn.address[0], kind="busy")
             self._send_quietly(conn.sock, render(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "busy, try again"},
@@ -656,6 +659,9 @@ class Server:
                 if not self.tracebacks.log(logger, logging.ERROR, "request from %s failed", conn.address[0],
                                            exc_info=True, kind="traceback"):
                     self.refusals.log(logger, logging.ERROR, "request from %s failed", conn.address[0])
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
             if keep and not self._stopping.is_set():
                 conn.sock.setblocking(False)
                 self._returned.append(conn)
