@@ -475,9 +475,9 @@ class Bench:
         """Run one loadgen phase; return its summary with the service's CPU over it."""
         pid = self.service.pid
         fetches = self.emulator.public_key_fetches
-        threads0 = thread_cpu_s(pid)
         user0, system0 = cpu_times(pid)
         cpu0 = user0 + system0
+        threads0 = thread_cpu_s(pid)  # inside the process's interval, so the intake's share stays within it
         machine0, own0 = system_busy_s(), own_cpu_s()
         wall0 = time.perf_counter()
         result = run_loadgen(self.workdir, name, requests, mode, self.service.port, rate, duration_s)
@@ -493,8 +493,8 @@ class Bench:
         summary["other_processes_cpu_share"] = rnd(max(0.0, others) / (wall * os.cpu_count()), 3)
         summary["pending_after_load"] = self._pending_events()
         summary["drain_s"] = round(self._drain(), 3) if drain else None
-        cpu_all = cpu_s(pid) - cpu0
         threads1 = thread_cpu_s(pid)
+        cpu_all = cpu_s(pid) - cpu0
         # The HTTP threads (the selector and the handlers, named http*) are the intake; the
         # process's CPU less theirs is the background's (the worker, mostly).
         intake = sum(cpu - threads0.get(t, (name, 0.0))[1] for t, (name, cpu) in threads1.items()
