@@ -88,7 +88,8 @@ def trickle(port, data, pace_s=0.2, limit_s=30.0):
     The pacing is the client's: it waits for the server's close (a recv with a
     timeout) between bytes, so the close is seen as soon as it comes.
     """
-    sock = socket.create_connection(("127.0.0.1", port), timeout=pace_s)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.settimeout(pace_s)
     started = time.monotonic()
     try:
         for sent in range(int(limit_s / pace_s)):
