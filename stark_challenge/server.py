@@ -221,6 +221,12 @@ class Handler(BaseHTTPRequestHandler):
     connection, headers and body written apart wait for the client's delayed ACK, up
     to 40 ms a request; issue #6). Leaves ``close_connection`` saying whether the
     connection may carry another request.
+
+    The ``BaseHTTPRequestHandler`` internals overridden, and why: ``setup``/``finish``
+    (buffers instead of the socket's files), ``handle`` (one request, not a loop: the
+    selector thread brings the next), ``handle_expect_100`` (the selector thread
+    already sent "100 Continue"), ``send_error`` (JSON, throttled log, close),
+    ``version_string`` (no Python version), ``log_message`` (DEBUG only).
     """
 
     # The Server header says what answers, not which Python does (http.server adds it).
@@ -553,7 +559,7 @@ class Server:
     def _receive(self, conn):
         want = RECV_BYTES
         if conn.framing is None and not conn.closing:
-            want = MAX_HEAD_BYTES + 4 - len(conn.buffer)  # enough to see the head end, or that it is too long
+            want = max(1, MAX_HEAD_BYTES + 4 - len(conn.buffer))  # enough to see the head end, or that it is too long
         elif conn.framing is not None:
             want = max(1, min(RECV_BYTES, conn.body_at + conn.framing.body_bytes - len(conn.buffer)))
         try:
