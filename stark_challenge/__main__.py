@@ -230,8 +230,9 @@ class App:
         return {**self.status_report(), "service": self.details()}
 
     def healthy(self):
-        """Return True if the store answers and the worker thread runs (the watchdog's test)."""
-        return self.store.ping() and self.worker.state()["alive"]
+        """Return True if the store answers and the worker and HTTP threads run (the watchdog's test)."""
+        serving = self.server is None or self.server.alive()
+        return serving and self.store.ping() and self.worker.state()["alive"]
 
     def start(self):
         """Bind the port, then start the worker and the schedule. Raise OSError if the port is taken."""

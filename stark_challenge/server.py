@@ -459,6 +459,10 @@ class Server:
         for sock in (self._waker, self._wake_sock):
             sock.close()
 
+    def alive(self):
+        """Return True while the selector thread runs: without it no request is read."""
+        return bool(self._threads) and self._threads[0].is_alive()
+
     def peer_of(self, sock):
         """Return the client address of an open connection."""
         return self._peers.get(sock, ("?", 0))

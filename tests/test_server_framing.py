@@ -103,3 +103,10 @@ def test_an_unexpected_error_is_500_and_its_traceback_is_logged_at_most_once_a_m
     with_traceback = [r for r in caplog.records if r.exc_info]
     assert len(with_traceback) == 1 and "KeyError" in caplog.text
     assert len(caplog.records) < 20  # the rest are throttled too, with a count
+
+
+def test_the_server_is_alive_while_its_selector_thread_runs(make_server):
+    server = make_server()
+    assert server.alive()
+    server.stop(timeout=2)
+    assert not server.alive()
