@@ -195,6 +195,20 @@ class Bank:
         created = _translate(lambda: starkbank.invoice.create(objects), "create invoices")
         return [_invoice_dict(i) for i in created]
 
+    def get_invoice(self, invoice_id):
+        """Return our workspace's invoice ``invoice_id`` as a dict (id, amount, fee, status, tags), or None.
+
+        None means Stark Bank answered that there is no such invoice for our
+        credentials (a 4xx: ``get`` sees only our own workspace): a definite answer.
+        Raise BankUnavailable if there is no answer (timeout, 5xx).
+        """
+        try:
+            invoice = _translate(lambda: starkbank.invoice.get(invoice_id), "get invoice")
+        except BankRejected:
+            return None
+        return {"id": invoice.id, "amount": invoice.amount, "fee": invoice.fee, "status": invoice.status,
+                "tags": list(invoice.tags or [])}
+
     def find_invoices(self, tag):
         """Return every invoice carrying ``tag``, as dicts. Raise BankUnavailable on failure."""
         return _translate(lambda: [_invoice_dict(i) for i in starkbank.invoice.query(tags=[tag])], "query invoices")
@@ -221,6 +235,17 @@ class Bank:
         )
         created = _translate(lambda: starkbank.transfer.create([transfer]), "create transfer")
         return _transfer_dict(created[0])
+
+    def get_transfer(self, transfer_id):
+        """Return our workspace's transfer ``transfer_id`` as a dict, or None if Stark Bank has none for us.
+
+        Raise BankUnavailable if there is no answer (timeout, 5xx).
+        """
+        try:
+            transfer = _translate(lambda: starkbank.transfer.get(transfer_id), "get transfer")
+        except BankRejected:
+            return None
+        return _transfer_dict(transfer)
 
     def find_transfer(self, tag):
         """Return the transfer carrying ``tag`` as a dict, or None. Raise BankUnavailable on failure."""

@@ -62,6 +62,21 @@ class Sender:
             self._settle(transfer, BankUnavailable("interrupted by a restart"))
         return len(requeued) + len(sending)
 
+    def settle_by_lookup(self, transfer):
+        """Look a transfer without a recorded Stark Bank id up by its tag; return True if found.
+
+        Found: its id and status are recorded, as after a create answer (a pending
+        retry is then not sent). Not found: nothing changes. Raise BankUnavailable if
+        Stark Bank does not answer. Used before a transfer log can be compared with
+        our id.
+        """
+        found = self._bank.find_transfer(transfer.external_id)
+        if found is None:
+            return False
+        self._store.transfer_created(transfer.external_id, found["id"], found["status"], self._clock())
+        logger.info("transfer %s: found at Stark Bank as %s (%s)", transfer.external_id, found["id"], found["status"])
+        return True
+
     def send_due(self, limit=100):
         """Send up to ``limit`` transfers that are due; return how many calls were made."""
         sent = 0
