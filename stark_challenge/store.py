@@ -11,13 +11,15 @@ The tables, and the invariant each one keeps:
 ``invoice``   every invoice this deployment issued, with its round and last known status.
 ``event``     every Stark Bank event received (webhook or pull), keyed by the event id:
               a redelivered event is recognised here and not processed again.
-``credit``    one row per credited invoice, keyed by the invoice id (not the event id:
-              each log of the same invoice comes in a new event). The row and its
-              transfer are written in the same transaction, so a credit is queued for
-              payment exactly once, whatever the redeliveries.
+``credit``    one row per credited invoice of ours (recorded in ``invoice``, or confirmed
+              by Stark Bank), keyed by the invoice id (not the event id: each log of
+              the same invoice comes in a new event). The row and its transfer are
+              written in the same transaction, so a credit is queued for payment
+              exactly once, whatever the redeliveries.
 ``transfer``  the transfers owed: keyed by ``external_id`` (which Stark Bank also
               refuses to repeat), at most two attempts per invoice, the second one only
-              after Stark Bank reported the first ``failed``.
+              after Stark Bank reported the first ``failed``. Stark Bank's logs change a
+              row only when they carry the ``transfer_id`` recorded for it.
 
 Every verb is a transaction of its own (``BEGIN IMMEDIATE``; ``add_event``, a single
 statement, is SQLite's implicit transaction of that statement), or joins the one a
