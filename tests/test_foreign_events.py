@@ -13,6 +13,7 @@ opened read-only.
 import base64
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +22,11 @@ import urllib.parse
 import pytest
 import starkbank
 
-from conftest import ROOT, messages_matching, signed_event, wait_for
+from stark_challenge.bank import Bank
+from stark_challenge.errors import BankUnavailable
+from stark_challenge.worker import Worker
+
+from conftest import ROOT, messages_matching, sdk_config, signed_event, wait_for
 
 FEE = 50  # the emulator's default invoice_fee, in cents
 TAG = "stark-challenge"  # the default INSTANCE_TAG: public, so anyone can copy it
@@ -279,3 +284,54 @@ def test_a_genuine_failed_log_of_ours_leads_to_exactly_one_second_attempt(emulat
     assert len(our_transfers(emulator, a["id"])) == 2
     assert transfer_rows(service) == [(a["id"], 1, "failed"), (a["id"], 2, "created")]
     assert messages_matching(service, r"TRANSFER FAILED: .*receiver account closed.*queued once more")
+
+
+# -- the mechanisms, one step at a time (fake clock, real SDK and emulator) -------------------------
+
+
+@pytest.fixture
+def bank(sdk):
+    configured = Bank(sdk_config(sdk))
+    configured.configure()
+    return configured
+
+
+def test_stark_bank_answers_for_our_workspace_only_and_not_found_is_definite(emulator, bank, other_workspace):
+    _, user = other_workspace
+    (ours,) = starkbank.invoice.create([starkbank.Invoice(amount=5000, name="Arya Stark", tax_id="012.345.678-90",
+                                                          tags=[TAG])])
+    (theirs,) = starkbank.invoice.create([starkbank.Invoice(amount=5000, name="Arya Stark", tax_id="012.345.678-90",
+                                                            tags=[TAG])], user=user)
+    emulator.pay(ours.id)
+
+    assert bank.get_invoice(ours.id) == {"id": ours.id, "amount": 5000, "fee": FEE, "status": "paid", "tags": [TAG]}
+    assert bank.get_invoice(theirs.id) is None  # another workspace's: Stark Bank shows us nothing
+    assert bank.get_invoice("../transfer") is None  # not an id of Stark Bank's: never sent
+    emulator.fail_next("GET", f"/v2/invoice/{ours.id}", status=500)
+    with pytest.raises(BankUnavailable):
+        bank.get_invoice(ours.id)
+    assert [(c["path"], c["status"]) for c in emulator.requests if c["method"] == "GET"] == [
+        (f"/v2/invoice/{ours.id}", 200), (f"/v2/invoice/{theirs.id}", 400), (f"/v2/invoice/{ours.id}", 500)]
+
+
+def test_a_credit_stark_bank_cannot_confirm_yet_waits_with_backoff_and_holds_up_nothing(emulator, bank, store, clock):
+    # An invoice of our workspace that the store never recorded, credited while no webhook listens.
+    (ours,) = starkbank.invoice.create([starkbank.Invoice(amount=5000, name="Arya Stark", tax_id="012.345.678-90",
+                                                          tags=[TAG])])
+    emulator.pay(ours.id)
+    worker = Worker(store, bank, TAG, poll_interval_s=0, clock=clock, rng=random.Random(1))
+    gets = lambda: [c["status"] for c in emulator.requests if c["path"] == f"/v2/invoice/{ours.id}"]  # noqa: E731
+    emulator.fail_next("GET", f"/v2/invoice/{ours.id}", status=500)
+
+    wait_s = worker.run_once()  # pulls created, paid, credited; Stark Bank does not answer about the credit
+    (waiting,) = store.pending_events()
+    assert waiting.log_type == "credited" and gets() == [500] and emulator.transfers() == []
+    assert 1.0 <= wait_s <= 2.0  # the first backoff, with jitter
+    assert not next(e for e in emulator.events() if e["id"] == waiting.id)["isDelivered"]  # pulled again later
+    worker.run_once()
+    assert gets() == [500]  # not asked again before its time
+
+    clock.advance(wait_s)
+    worker.run_once()
+    assert gets() == [500, 200] and store.pending_events() == []
+    assert [(t["amount"], t["externalId"]) for t in emulator.transfers()] == [(5000 - FEE, f"{TAG}-inv-{ours.id}")]
