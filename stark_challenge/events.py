@@ -44,8 +44,8 @@ from typing import NamedTuple
 
 from .people import mask_tax_id
 
-__all__ = ["check_shape", "process", "question", "external_id", "entity_of", "Facts", "Question",
-           "NOT_OURS", "NOT_OURS_TRANSFER"]
+__all__ = ["check_shape", "check_amounts", "process", "question", "external_id", "entity_of", "Facts", "Question",
+           "NO_FACTS", "NOT_OURS", "NOT_OURS_TRANSFER"]
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,9 @@ The protocol for one transfer, keyed by its ``external_id``:
    pending in the status, and tried again at the next start-up.
 
 A crash between 1 and 2 leaves ``sending``: ``recover`` settles those by lookup at
-start-up. Called from the worker's thread only.
+start-up. A transfer log that arrives while no Stark Bank id is recorded cannot be
+compared with ours (another workspace may use our external id): ``settle_by_lookup``
+finds our own transfer by tag first. Called from the worker's thread only.
 """
 
 import datetime
