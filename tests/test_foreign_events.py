@@ -282,7 +282,8 @@ def test_a_genuine_failed_log_of_ours_leads_to_exactly_one_second_attempt(emulat
     assert any(c["path"] == f"/v2/transfer/{first['id']}" and c["status"] == 200 for c in emulator.requests)
     wait_for(lambda: not emulator.deliveries_pending(), message="every copy delivered")
     assert len(our_transfers(emulator, a["id"])) == 2
-    assert transfer_rows(service) == [(a["id"], 1, "failed"), (a["id"], 2, "created")]
+    wait_for(lambda: transfer_rows(service) == [(a["id"], 1, "failed"), (a["id"], 2, "created")],
+             message="the second attempt recorded")
     assert messages_matching(service, r"TRANSFER FAILED: .*receiver account closed.*queued once more")
 
 
