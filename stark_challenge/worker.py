@@ -31,7 +31,6 @@ import threading
 
 from . import events
 from .errors import BankError
-from .events import Facts
 from .transfers import Sender
 
 __all__ = ["Worker"]
@@ -42,6 +41,8 @@ IDLE_WAKE_S = 30.0  # wake at least this often, to notice due retries and pulls
 ERROR_PAUSE_S = 5.0  # after a pass failed as a whole
 PULL_RETRY_BASE_S = 2.0  # first wait after a failed pull; doubles per failure
 PULL_RETRY_MAX_S = 300.0
+ASK_RETRY_BASE_S = 2.0  # first wait before asking Stark Bank again about an event; doubles per failure
+ASK_RETRY_MAX_S = 300.0
 
 
 def _utcnow():
@@ -129,8 +130,8 @@ class Worker:
         if not pending:
             return 0
         facts, unanswered = self._ask_bank(pending)
-        for event_id in unanswered:
-            self._wait(event_id)
+        for event_id, reason in unanswered.items():
+            self._wait(event_id, reason)
         pending = [e for e in pending if e.id not in unanswered]
         if not pending:
             return 0
@@ -155,48 +156,45 @@ class Worker:
     def _done(self, event, outcome):
         """Log an event's outcome; return 1 if it was processed, 0 if it still waits for Stark Bank."""
         if outcome is None:
-            self._wait(event.id)
+            self._wait(event.id, "an answer it needs is missing")
             return 0
         self._waiting.pop(event.id, None)
         logger.debug("event %s (%s %s): %s", event.id, event.subscription, event.log_type, outcome)
         return 1
 
-    def _wait(self, event_id):
-        """Leave an event pending and ask again later, with exponential backoff and jitter."""
+    def _wait(self, event_id, reason):
+        """Leave an event pending and ask again later, with exponential backoff (capped) and jitter."""
         _, failures = self._waiting.get(event_id, (None, 0))
-        delay = min(PULL_RETRY_MAX_S, PULL_RETRY_BASE_S * 2 ** failures)
+        delay = min(ASK_RETRY_MAX_S, ASK_RETRY_BASE_S * 2 ** failures)
         delay *= 0.5 + self._rng.random() / 2
         self._waiting[event_id] = (self._clock() + datetime.timedelta(seconds=delay), failures + 1)
-        logger.warning("event %s: waiting for Stark Bank's answer (%d in a row), asking again in %.1f s",
-                       event_id, failures + 1, delay)
+        logger.warning("event %s: left pending (%s; %d in a row), asking Stark Bank again in %.1f s",
+                       event_id, reason, failures + 1, delay)
 
     def _ask_bank(self, pending):
-        """Ask Stark Bank what ``pending`` events need (``events.question``); return (Facts, unanswered ids).
+        """Ask Stark Bank what ``pending`` events need (``events.question``).
 
-        Each question is asked once per batch. Calls are made outside any store
-        transaction, with our own credentials.
+        Return (events.Facts, {event id: why it is unanswered}). Each question is asked
+        once per batch. Calls are made outside any store transaction, with our own
+        credentials.
         """
         invoices, transfers, not_created = {}, {}, set()
-        answered = {}  # Question -> True if Stark Bank answered it
-        unanswered = set()
+        errors = {}  # Question -> None if Stark Bank answered it, else the error
+        unanswered = {}
         for event in pending:
             for _ in range(3):  # a lookup that finds our transfer may lead to a get of its failure
                 asked = events.question(self._store, event)
-                if asked is None:
-                    break
-                if asked in answered:
-                    if not answered[asked]:
-                        unanswered.add(event.id)
-                    break
-                try:
-                    self._answer(asked, invoices, transfers, not_created)
-                    answered[asked] = True
-                except BankError as e:
-                    answered[asked] = False
-                    unanswered.add(event.id)
-                    logger.warning("event %s: cannot ask Stark Bank (%s %s): %s", event.id, asked.kind, asked.key, e)
-                    break
-        return Facts(invoices, transfers, frozenset(not_created)), unanswered
+                if asked is not None and asked not in errors:
+                    try:
+                        self._answer(asked, invoices, transfers, not_created)
+                        errors[asked] = None
+                        continue
+                    except BankError as e:
+                        errors[asked] = e
+                if asked is not None and errors[asked] is not None:
+                    unanswered[event.id] = f"{asked.kind} {asked.key}: {errors[asked]}"
+                break
+        return events.Facts(invoices, transfers, frozenset(not_created)), unanswered
 
     def _answer(self, asked, invoices, transfers, not_created):
         if asked.kind == "invoice":
