@@ -24,6 +24,7 @@ import starkbank
 
 from stark_challenge.bank import Bank
 from stark_challenge.errors import BankUnavailable
+from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
 
 from conftest import ROOT, messages_matching, sdk_config, signed_event, wait_for
@@ -336,3 +337,36 @@ def test_a_credit_stark_bank_cannot_confirm_yet_waits_with_backoff_and_holds_up_
     worker.run_once()
     assert gets() == [500, 200] and store.pending_events() == []
     assert [(t["amount"], t["externalId"]) for t in emulator.transfers()] == [(5000 - FEE, f"{TAG}-inv-{ours.id}")]
+
+
+def test_a_transfer_log_waits_for_our_own_lookup_while_no_stark_bank_id_is_recorded(emulator, bank, store, clock,
+                                                                                     other_workspace):
+    workspace, user = other_workspace
+    ext = f"{TAG}-inv-1234"
+    store.add_credit("1234", "ev-1", 10000, FEE, ext, clock())
+    worker = Worker(store, bank, TAG, poll_interval_s=0, clock=clock, rng=random.Random(1),
+                    sender=Sender(store, bank, TAG, clock, rng=random.Random(2)))
+    emulator.fail_next("POST", "/v2/transfer", status=500)
+    retry_in_s = worker.run_once()  # our create call fails; the lookup finds nothing: it waits to be sent again
+    assert store.transfer(ext)[4:6] == ("pending", None) and retry_in_s >= 1.0
+
+    # Another workspace's transfer with our external id succeeds, and its log reaches us.
+    (copy,) = starkbank.transfer.create([starkbank.Transfer(amount=1, external_id=ext, **RECEIVER)], user=user)
+    success = wait_for(lambda: [e for e in workspace.events() if e["log"]["type"] == "success"], message="success")[0]
+    store.add_event(success["id"], "transfer", "success", copy.id, success, "webhook", clock())
+    emulator.fail_next("GET", "/v2/transfer", status=503)
+    worker.process_events()  # our lookup gets no answer: the log cannot be compared yet, and waits
+    assert [e.id for e in store.pending_events()] == [success["id"]]
+    assert store.transfer(ext)[4:6] == ("pending", None)
+
+    clock.advance(300)  # both due: the event is processed first, then the transfer sent again
+    worker.run_once()  # our lookup finds no transfer of ours with that external id: the log is not ours
+    conn = sqlite3.connect(store.path)
+    try:
+        assert conn.execute("select outcome from event where id = ?", (success["id"],)).fetchall() == [
+            ("transfer not ours",)]
+    finally:
+        conn.close()
+    assert not store.pending_events() and emulator.transfers()[0]["externalId"] == ext
+    assert store.transfer(ext)[4:6] == ("created", emulator.transfers()[0]["id"]) and len(emulator.transfers()) == 1
+    assert store.summary()["events"]["not_ours"] == 1
