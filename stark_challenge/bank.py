@@ -62,6 +62,30 @@ def _short(error, limit=200):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _get_one(resource, entity_id):
+    """GET ``/v2/<resource>/<id>`` with our credentials; return the entity's JSON (camelCase dict), or None.
+
+    Read raw (``starkbank.request.get``), because the SDK's typed ``get`` reports a 404
+    like a timeout (``UnknownError``), and here "no such entity for us" (400 or 404)
+    is a definite answer while no answer is not. Stark Bank's ids are digits: any
+    other id is not ours and never becomes part of a URL path.
+    """
+    if not (isinstance(entity_id, str) and entity_id.isdigit()):
+        return None
+    what = f"get {resource} {entity_id}"
+    response = _translate(lambda: starkbank.request.get(f"{resource}/{entity_id}"), what)
+    if response.status in (400, 404):
+        return None
+    if response.status == 0:  # the SDK's status for "no answer": timeout, refused, proxy
+        raise BankUnavailable(f"{what}: no answer from Stark Bank ({_short(response.content, 120)})")
+    if response.status != 200:
+        raise BankUnavailable(f"{what}: Stark Bank answered {response.status}")
+    found = _translate(lambda: response.json()[resource], what)
+    if not isinstance(found, dict):
+        raise BankUnavailable(f"{what}: unreadable answer from Stark Bank")
+    return found
+
+
 def _invoice_dict(invoice):
     return {
         "id": invoice.id,
@@ -195,6 +219,19 @@ class Bank:
         created = _translate(lambda: starkbank.invoice.create(objects), "create invoices")
         return [_invoice_dict(i) for i in created]
 
+    def get_invoice(self, invoice_id):
+        """Return our workspace's invoice ``invoice_id`` as a dict (id, amount, fee, status, tags), or None.
+
+        None is Stark Bank's definite answer that our credentials see no such invoice
+        (400 or 404: ``get`` sees only our own workspace). Raise BankUnavailable if
+        there is no answer (timeout, 5xx) or no usable one.
+        """
+        found = _get_one("invoice", invoice_id)
+        if found is None:
+            return None
+        return {"id": found.get("id"), "amount": found.get("amount"), "fee": found.get("fee"),
+                "status": found.get("status"), "tags": found.get("tags")}
+
     def find_invoices(self, tag):
         """Return every invoice carrying ``tag``, as dicts. Raise BankUnavailable on failure."""
         return _translate(lambda: [_invoice_dict(i) for i in starkbank.invoice.query(tags=[tag])], "query invoices")
@@ -221,6 +258,18 @@ class Bank:
         )
         created = _translate(lambda: starkbank.transfer.create([transfer]), "create transfer")
         return _transfer_dict(created[0])
+
+    def get_transfer(self, transfer_id):
+        """Return our workspace's transfer ``transfer_id`` as a dict (id, amount, status, external_id, tags), or None.
+
+        None: Stark Bank answered that our credentials see no such transfer (400 or
+        404). Raise BankUnavailable if there is no answer (timeout, 5xx).
+        """
+        found = _get_one("transfer", transfer_id)
+        if found is None:
+            return None
+        return {"id": found.get("id"), "amount": found.get("amount"), "status": found.get("status"),
+                "external_id": found.get("externalId"), "tags": found.get("tags")}
 
     def find_transfer(self, tag):
         """Return the transfer carrying ``tag`` as a dict, or None. Raise BankUnavailable on failure."""

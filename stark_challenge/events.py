@@ -1,33 +1,60 @@
 """Events: what a stored Stark Bank event means for our state, and its shape check.
 
 ``check_shape`` decides whether a webhook body is an event we can store (the
-webhook answers 400 otherwise). ``process`` applies one stored event to the store:
+webhook answers 400 otherwise). ``process`` applies one stored event to the store.
 
-- ``invoice`` / ``credited``: the money arrived. The amount to forward is
-  ``net = amount - fee``, both integer cents from the credited invoice itself
-  (``amount`` is what the payer paid, ``fee`` what Stark Bank kept). The credit is
-  recorded under the invoice id (so the same credit in two events is one credit)
-  and its transfer queued in the same transaction, unless the invoice lacks our
-  ``INSTANCE_TAG`` (another app's invoice) or ``net <= 0``: then it is recorded as
-  skipped, with the reason.
+A valid signature proves that Stark Bank sent an event, not that it is about our
+money: Stark Bank signs every workspace's events with one key, and anyone with a
+workspace can point a webhook at us. So no field of an event moves money on its own
+word; each fact money rests on comes from our store, or from Stark Bank asked with
+our own credentials (whose ``get`` answers only for our workspace):
+
+- ``invoice`` / ``credited``: forwarded only for an invoice id the store recorded
+  when a round issued it; for any other id, only if Stark Bank confirmed (the
+  ``facts`` handed in by the worker) that the invoice is ours, carries our
+  ``INSTANCE_TAG`` and is paid, and then with Stark Bank's amount and fee, not the
+  event's. The amount to forward is ``net = amount - fee``, integer cents, with
+  ``amount > 0`` and ``0 <= fee < amount``; a credit without a ``fee`` is invalid,
+  never fee 0. The credit is recorded under the invoice id (so the same credit in
+  two events is one credit) and its transfer queued in the same transaction.
+  Anything else moves nothing: ``not issued here`` (logged at WARNING) or
+  ``invalid: ...`` (logged as an error), and no credit row is written, so a foreign
+  or broken event cannot block the genuine credit of the same id.
 - other ``invoice`` logs (created, paid, overdue, canceled, expired, ...): the
-  invoice's stored status follows. ``paid`` may come after ``credited``.
-- ``transfer`` logs: our transfer's status follows; ``failed`` queues one more
-  attempt under a derived external id.
+  status of an invoice the store knows follows. ``paid`` may come after ``credited``.
+- ``transfer`` logs: change our transfer only when their transfer id is the Stark
+  Bank id we recorded for it (external ids are unique per workspace only, so
+  another workspace can copy ours). While we have recorded none (the create call
+  got no answer), the worker settles the transfer by our own lookup first. A
+  ``failed`` log counts only once Stark Bank, asked with ``transfer.get`` for our
+  id, reports it failed; then one more attempt is queued under a derived external
+  id. A log for a transfer we don't know is ``transfer not ours``.
 - anything else is kept as received and marked processed.
 
-Nothing here calls Stark Bank. Bad data never raises: a field of the wrong type
-(amounts must be integer cents, tags a list, ids strings) makes the outcome say
-what was wrong, and the event is marked processed so it cannot block the queue.
+Nothing here calls Stark Bank: ``question`` says what the worker must ask before
+``process`` can decide, and ``process`` leaves the event pending (returns None)
+while an answer it needs is missing. Bad data never raises: a field of the wrong
+type makes the outcome say what was wrong, and the event is marked processed so it
+cannot block the queue.
 """
 
 import logging
+import re
+from typing import NamedTuple
 
 from .people import mask_tax_id
 
-__all__ = ["check_shape", "process", "external_id", "entity_of"]
+__all__ = ["check_shape", "check_amounts", "process", "question", "external_id", "entity_of", "Facts", "Question",
+           "NO_FACTS", "NOT_OURS", "NOT_OURS_TRANSFER"]
 
 logger = logging.getLogger(__name__)
+
+# Outcomes of events that are genuine but not about our money (counted by the store's summary).
+NOT_OURS = "not issued here"
+NOT_OURS_TRANSFER = "transfer not ours"
+
+# Stark Bank's ids are decimal digits; anything else is not ours and never reaches a URL path.
+_STARK_ID = re.compile(r"[0-9]{1,32}")
 
 
 def external_id(instance_tag, invoice_id, attempt):
@@ -77,30 +104,105 @@ def _cents(value):
     return value if ok else None
 
 
-def process(store, event, instance_tag, now):
+def check_amounts(amount, fee):
+    """Return None if ``amount`` and ``fee`` are a credit we can forward, else what is wrong.
+
+    Both integer cents, ``amount > 0`` and ``0 <= fee < amount``. A missing fee (None)
+    is wrong: a credited invoice always carries one, and taking it as 0 would forward
+    Stark Bank's fee too.
+    """
+    if fee is None:
+        return "credited invoice without a fee"
+    if _cents(amount) is None or _cents(fee) is None:
+        return "credited invoice without integer amount and fee"
+    if amount <= 0:
+        return f"amount {amount} is not positive"
+    if not 0 <= fee < amount:
+        return f"fee {fee} is not in 0..amount {amount}"
+    return None
+
+
+class Question(NamedTuple):
+    """What the worker must ask Stark Bank, with our own credentials, before an event can be processed."""
+
+    kind: str  # 'invoice': invoice.get; 'lookup': transfer query by our tag; 'transfer': transfer.get
+    key: str  # the invoice id, our external id, or Stark Bank's transfer id
+
+
+class Facts(NamedTuple):
+    """Stark Bank's answers to Questions, handed to ``process`` by the worker."""
+
+    # invoice id -> the invoice as Stark Bank returned it (dict: amount, fee, status, tags), None if not found
+    invoices: dict = {}
+    # Stark Bank transfer id -> its status at Stark Bank, None if not found
+    transfers: dict = {}
+    # our external ids that our own lookup by tag found no transfer for
+    not_created: frozenset = frozenset()
+
+
+NO_FACTS = Facts()
+
+
+def question(store, event):
+    """Return the Question to answer before ``event`` (a StoredEvent) can be processed, or None.
+
+    Reads the store only. Idempotent.
+    """
+    try:
+        entity = event.body["log"][event.subscription]
+        entity_id = entity["id"]
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(entity_id, str):
+        return None
+    if event.subscription == "invoice" and event.log_type == "credited":
+        if store.has_invoice(entity_id) or store.credit(entity_id) is not None:
+            return None
+        return Question("invoice", entity_id) if _STARK_ID.fullmatch(entity_id) else None
+    if event.subscription == "transfer":
+        current = _our_transfer(store, entity)
+        if current is None:
+            return None
+        if current.transfer_id is None:
+            return Question("lookup", current.external_id)
+        if current.transfer_id == entity_id and event.log_type == "failed" and _STARK_ID.fullmatch(entity_id):
+            return Question("transfer", entity_id)
+    return None
+
+
+def _our_transfer(store, transfer):
+    ext = transfer.get("externalId") if isinstance(transfer, dict) else None
+    return store.transfer(ext) if isinstance(ext, str) and ext else None
+
+
+def process(store, event, instance_tag, now, facts=NO_FACTS):
     """Apply one stored event (a StoredEvent) to the store; return a short outcome string.
 
     The event is marked processed in the same transaction as its effects, so a crash
     leaves either both or neither. Idempotent: a processed event is not applied again.
+    Return None, leaving the event pending, if it needs an answer from Stark Bank
+    (see ``question``) that ``facts`` does not hold.
     """
     with store.atomic():
         if store.event_processed(event.id):
             return "already processed"
         try:
             if event.subscription == "invoice":
-                outcome = _invoice(store, event, instance_tag, now)
+                outcome = _invoice(store, event, instance_tag, now, facts)
             elif event.subscription == "transfer":
-                outcome = _transfer(store, event, instance_tag, now)
+                outcome = _transfer(store, event, instance_tag, now, facts)
             else:
                 outcome = f"ignored: subscription {event.subscription!r}"
         except (KeyError, TypeError, AttributeError) as e:
             outcome = f"invalid: {type(e).__name__} {e}"
             logger.error("event %s: cannot be processed (%s); stored as received", event.id, outcome)
+        if outcome is None:
+            return None
         store.finish_event(event.id, outcome[:200], now)
         return outcome
 
 
-def _invoice(store, event, instance_tag, now):
+def _invoice(store, event, instance_tag, now, facts):
     invoice = event.body["log"]["invoice"]
     invoice_id = invoice["id"]
     log_type = event.log_type
@@ -108,49 +210,79 @@ def _invoice(store, event, instance_tag, now):
         known = store.update_invoice(invoice_id, log_type, now)
         return f"invoice {log_type}" if known else f"invoice {log_type} (not ours)"
 
-    amount, fee = _cents(invoice.get("amount")), _cents(invoice.get("fee", 0))
-    if amount is None or fee is None:
-        logger.error("event %s: credited invoice %s has no integer amount/fee; not forwarded", event.id, invoice_id)
-        return "invalid: credited invoice without integer amount and fee"
-    store.update_invoice(invoice_id, "credited", now, fee=fee)
-    tags = invoice.get("tags")
-    ours = isinstance(tags, list) and instance_tag in tags  # a list: a string would match by substring
-    net = amount - fee
-    if not ours:
-        reason = f"invoice lacks the tag {instance_tag!r}"
-    elif net <= 0:
-        reason = f"amount {amount} does not cover fee {fee}"
-    else:
-        reason = None
-    new = store.add_credit(
-        invoice_id, event.id, amount, fee, external_id(instance_tag, invoice_id, 1), now, skip_reason=reason
-    )
-    if not new:
+    if store.credit(invoice_id) is not None:
         return "credit already recorded"
-    if reason:
-        logger.warning("invoice %s credited %d cents, fee %d: not forwarded, %s", invoice_id, amount, fee, reason)
-        return "credit skipped: " + reason
+    if store.has_invoice(invoice_id):
+        # A round of ours issued it, so Stark Bank's event about it is about our money.
+        amount, fee, source = invoice.get("amount"), invoice.get("fee"), "event"
+    elif isinstance(invoice_id, str) and _STARK_ID.fullmatch(invoice_id) and invoice_id not in facts.invoices:
+        return None  # the worker asks Stark Bank first
+    else:
+        confirmed = facts.invoices.get(invoice_id)
+        reason = _not_ours_reason(confirmed, instance_tag)
+        if reason:
+            logger.warning("event %s: credit of invoice %s (%r cents, workspace %s) moves nothing: %s, %s",
+                           event.id, invoice_id, invoice.get("amount"), event.body.get("workspaceId"), NOT_OURS,
+                           reason)
+            return f"{NOT_OURS}: {reason}"
+        amount, fee, source = confirmed.get("amount"), confirmed.get("fee"), "Stark Bank"
+    problem = check_amounts(amount, fee)
+    if problem:
+        logger.error("event %s: invoice %s: %s (from the %s); not forwarded", event.id, invoice_id, problem, source)
+        return "invalid: " + problem
+    store.update_invoice(invoice_id, "credited", now, fee=fee)
+    store.add_credit(invoice_id, event.id, amount, fee, external_id(instance_tag, invoice_id, 1), now)
     logger.info(
-        "invoice %s credited: amount %d, fee %d, forwarding %d cents (payer %s)",
-        invoice_id, amount, fee, net, mask_tax_id(invoice.get("taxId")),
+        "invoice %s credited: amount %d, fee %d, forwarding %d cents (payer %s; amounts from the %s)",
+        invoice_id, amount, fee, amount - fee, mask_tax_id(invoice.get("taxId")), source,
     )
     return "credit queued"
 
 
-def _transfer(store, event, instance_tag, now):
+def _not_ours_reason(confirmed, instance_tag):
+    """Return why an invoice Stark Bank returned (None: not found) is not one to forward, or None."""
+    if confirmed is None:
+        return "Stark Bank has no such invoice in our workspace"
+    tags = confirmed.get("tags")
+    if not (isinstance(tags, list) and instance_tag in tags):  # a list: a string would match by substring
+        return f"the invoice lacks the tag {instance_tag!r}"
+    if confirmed.get("status") != "paid":
+        return f"Stark Bank reports it {confirmed.get('status')!r}, not paid"
+    return None
+
+
+def _transfer(store, event, instance_tag, now, facts):
     transfer = event.body["log"]["transfer"]
-    ext = transfer.get("externalId")
-    ext = ext if isinstance(ext, str) else ""
+    transfer_id = transfer["id"]
     errors = [
         (e.get("code", ""), e.get("message", "")) if isinstance(e, dict) else ("", str(e))
         for e in (event.body["log"].get("errors") or [])
     ]
-    current = store.transfer(ext) if ext else None
-    if current is None:
-        return "transfer not ours"
+    current = _our_transfer(store, transfer)
+    if current is not None and current.transfer_id is None:
+        if current.external_id not in facts.not_created:
+            return None  # the worker settles it by our own lookup first
+        current = None  # our lookup found no transfer with this external id: the log is another workspace's
+    if current is None or current.transfer_id != transfer_id:
+        logger.warning("event %s: transfer %s %s (external id %r, workspace %s) moves nothing: %s",
+                       event.id, transfer_id, event.log_type, transfer.get("externalId"),
+                       event.body.get("workspaceId"), NOT_OURS_TRANSFER)
+        return NOT_OURS_TRANSFER
+    ext = current.external_id
     retry_id = external_id(instance_tag, current.invoice_id, 2)
-    updated = store.apply_transfer_status(ext, transfer["id"], event.log_type, errors, now, retry_external_id=retry_id)
+    confirmed_failed = False
     if event.log_type == "failed":
+        if transfer_id not in facts.transfers:
+            return None  # the worker asks Stark Bank first
+        reported = facts.transfers[transfer_id]
+        if reported != "failed":
+            logger.warning("event %s: transfer %s failed, but Stark Bank reports it %r: not sent again",
+                           event.id, ext, reported)
+            return f"transfer failed not confirmed: Stark Bank reports {reported!r}"
+        confirmed_failed = True
+    updated = store.apply_transfer_status(ext, transfer_id, event.log_type, errors, now,
+                                          retry_external_id=retry_id, confirmed_failed=confirmed_failed)
+    if confirmed_failed:
         again = " and queued once more as " + retry_id if current.attempt == 1 else "; no attempt left"
         logger.error(
             "TRANSFER FAILED: %s (invoice %s, %d cents) failed at Stark Bank: %s%s",

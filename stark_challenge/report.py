@@ -71,6 +71,9 @@ def render(report):
     e = report["events"]
     lines.append(("last webhook", e["last_webhook_at"] or "never"))
     lines.append(("events", f"{e['received']} received, {e['pending']} waiting to be processed"))
+    if e.get("not_ours") or e.get("invalid"):
+        lines.append(("  refused", f"{e.get('not_ours', 0)} not ours (moved nothing), "
+                                   f"{e.get('invalid', 0)} with invalid data"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
 

@@ -11,13 +11,15 @@ The tables, and the invariant each one keeps:
 ``invoice``   every invoice this deployment issued, with its round and last known status.
 ``event``     every Stark Bank event received (webhook or pull), keyed by the event id:
               a redelivered event is recognised here and not processed again.
-``credit``    one row per credited invoice, keyed by the invoice id (not the event id:
-              each log of the same invoice comes in a new event). The row and its
-              transfer are written in the same transaction, so a credit is queued for
-              payment exactly once, whatever the redeliveries.
+``credit``    one row per credited invoice of ours (recorded in ``invoice``, or confirmed
+              by Stark Bank), keyed by the invoice id (not the event id: each log of
+              the same invoice comes in a new event). The row and its transfer are
+              written in the same transaction, so a credit is queued for payment
+              exactly once, whatever the redeliveries.
 ``transfer``  the transfers owed: keyed by ``external_id`` (which Stark Bank also
               refuses to repeat), at most two attempts per invoice, the second one only
-              after Stark Bank reported the first ``failed``.
+              after Stark Bank reported the first ``failed``. Stark Bank's logs change a
+              row only when they carry the ``transfer_id`` recorded for it.
 
 Every verb is a transaction of its own (``BEGIN IMMEDIATE``; ``add_event``, a single
 statement, is SQLite's implicit transaction of that statement), or joins the one a
@@ -523,6 +525,11 @@ class Store:
                 )
             return True
 
+    def has_invoice(self, invoice_id):
+        """Return True if a round of ours issued the invoice (it is in the invoice table)."""
+        with self._lock:
+            return self._one("select 1 from invoice where id = ?", (invoice_id,)) is not None
+
     # -- credits and transfers --------------------------------------------------
 
     def add_credit(self, invoice_id, event_id, amount, fee, external_id, now, skip_reason=None):
@@ -670,30 +677,40 @@ class Store:
             )
             return ids
 
-    def apply_transfer_status(self, external_id, transfer_id, status, errors, now, retry_external_id=None):
+    def apply_transfer_status(self, external_id, transfer_id, status, errors, now, retry_external_id=None,
+                              confirmed_failed=False):
         """Record a status Stark Bank reported for one of our transfers; return the Transfer, or None.
 
-        On ``failed`` of a first attempt, queue the second attempt under
-        ``retry_external_id`` in the same transaction (once: the attempt number is
-        unique per invoice). Statuses only move forward; ``failed`` is final.
+        Nothing changes unless ``transfer_id`` is the Stark Bank id recorded for the
+        transfer (``transfer_created``): external ids are unique per workspace only, so
+        another workspace's log can carry ours. Statuses only move forward. ``failed``
+        counts only with ``confirmed_failed`` (Stark Bank, asked with ``transfer.get``
+        for our id, reports it failed); then it is final, even after ``success``, and on
+        a first attempt the second one is queued under ``retry_external_id`` in the
+        same transaction (once: the attempt number is unique per invoice).
         """
         order = {"pending": 0, "sending": 0, "stalled": 0, "rejected": 0,
-                 "created": 1, "processing": 2, "success": 3, "failed": 3}
+                 "created": 1, "processing": 2, "success": 3}
         with self.atomic():
             row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
             if row is None:
                 return None
             current = self._transfer_from_row(row)
-            if status in order and order[status] > order.get(current.state, 0) or (
-                status == "failed" and current.state != "failed"
-            ):
+            if current.transfer_id is None or current.transfer_id != transfer_id:
+                return current
+            if status == "failed":
+                moves = confirmed_failed and current.state != "failed"
+            else:
+                moves = current.state != "failed" and order.get(status, 0) > order.get(current.state, 0)
+            if moves:
                 self._conn.execute(
-                    "update transfer set state = ?, transfer_id = coalesce(transfer_id, ?), errors = ?,"
-                    " updated_at = ? where external_id = ?",
-                    (status, transfer_id, json.dumps(list(errors)) if errors else row[7], _iso(now), external_id),
+                    "update transfer set state = ?, errors = ?, updated_at = ? where external_id = ?",
+                    (status, json.dumps(list(errors)) if errors else row[7], _iso(now), external_id),
                 )
-                if status == "failed" and current.attempt == 1 and retry_external_id:
-                    self._insert_transfer(retry_external_id, current.invoice_id, 2, current.amount, now)
+            if status == "failed" and confirmed_failed and current.attempt == 1 and retry_external_id:
+                # Also when already 'failed' (the lookup that settled it saw the failure first);
+                # a repeat inserts nothing.
+                self._insert_transfer(retry_external_id, current.invoice_id, 2, current.amount, now)
             row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
             return self._transfer_from_row(row)
 
@@ -729,6 +746,10 @@ def summarize(conn):
     last_webhook = one("select max(received_at) from event where source = 'webhook'")[0]
     pending_events = one("select count(*) from event where processed_at is null")[0]
     events = one("select count(*) from event")[0]
+    # Genuine events that are not about our money, and events with bad data (see events.py).
+    not_ours = one("select count(*) from event where outcome like 'not issued here%'"
+                   " or outcome = 'transfer not ours'")[0]
+    invalid = one("select count(*) from event where outcome like 'invalid%'")[0]
     schedule = one("select started_at, interval_s, duration_s from schedule")
     return {
         "schedule": (
@@ -750,7 +771,8 @@ def summarize(conn):
         },
         "transfers": transfers,
         "transferred": transfers.get("success", {"amount": 0})["amount"],
-        "events": {"received": events, "pending": pending_events, "last_webhook_at": last_webhook},
+        "events": {"received": events, "pending": pending_events, "last_webhook_at": last_webhook,
+                   "not_ours": not_ours, "invalid": invalid},
     }
 
 

@@ -16,7 +16,9 @@ The protocol for one transfer, keyed by its ``external_id``:
    pending in the status, and tried again at the next start-up.
 
 A crash between 1 and 2 leaves ``sending``: ``recover`` settles those by lookup at
-start-up. Called from the worker's thread only.
+start-up. A transfer log that arrives while no Stark Bank id is recorded cannot be
+compared with ours (another workspace may use our external id): ``settle_by_lookup``
+finds our own transfer by tag first. Called from the worker's thread only.
 """
 
 import datetime
@@ -61,6 +63,21 @@ class Sender:
             logger.info("transfer %s: the service stopped during its create call; settling it", transfer.external_id)
             self._settle(transfer, BankUnavailable("interrupted by a restart"))
         return len(requeued) + len(sending)
+
+    def settle_by_lookup(self, transfer):
+        """Look a transfer without a recorded Stark Bank id up by its tag; return True if found.
+
+        Found: its id and status are recorded, as after a create answer (a pending
+        retry is then not sent). Not found: nothing changes. Raise BankUnavailable if
+        Stark Bank does not answer. Used before a transfer log can be compared with
+        our id.
+        """
+        found = self._bank.find_transfer(transfer.external_id)
+        if found is None:
+            return False
+        self._store.transfer_created(transfer.external_id, found["id"], found["status"], self._clock())
+        logger.info("transfer %s: found at Stark Bank as %s (%s)", transfer.external_id, found["id"], found["status"])
+        return True
 
     def send_due(self, limit=100):
         """Send up to ``limit`` transfers that are due; return how many calls were made."""

@@ -10,7 +10,12 @@ One pass (``run_once``) does, in order:
 2. process the stored events not yet processed (``events.process``), a batch of
    them in one transaction; if one of them fails, the batch is rolled back and done
    again one event per transaction, so the failing event stays pending and is tried
-   again, without holding up the others;
+   again, without holding up the others. ``events.process`` calls no bank: before
+   the batch, what it needs from Stark Bank (``events.question``: is this unknown
+   invoice ours and paid, which transfer did our create call make, did our transfer
+   really fail) is asked here with our own credentials and handed in as
+   ``events.Facts``. An event whose question Stark Bank does not answer stays
+   pending and is asked again with backoff (bounded, with jitter); the others go on;
 3. send the transfers that are due (``transfers.Sender``).
 
 The webhook calls ``wake()`` after storing an event, so a credit is forwarded at
@@ -36,6 +41,8 @@ IDLE_WAKE_S = 30.0  # wake at least this often, to notice due retries and pulls
 ERROR_PAUSE_S = 5.0  # after a pass failed as a whole
 PULL_RETRY_BASE_S = 2.0  # first wait after a failed pull; doubles per failure
 PULL_RETRY_MAX_S = 300.0
+ASK_RETRY_BASE_S = 2.0  # first wait before asking Stark Bank again about an event; doubles per failure
+ASK_RETRY_MAX_S = 300.0
 
 
 def _utcnow():
@@ -59,6 +66,7 @@ class Worker:
         self._next_pull_at = None  # None: pull on the next pass until one succeeded, then never
         self._pulled_once = False  # a pull succeeded
         self._pull_failures = 0  # failed pulls in a row
+        self._waiting = {}  # event id -> (when to ask again, failures in a row): questions Stark Bank left unanswered
         self.last_pass_at = None  # for /health
         self.last_error = None
 
@@ -101,6 +109,8 @@ class Worker:
             candidates.append((due - now).total_seconds())
         if self._next_pull_at is not None:
             candidates.append((self._next_pull_at - now).total_seconds())
+        if self._waiting:
+            candidates.append((min(at for at, _ in self._waiting.values()) - now).total_seconds())
         return max(0.0, min(candidates))
 
     def process_events(self, limit=100):
@@ -114,29 +124,88 @@ class Worker:
         after it are still processed. Lines an event logged in a rolled-back batch are
         logged again when it is processed on its own.
         """
-        pending = self._store.pending_events(limit)
+        now = self._clock()
+        later = {event_id for event_id, (at, _) in self._waiting.items() if at > now}
+        pending = [e for e in self._store.pending_events(limit + len(later)) if e.id not in later][:limit]
+        if not pending:
+            return 0
+        facts, unanswered = self._ask_bank(pending)
+        for event_id, reason in unanswered.items():
+            self._wait(event_id, reason)
+        pending = [e for e in pending if e.id not in unanswered]
         if not pending:
             return 0
         try:
             with self._store.atomic():
-                outcomes = [events.process(self._store, event, self._tag, self._clock()) for event in pending]
+                outcomes = [events.process(self._store, event, self._tag, self._clock(), facts) for event in pending]
         except Exception:  # the loop boundary: one bad event must not hold up the others
-            return self._process_one_by_one(pending)
-        for event, outcome in zip(pending, outcomes):
-            logger.debug("event %s (%s %s): %s", event.id, event.subscription, event.log_type, outcome)
-        return len(pending)
+            return self._process_one_by_one(pending, facts)
+        return sum(self._done(event, outcome) for event, outcome in zip(pending, outcomes))
 
-    def _process_one_by_one(self, pending):
+    def _process_one_by_one(self, pending, facts):
         processed = 0
         for event in pending:
             try:
-                outcome = events.process(self._store, event, self._tag, self._clock())
+                outcome = events.process(self._store, event, self._tag, self._clock(), facts)
             except Exception:  # the loop boundary: one bad event must not hold up the others
                 logger.exception("event %s: processing failed; will retry", event.id)
                 continue
-            logger.debug("event %s (%s %s): %s", event.id, event.subscription, event.log_type, outcome)
-            processed += 1
+            processed += self._done(event, outcome)
         return processed
+
+    def _done(self, event, outcome):
+        """Log an event's outcome; return 1 if it was processed, 0 if it still waits for Stark Bank."""
+        if outcome is None:
+            self._wait(event.id, "an answer it needs is missing")
+            return 0
+        self._waiting.pop(event.id, None)
+        logger.debug("event %s (%s %s): %s", event.id, event.subscription, event.log_type, outcome)
+        return 1
+
+    def _wait(self, event_id, reason):
+        """Leave an event pending and ask again later, with exponential backoff (capped) and jitter."""
+        _, failures = self._waiting.get(event_id, (None, 0))
+        delay = min(ASK_RETRY_MAX_S, ASK_RETRY_BASE_S * 2 ** failures)
+        delay *= 0.5 + self._rng.random() / 2
+        self._waiting[event_id] = (self._clock() + datetime.timedelta(seconds=delay), failures + 1)
+        logger.warning("event %s: left pending (%s; %d in a row), asking Stark Bank again in %.1f s",
+                       event_id, reason, failures + 1, delay)
+
+    def _ask_bank(self, pending):
+        """Ask Stark Bank what ``pending`` events need (``events.question``).
+
+        Return (events.Facts, {event id: why it is unanswered}). Each question is asked
+        once per batch. Calls are made outside any store transaction, with our own
+        credentials.
+        """
+        invoices, transfers, not_created = {}, {}, set()
+        errors = {}  # Question -> None if Stark Bank answered it, else the error
+        unanswered = {}
+        for event in pending:
+            for _ in range(3):  # a lookup that finds our transfer may lead to a get of its failure
+                asked = events.question(self._store, event)
+                if asked is not None and asked not in errors:
+                    try:
+                        self._answer(asked, invoices, transfers, not_created)
+                        errors[asked] = None
+                        continue
+                    except BankError as e:
+                        errors[asked] = e
+                if asked is not None and errors[asked] is not None:
+                    unanswered[event.id] = f"{asked.kind} {asked.key}: {errors[asked]}"
+                break
+        return events.Facts(invoices, transfers, frozenset(not_created)), unanswered
+
+    def _answer(self, asked, invoices, transfers, not_created):
+        if asked.kind == "invoice":
+            invoices[asked.key] = self._bank.get_invoice(asked.key)
+        elif asked.kind == "transfer":
+            found = self._bank.get_transfer(asked.key)
+            transfers[asked.key] = found["status"] if found else None
+        elif asked.kind == "lookup":
+            transfer = self._store.transfer(asked.key)
+            if transfer is not None and transfer.transfer_id is None and not self._sender.settle_by_lookup(transfer):
+                not_created.add(asked.key)
 
     def pull_events(self):
         """Fetch undelivered events from Stark Bank, store and process them, mark them delivered.

@@ -589,3 +589,60 @@ def test_cli_prints_an_environment_the_sdk_can_use(monkeypatch):
         assert process.wait(timeout=10) == 0
         process.stdout.close()
     assert not os.path.exists(key_path)
+
+
+# -- a second workspace: the same signing key, its own entities ---------------------------
+
+
+@pytest.fixture
+def other(emulator):
+    """(Workspace, starkbank.Project) of a second workspace, as another Stark Bank customer has."""
+    workspace = emulator.add_workspace()
+    project_id, pem = workspace.create_project()
+    return workspace, starkbank.Project(environment="sandbox", id=project_id, private_key=pem)
+
+
+def test_each_workspace_sees_only_its_own_invoices_and_transfers(emulator, project, other):
+    workspace, user = other
+    ours = starkbank.invoice.create([invoice(tags=["stark-challenge"])])[0]
+    our_transfer = starkbank.transfer.create([transfer(external_id="stark-challenge-inv-1")])[0]
+    # The other workspace may copy our tag and our external id: external ids are unique per workspace.
+    theirs = starkbank.invoice.create([invoice(tags=["stark-challenge"])], user=user)[0]
+    their_transfer = starkbank.transfer.create([transfer(external_id="stark-challenge-inv-1")], user=user)[0]
+
+    assert ours.id != theirs.id and our_transfer.id != their_transfer.id
+    assert [i.id for i in starkbank.invoice.query(tags=["stark-challenge"])] == [ours.id]
+    assert [i.id for i in starkbank.invoice.query(tags=["stark-challenge"], user=user)] == [theirs.id]
+    assert [t.id for t in starkbank.transfer.query(tags=["stark-challenge-inv-1"])] == []  # tags, not external id
+    assert [t.id for t in starkbank.transfer.query()] == [our_transfer.id]
+    assert [t.id for t in starkbank.transfer.query(user=user)] == [their_transfer.id]
+    for get, foreign, code in ((starkbank.invoice.get, theirs.id, "invalidInvoiceId"),
+                               (starkbank.transfer.get, their_transfer.id, "invalidTransferId")):
+        with pytest.raises(starkbank.error.InputErrors) as raised:
+            get(foreign)
+        assert raised.value.errors[0].code == code
+    with pytest.raises(starkbank.error.InputErrors):
+        starkbank.invoice.get(ours.id, user=user)
+    assert {e.log.invoice.id for e in starkbank.event.query() if e.subscription == "invoice"} == {ours.id}
+    assert {e.log.invoice.id for e in starkbank.event.query(user=user) if e.subscription == "invoice"} == {theirs.id}
+    assert [i["id"] for i in emulator.invoices()] == [ours.id]
+    assert [i["id"] for i in workspace.invoices()] == [theirs.id]
+
+
+def test_a_second_workspaces_events_carry_its_id_and_the_same_valid_signature(emulator, project, other, receiver):
+    workspace, user = other
+    ours, theirs = receiver(), receiver()
+    emulator.add_webhook(ours.url)
+    workspace.add_webhook(theirs.url)
+    created = starkbank.invoice.create([invoice()], user=user)[0]
+    workspace.pay(created.id)
+
+    received = eventually(lambda: len(theirs.received) == 3 and theirs.received, what="three deliveries")
+    for _, headers, body in received:
+        event = starkbank.event.parse(content=body.decode("utf-8"), signature=headers["Digital-Signature"])
+        assert event.workspace_id == workspace.workspace_id != emulator.workspace_id
+        assert event.log.invoice.id == created.id
+    assert sorted(json.loads(body)["event"]["log"]["type"] for _, _, body in received) == [
+        "created", "credited", "paid"]
+    assert ours.received == [] and emulator.events() == []
+    eventually(lambda: all(e["isDelivered"] for e in workspace.events()), what="marked delivered in its workspace")

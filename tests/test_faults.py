@@ -653,16 +653,18 @@ def test_events_with_bad_data_are_stored_acknowledged_and_never_stop_the_worker(
     service.start()
     (invoice,) = invoices_of_round_0(emulator, 1)
     settled_after_start(service, emulator, 1)
-    ours = {"id": "7000000000000001", "tags": ["stark-challenge"], "status": "paid"}
+    # Credits of the invoice round 0 issued, with bad numbers: none of them may block its genuine credit.
+    ours = {"id": invoice["id"], "tags": ["stark-challenge"], "status": "paid"}
     stored = {  # event id: (entity, log type, subscription)
         "7100000000000001": ({"id": "1"}, "created", "deposit"),  # unknown subscription
-        "7100000000000002": (dict(ours), "teleported", "invoice"),  # unknown log type
+        "7100000000000002": (dict(ours, id="7000000000000001"), "teleported", "invoice"),  # unknown log type
         "7100000000000003": (dict(ours), "credited", "invoice"),  # no amount
         "7100000000000004": (dict(ours, amount=40, fee=50), "credited", "invoice"),  # fee not covered
-        "7100000000000005": (dict(ours, id="7000000000000002", amount="12.34", fee=0), "credited", "invoice"),
+        "7100000000000005": (dict(ours, amount="12.34", fee=0), "credited", "invoice"),
         "7100000000000006": (dict(ours, id="7000000000000003", amount=900, fee=0, tags="stark-challenge"),
-                             "credited", "invoice"),  # tags not a list (a substring must not match)
-        "7100000000000007": (dict(ours, id="7000000000000004", amount=10 ** 20, fee=0), "credited", "invoice"),
+                             "credited", "invoice"),  # not issued here (and a substring of tags must not match)
+        "7100000000000007": (dict(ours, amount=10 ** 20, fee=0), "credited", "invoice"),
+        "7100000000000010": (dict(ours, amount=900), "credited", "invoice"),  # no fee: never taken as 0
         "7100000000000008": ({"id": "7000000000000005", "externalId": {"a": 1}}, "failed", "transfer"),
         "7100000000000009": ({"id": "7000000000000006"}, "failed", "transfer"),  # no external id
     }
@@ -687,15 +689,16 @@ def test_events_with_bad_data_are_stored_acknowledged_and_never_stop_the_worker(
     assert sorted(rows) == ids
     assert all(outcome for outcome in rows.values())  # each processed, with what was wrong
     assert rows["7100000000000003"].startswith("invalid")
-    assert rows["7100000000000004"].startswith("credit skipped: amount 40 does not cover fee 50")
+    assert rows["7100000000000004"] == "invalid: fee 50 is not in 0..amount 40"
     assert rows["7100000000000005"].startswith("invalid")
-    assert rows["7100000000000006"].startswith("credit skipped: invoice lacks the tag")
+    assert rows["7100000000000006"] == "not issued here: Stark Bank has no such invoice in our workspace"
     assert rows["7100000000000007"].startswith("invalid")
+    assert rows["7100000000000010"] == "invalid: credited invoice without a fee"
     assert rows["7100000000000008"] == rows["7100000000000009"] == "transfer not ours"
     assert query(service, "select count(*) from event where id like '72%'") == [(0,)]
     assert query(service, "select invoice_id from credit where state = 'queued'") == [(invoice["id"],)]
     assert query(service, "select count(*) from event where processed_at is null") == [(0,)]
-    assert messages_matching(service, "credited 40 cents, fee 50: not forwarded")
+    assert messages_matching(service, "fee 50 is not in 0..amount 40 .*not forwarded")
     status, page = service.request("GET", "/status")
     assert page["service"]["worker"]["alive"] and page["service"]["worker"]["last_error"] is None
 

@@ -116,25 +116,53 @@ def test_a_failed_first_attempt_queues_one_second_attempt(store):
     store.add_credit("inv1", "ev1", 10000, 50, "x-1", at())
     store.claim_transfer("x-1", at())
     store.transfer_created("x-1", "t1", "created", at())
-    store.apply_transfer_status("x-1", "t1", "failed", [("invalidAccount", "closed")], at(1), retry_external_id="x-2")
-    store.apply_transfer_status("x-1", "t1", "failed", [], at(2), retry_external_id="x-2")  # a second event
+    # A failed log Stark Bank did not confirm (transfer.get for our id) changes nothing.
+    store.apply_transfer_status("x-1", "t1", "failed", [("", "?")], at(1), retry_external_id="x-2")
+    assert rows(store, "select external_id, state from transfer") == [("x-1", "created")]
+    store.apply_transfer_status("x-1", "t1", "failed", [("invalidAccount", "closed")], at(1), retry_external_id="x-2",
+                                confirmed_failed=True)
+    store.apply_transfer_status("x-1", "t1", "failed", [], at(2), retry_external_id="x-2",
+                                confirmed_failed=True)  # a second event
     assert rows(store, "select external_id, attempt, state, amount from transfer order by attempt") == [
         ("x-1", 1, "failed", 9950), ("x-2", 2, "pending", 9950)]
     assert store.transfer("x-1").errors == (("invalidAccount", "closed"),)
     # The second attempt failing too queues nothing more.
     store.claim_transfer("x-2", at(3))
     store.transfer_created("x-2", "t2", "created", at(3))
-    store.apply_transfer_status("x-2", "t2", "failed", [], at(4), retry_external_id="x-3")
+    store.apply_transfer_status("x-2", "t2", "failed", [], at(4), retry_external_id="x-3", confirmed_failed=True)
     assert rows(store, "select count(*) from transfer") == [(2,)]
 
 
 def test_transfer_status_only_moves_forward(store):
     store.add_credit("inv1", "ev1", 10000, 50, "x-1", at())
     store.claim_transfer("x-1", at())
+    store.transfer_created("x-1", "t1", "created", at())
     store.apply_transfer_status("x-1", "t1", "success", [], at(1))
-    store.transfer_created("x-1", "t1", "created", at(2))  # the create answer arrives late
+    store.transfer_created("x-1", "t1", "created", at(2))  # a lookup's answer arrives late
     store.apply_transfer_status("x-1", "t1", "processing", [], at(3))
     assert store.transfer("x-1").state == "success"
+
+
+def test_a_transfer_log_changes_only_the_transfer_whose_stark_bank_id_we_recorded(store):
+    store.add_credit("inv1", "ev1", 10000, 50, "x-1", at())
+    store.claim_transfer("x-1", at())
+    # No id recorded yet (the create call got no answer): nothing to compare with, nothing changes.
+    store.apply_transfer_status("x-1", "t9", "success", [], at(1))
+    store.transfer_created("x-1", "t1", "created", at(2))
+    store.apply_transfer_status("x-1", "t9", "success", [], at(3))
+    store.apply_transfer_status("x-1", "t9", "failed", [], at(3), retry_external_id="x-2", confirmed_failed=True)
+    assert rows(store, "select external_id, state, transfer_id from transfer") == [("x-1", "created", "t1")]
+
+
+def test_a_confirmed_failure_after_success_counts_and_queues_the_second_attempt(store):
+    store.add_credit("inv1", "ev1", 10000, 50, "x-1", at())
+    store.claim_transfer("x-1", at())
+    store.transfer_created("x-1", "t1", "success", at())
+    store.apply_transfer_status("x-1", "t1", "failed", [], at(1), retry_external_id="x-2")
+    assert rows(store, "select external_id, state from transfer") == [("x-1", "success")]
+    store.apply_transfer_status("x-1", "t1", "failed", [], at(2), retry_external_id="x-2", confirmed_failed=True)
+    assert rows(store, "select external_id, state from transfer order by attempt") == [
+        ("x-1", "failed"), ("x-2", "pending")]
 
 
 def test_paid_after_credited_keeps_the_invoice_credited(store):

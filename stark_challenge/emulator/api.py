@@ -8,7 +8,9 @@ Each call goes through, in order:
 1. the latency_s knob (a wait),
 2. injected faults (`faults`): answer an error without acting, or act and then drop,
 3. routing by method and path (404 if none),
-4. authentication (`auth`; 401) for every route but GET /v2/public-key,
+4. authentication (`auth`; 401) for every route but GET /v2/public-key; the project
+   authenticated picks the workspace (ledger) the call sees and acts on: a project
+   never sees another workspace's invoices, transfers, events or webhooks,
 5. JSON decoding of POST/PATCH bodies (400 invalidJson),
 6. the route itself: 200 with the SDK's JSON, or 400 with
    ``{"errors": [{"code", "message"}]}`` (the SDK raises InputErrors for 400 only).
@@ -125,7 +127,8 @@ class Api:
     """The routes over a `Bank`; see the module docstring for the order of checks."""
 
     def __init__(self, bank, projects, event_key, knobs, faults, stopping):
-        self._bank = bank
+        self._bank = bank  # the first workspace; serves unauthenticated routes
+        self._workspaces = {}  # workspace id -> Bank, for the workspaces added later
         self._projects = projects
         self._event_key = event_key
         self._knobs = knobs
@@ -159,6 +162,16 @@ class Api:
             ("GET", r"/v2/webhook/([^/]+)", self._getter("webhook", "webhook", "invalidWebhookId"), True),
             ("DELETE", r"/v2/webhook/([^/]+)", self._deleter("webhook", "invalidWebhookId"), True),
         )]
+
+    def add_workspace(self, bank):
+        """Serve ``bank`` to the projects registered in its workspace."""
+        with self._lock:
+            self._workspaces[bank.workspace_id] = bank
+
+    def _bank_of(self, headers):
+        workspace_id = self._projects.workspace_of(headers)
+        with self._lock:
+            return self._workspaces.get(workspace_id, self._bank) if workspace_id is not None else self._bank
 
     # -- the record -----------------------------------------------------------------
 
@@ -220,10 +233,12 @@ class Api:
                 continue
             text = body.decode("utf-8", errors="replace")
             try:
+                bank = self._bank
                 if signed:
                     error = self._projects.check(headers, text, self._knobs.max_clock_skew_s)
                     if error is not None:
                         raise _ApiError(401, error["code"], error["message"])
+                    bank = self._bank_of(headers)
                 payload = None
                 if method in ("POST", "PATCH", "PUT"):
                     try:
@@ -232,7 +247,7 @@ class Api:
                         raise _bad("invalidJson", "the body is not valid JSON") from None
                     if not isinstance(payload, dict):
                         raise _bad("invalidJson", "the body must be a JSON object")
-                return 200, handler(query, payload, *match.groups())
+                return 200, handler(bank, query, payload, *match.groups())
             except _ApiError as error:
                 return error.status, {"errors": error.errors}
             except Rejected as rejected:
@@ -245,7 +260,7 @@ class Api:
     # -- generic routes -------------------------------------------------------------
 
     def _lister(self, kind, plural, parent=None):
-        def list_rows(query, _payload):
+        def list_rows(bank, query, _payload):
             matches = _matcher(query, parent)
             limit = query.get("limit", str(_MAX_PAGE))
             if not limit.isdigit() or not 1 <= int(limit) <= _MAX_PAGE:
@@ -253,7 +268,7 @@ class Api:
             cursor = query.get("cursor") or None
             if cursor is not None and not cursor.isdigit():
                 raise _bad("invalidCursor", "cursor %r was not issued by this server" % cursor)
-            rows = [(sequence, row) for sequence, row in reversed(self._bank.rows(kind))
+            rows = [(sequence, row) for sequence, row in reversed(bank.rows(kind))
                     if (cursor is None or sequence < int(cursor)) and matches(row)]
             page = rows[:int(limit)]
             next_cursor = str(page[-1][0]) if len(rows) > len(page) else None
@@ -261,16 +276,16 @@ class Api:
         return list_rows
 
     def _getter(self, kind, singular, code):
-        def get_row(_query, _payload, row_id):
-            row = self._bank.get(kind, row_id)
+        def get_row(bank, _query, _payload, row_id):
+            row = bank.get(kind, row_id)
             if row is None:
                 raise _bad(code, "%s %s does not exist" % (singular, row_id))
             return {singular: row}
         return get_row
 
     def _deleter(self, kind, code):
-        def delete_row(_query, _payload, row_id):
-            row = self._bank.delete(kind, row_id)
+        def delete_row(bank, _query, _payload, row_id):
+            row = bank.delete(kind, row_id)
             if row is None:
                 raise _bad(code, "%s %s does not exist" % (kind, row_id))
             return {kind: row}
@@ -278,49 +293,49 @@ class Api:
 
     # -- specific routes ------------------------------------------------------------
 
-    def _public_key(self, _query, _payload):
+    def _public_key(self, _bank, _query, _payload):
         with self._lock:
             self._public_key_fetches += 1
         return {"publicKeys": [{"content": self._event_key.public_pem, "id": self._bank.workspace_id,
                                 "created": "2020-01-01T00:00:00.000000+00:00"}], "cursor": None}
 
-    def _balance(self, _query, _payload):
+    def _balance(self, bank, _query, _payload):
         now = validate.iso(datetime.datetime.now(datetime.timezone.utc))
-        return {"balances": [{"id": self._bank.workspace_id, "amount": self._bank.balance(), "currency": "BRL",
+        return {"balances": [{"id": bank.workspace_id, "amount": bank.balance(), "currency": "BRL",
                               "updated": now}], "cursor": None}
 
-    def _create_invoices(self, _query, payload):
+    def _create_invoices(self, bank, _query, payload):
         now = datetime.datetime.now(datetime.timezone.utc)
         invoices, errors = validate.check_invoices(payload.get("invoices"), now)
         if errors:
             raise Rejected(errors)
-        return {"invoices": self._bank.create_invoices(invoices)}
+        return {"invoices": bank.create_invoices(invoices)}
 
-    def _create_transfers(self, _query, payload):
+    def _create_transfers(self, bank, _query, payload):
         now = datetime.datetime.now(datetime.timezone.utc)
         transfers, errors = validate.check_transfers(payload.get("transfers"), now)
         if errors:
             raise Rejected(errors)
-        return {"transfers": self._bank.create_transfers(transfers)}
+        return {"transfers": bank.create_transfers(transfers)}
 
-    def _update_invoice(self, _query, payload, invoice_id):
+    def _update_invoice(self, bank, _query, payload, invoice_id):
         status, amount = payload.get("status"), payload.get("amount")
         if status not in (None, "canceled"):
             raise _bad("invalidStatus", "status can only be changed to canceled")
         if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool) or amount < 0):
             raise _bad("invalidAmount", "amount must be an integer number of cents >= 0")
         try:
-            return {"invoice": self._bank.update_invoice(invoice_id, status=status, amount=amount)}
+            return {"invoice": bank.update_invoice(invoice_id, status=status, amount=amount)}
         except ValueError:
             raise _bad("invalidInvoiceId", "invoice %s does not exist" % invoice_id) from None
 
-    def _update_event(self, _query, payload, event_id):
+    def _update_event(self, bank, _query, payload, event_id):
         if payload.get("isDelivered") is not True:
             raise _bad("invalidIsDelivered", "isDelivered can only be set to true")
-        event = self._bank.mark_delivered(event_id)
+        event = bank.mark_delivered(event_id)
         if event is None:
             raise _bad("invalidEventId", "event %s does not exist" % event_id)
         return {"event": event}
 
-    def _create_webhook(self, _query, payload):
-        return {"webhook": self._bank.add_webhook(payload.get("url"), payload.get("subscriptions"))}
+    def _create_webhook(self, bank, _query, payload):
+        return {"webhook": bank.add_webhook(payload.get("url"), payload.get("subscriptions"))}

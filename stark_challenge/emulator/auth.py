@@ -8,6 +8,9 @@ malformed or stale Access-Time (invalidAccessTime, more than max_clock_skew_s aw
 our clock), and a missing, malformed or wrong signature (invalidSignature).
 Only "project/<id>" users exist here; organizations and apps are refused.
 
+Each project belongs to one workspace (`workspace_of`), whose entities alone its
+requests see.
+
 Thread-safe: one lock around the registry.
 """
 
@@ -26,9 +29,13 @@ class Projects:
         self._clock = clock
         self._lock = threading.Lock()
         self._keys = {}  # project id -> ellipticcurve PublicKey
+        self._workspaces = {}  # project id -> workspace id (None: the emulator's first workspace)
 
-    def register(self, project_id, public_key_pem):
-        """Register (or replace) a project's public key. Raise ValueError for a bad id or PEM."""
+    def register(self, project_id, public_key_pem, workspace_id=None):
+        """Register (or replace) a project's public key, in a workspace (None: the first one).
+
+        Raise ValueError for a bad id or PEM.
+        """
         if not isinstance(project_id, str) or not project_id or "/" in project_id:
             raise ValueError("project id must be a non-empty string without '/'")
         try:
@@ -37,6 +44,16 @@ class Projects:
             raise ValueError("not a public key PEM: %s" % error) from error
         with self._lock:
             self._keys[project_id] = public_key
+            self._workspaces[project_id] = workspace_id
+
+    def workspace_of(self, headers):
+        """Return the workspace id of the project named by the Access-Id header (None: the first one).
+
+        Call it only for a request `check` accepted.
+        """
+        _, _, project_id = headers.get("access-id", "").partition("/")
+        with self._lock:
+            return self._workspaces.get(project_id)
 
     def check(self, headers, body, max_skew_s):
         """Return None if the request is authentic, else an error {"code", "message"}.

@@ -1,4 +1,4 @@
-"""The emulated workspace's ledger: invoices, transfers, their logs, events and webhooks.
+"""One emulated workspace's ledger: invoices, transfers, their logs, events and webhooks.
 
 `Bank` owns all of the emulator's business state in memory and every change to it:
 
@@ -11,6 +11,10 @@
 - every log makes one event ``{"id", "created", "isDelivered", "subscription",
   "workspaceId", "log"}``, handed to the `publish` callable (webhook delivery);
 - webhooks: url and subscriptions.
+
+An emulator may hold several workspaces (`control.Emulator.add_workspace`), one `Bank`
+each, sharing one `Ids` so that ids are unique across them, as Stark Bank's are; external
+ids are unique per workspace only.
 
 Entities are stored and returned in the API's JSON shape (camelCase). One lock guards all
 state and is held only for in-memory work; `publish` is always called after the lock is
@@ -28,7 +32,7 @@ from urllib.parse import urlsplit
 from . import taxid
 from .validate import iso
 
-__all__ = ["Bank", "Rejected", "SUBSCRIPTIONS"]
+__all__ = ["Bank", "Ids", "Rejected", "SUBSCRIPTIONS"]
 
 # Services a webhook may subscribe to (starkbank/event/__event.py); only invoice and
 # transfer ever produce events here.
@@ -77,13 +81,34 @@ class _Table:
         return [(self._sequence[row_id], row) for row_id, row in self._rows.items()]
 
 
+class Ids:
+    """Fresh 16-digit ids drawn from a random.Random, never repeated; shared by workspaces; thread-safe."""
+
+    def __init__(self, id_random):
+        self._random = id_random
+        self._used = set()
+        self._lock = threading.Lock()
+
+    def new(self):
+        with self._lock:
+            while True:
+                new = str(self._random.randrange(10 ** 15, 10 ** 16))
+                if new not in self._used:
+                    self._used.add(new)
+                    return new
+
+
 class Bank:
-    """The workspace state and its transitions; every public method is thread-safe."""
+    """The workspace state and its transitions; every public method is thread-safe.
+
+    id_random is a random.Random for this workspace's ids, or an `Ids` shared with
+    other workspaces.
+    """
 
     def __init__(self, knobs, timers, id_random, chance_random, publish=None, now=_utc_now):
         self._knobs = knobs
         self._timers = timers
-        self._ids = id_random  # draws entity ids
+        self._ids = id_random if isinstance(id_random, Ids) else Ids(id_random)  # draws entity ids
         self._chance = chance_random  # draws payment and failure decisions
         self._publish_events = publish or (lambda events: None)
         self._now = now
@@ -91,7 +116,6 @@ class Bank:
         self._tables = {
             kind: _Table() for kind in ("invoice", "invoice-log", "transfer", "transfer-log", "event", "webhook")
         }
-        self._used_ids = set()
         self._external_ids = set()  # every externalId ever used in the workspace
         self._implicit_keys = set()  # (UTC day, amount, receiver) of transfers without externalId
         self._doomed = {}  # transfer id -> errors it will fail with instead of succeeding
@@ -352,11 +376,7 @@ class Bank:
     # -- helpers (lock held) --------------------------------------------------------
 
     def _new_id(self):
-        while True:
-            new = str(self._ids.randrange(10 ** 15, 10 ** 16))
-            if new not in self._used_ids:
-                self._used_ids.add(new)
-                return new
+        return self._ids.new()
 
     def _log(self, kind, entity, log_type, errors=()):
         now = iso(self._now())

@@ -11,6 +11,14 @@ injection, and the knobs.
         os.environ.update(emu.env(project_id, pem))
         ...
 
+A second workspace (``add_workspace``), as another Stark Bank customer has, shares
+the emulator's address and the one key that signs every workspace's events, and has
+its own projects, invoices, transfers (external ids are unique per workspace only,
+so it can copy ours), events and webhooks: a project sees only its own workspace.
+
+    other = emu.add_workspace()
+    other.add_webhook(service_url)  # its events reach the service, validly signed
+
 Every method is thread-safe. An Emulator runs once: start, then stop (idempotent);
 it keeps everything in memory and its CA, keys and certificates in a temp directory
 deleted by stop.
@@ -26,7 +34,7 @@ import threading
 from . import certs
 from .api import Api
 from .auth import Projects
-from .bank import Bank, Rejected
+from .bank import Bank, Ids, Rejected
 from .delivery import Courier
 from .faults import DROP, FAIL, Faults
 from .keys import EventKey, new_project_key
@@ -34,7 +42,7 @@ from .knobs import Knobs
 from .proxy import ProxyServer, make_tls_context
 from .timers import Timers
 
-__all__ = ["Emulator"]
+__all__ = ["Emulator", "Workspace"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +68,9 @@ class Emulator:
         self._projects = Projects()
         self._faults = Faults()
         self._courier = Courier(self.knobs, self._event_key, self._webhooks_for, self._mark_delivered)
-        self._bank = Bank(self.knobs, self._timers, random.Random("ids-%s" % seed), random.Random(seed),
-                          publish=self._courier.publish)
+        self._ids = Ids(random.Random("ids-%s" % seed))  # shared by every workspace: ids are unique across them
+        self._bank = Bank(self.knobs, self._timers, self._ids, random.Random(seed), publish=self._courier.publish)
+        self._workspaces = []  # the Workspaces added, each with its Bank and Courier
         self._api = Api(self._bank, self._projects, self._event_key, self.knobs, self._faults, self._stopping)
         self._directory = None
         self._certificates = None
@@ -120,6 +129,8 @@ class Emulator:
                 self._serve_thread.join()
             self._server.server_close()
         self._courier.stop()
+        for workspace in self._workspaces:
+            workspace._courier.stop()
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
 
@@ -237,8 +248,27 @@ class Emulator:
 
     def idle(self):
         """Return True when nothing is scheduled or in flight: no pending payment or
-        transfer step, and no delivery held, being sent or waiting to retry."""
-        return self._timers.pending() == 0 and not self.deliveries_pending()
+        transfer step, and no delivery held, being sent or waiting to retry (in any workspace)."""
+        return self._timers.pending() == 0 and not self.deliveries_pending() and not any(
+            w._courier.busy() or w._courier.held() for w in self._workspaces)
+
+    def add_workspace(self):
+        """Add another workspace (another Stark Bank customer) and return its `Workspace` handle.
+
+        Its events are signed with the same key as the first workspace's; its
+        projects see only its own invoices, transfers, events and webhooks.
+        """
+        with self._state_lock:
+            n = len(self._workspaces) + 2
+            # The courier asks the ledger made next for its webhooks (a closure over `bank`).
+            courier = Courier(self.knobs, self._event_key, lambda subscription: bank.webhooks_for(subscription),
+                              lambda event_id: bank.mark_delivered(event_id))
+            bank = Bank(self.knobs, self._timers, self._ids, random.Random("%s-workspace-%d" % (self.seed, n)),
+                        publish=courier.publish)
+            workspace = Workspace(self, bank, courier)
+            self._workspaces.append(workspace)
+        self._api.add_workspace(bank)
+        return workspace
 
     @property
     def public_key_fetches(self):
@@ -316,3 +346,70 @@ class Emulator:
     def __repr__(self):
         where = self.proxy_url if self._server is not None else "not started"
         return "<Emulator %s, %s>" % (where, self._state)
+
+
+class Workspace:
+    """Another workspace of the emulator: the tests' handle on its projects, entities and webhooks.
+
+    Made by `Emulator.add_workspace`. Thread-safe, like the Emulator.
+    """
+
+    def __init__(self, emulator, bank, courier):
+        self._emulator = emulator
+        self._bank = bank
+        self._courier = courier
+
+    @property
+    def workspace_id(self):
+        """The id events of this workspace carry as workspaceId."""
+        return self._bank.workspace_id
+
+    def create_project(self):
+        """Create a project of this workspace with a new key; return (project id, private key PEM)."""
+        private_pem, public_pem = new_project_key()
+        project_id = self._bank.new_id()
+        self._emulator._projects.register(project_id, public_pem, self._bank.workspace_id)
+        return project_id, private_pem
+
+    def env(self, project_id=None, private_key_pem=None):
+        """Return the environment for a client of this workspace (see `Emulator.env`)."""
+        if project_id is None:
+            project_id, private_key_pem = self.create_project()
+        return self._emulator.env(project_id, private_key_pem)
+
+    def add_webhook(self, url, subscriptions=("invoice", "transfer")):
+        """Register a webhook of this workspace; return its id. Raise ValueError if invalid."""
+        try:
+            return self._bank.add_webhook(url, list(subscriptions))["id"]
+        except Rejected as rejected:
+            raise ValueError(str(rejected)) from None
+
+    def _rows(self, kind):
+        return [row for _, row in self._bank.rows(kind)]
+
+    def invoices(self):
+        """Return this workspace's invoices (API JSON), oldest first; copies."""
+        return self._rows("invoice")
+
+    def transfers(self):
+        """Return this workspace's transfers (API JSON), oldest first; copies."""
+        return self._rows("transfer")
+
+    def events(self):
+        """Return this workspace's events (API JSON), oldest first; copies."""
+        return self._rows("event")
+
+    def deliveries(self):
+        """Return every webhook delivery try of this workspace's events (see `Emulator.deliveries`)."""
+        return self._courier.attempts()
+
+    def pay(self, invoice_id, amount=None):
+        """Pay one of this workspace's invoices now; return it (see `Emulator.pay`)."""
+        return self._bank.pay(invoice_id, amount)
+
+    def fail_transfer(self, transfer_id, errors=None):
+        """Fail one of this workspace's transfers now; return it (see `Emulator.fail_transfer`)."""
+        return self._bank.fail_transfer(transfer_id, errors)
+
+    def __repr__(self):
+        return "<Workspace %s of %r>" % (self.workspace_id, self._emulator)
