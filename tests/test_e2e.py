@@ -3,14 +3,13 @@ the emulator, through the real SDK. Every assertion reads the emulator's own rec
 
 import concurrent.futures
 import json
-import os
 import signal
 import subprocess
 import sys
 
 from stark_challenge.people import is_valid_tax_id
 
-from conftest import free_port, signed_event, wait_for
+from support import child_env, free_port, service_settled, signed_event, wait_for
 
 
 def _settled(emulator, service):
@@ -126,8 +125,7 @@ def test_no_transfer_for_unpaid_invoices(emulator, service_factory):
 
 def test_try_it_mode_shows_the_whole_money_flow_without_an_account(tmp_path):
     # README's first command: no credentials, the built-in emulator, readable log lines.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STARK_", "WEBHOOK_", "INVOICE_", "DATABASE_"))}
-    env.update(LOG_FORMAT="text", PYTHONUNBUFFERED="1")
+    env = child_env(tmp_path, LOG_FORMAT="text")
     log_path = tmp_path / "try.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "stark_challenge", "--emulator", "--port", str(free_port())],

@@ -26,7 +26,7 @@ from starkcore.utils.cache import cache as sdk_cache
 from stark_challenge.emulator import Emulator
 from stark_challenge.emulator import taxid
 
-from conftest import wait_for
+from support import child_env, wait_for
 
 RECEIVER = dict(name="Stark Bank S.A.", tax_id="20.018.183/0001-80", bank_code="20018183", branch_code="0001",
                 account_number="6341320293482496", account_type="payment")
@@ -553,16 +553,17 @@ def test_tax_ids_are_checked_by_their_digits():
     assert [taxid.is_valid(each) for each in invalid] == [False] * len(invalid)
 
 
-def test_cli_help_describes_the_options():
-    result = subprocess.run([sys.executable, "-m", "stark_challenge.emulator", "--help"],
-                            capture_output=True, text=True, timeout=30)
+def test_cli_help_describes_the_options(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stark_challenge.emulator", "--help"], env=child_env(tmp_path),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
 
     assert result.returncode == 0
     assert "--pay-ratio" in result.stdout and "--seed" in result.stdout
 
 
-def test_cli_prints_an_environment_the_sdk_can_use(monkeypatch):
+def test_cli_prints_an_environment_the_sdk_can_use(monkeypatch, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "stark_challenge.emulator", "--seed", "1", "--pay-ratio", "0"],
+                               env=child_env(tmp_path), cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     watchdog = threading.Timer(30, process.kill)  # never hang the suite on a silent child
     watchdog.start()

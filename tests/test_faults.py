@@ -18,13 +18,9 @@ import os
 import random
 import signal
 import socket
-import sqlite3
 import statistics
-import subprocess
-import sys
 import threading
 import time
-import urllib.parse
 
 import pytest
 
@@ -32,33 +28,12 @@ from stark_challenge.bank import Bank
 from stark_challenge.invoicer import Invoicer
 from stark_challenge.worker import Worker
 
-from conftest import ROOT, messages_matching, sdk_config, signed_event, wait_for
+from support import messages_matching, query, sdk_config, service_settled, signed_event, status_json, wait_for
 
 FEE = 50  # the emulator's default invoice_fee, in cents
 
 
 # -- reading the outcome ---------------------------------------------------------
-
-
-def query(service, sql, params=()):
-    """Return the rows of ``sql`` on the service's database, opened read-only (safe while it runs)."""
-    path = service.env["DATABASE_PATH"]
-    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
-    if not os.path.exists(path + "-wal"):  # stopped cleanly: every write is in the main file
-        uri += "&immutable=1"
-    conn = sqlite3.connect(uri, uri=True, timeout=5)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def status_json(service):
-    """Return ``python -m stark_challenge status --json`` for the service's database."""
-    done = subprocess.run([sys.executable, "-m", "stark_challenge", "status", "--json"], env=service.env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def transfers_by_invoice(emulator):

@@ -6,7 +6,7 @@ from stark_challenge.bank import Bank
 from stark_challenge.invoicer import Invoicer, build_invoices, round_tags
 from stark_challenge.people import is_valid_tax_id
 
-from conftest import sdk_config
+from support import sdk_config
 
 
 def make_invoicer(sdk, store, clock, **values):

@@ -11,7 +11,7 @@ from stark_challenge.bank import Bank
 from stark_challenge.server import serve
 from stark_challenge.webhook import Intake
 
-from conftest import sdk_config, signed_event
+from support import sdk_config, signed_event
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from stark_challenge.bank import Bank
 from stark_challenge.server import serve
 from stark_challenge.webhook import Intake
 
-from conftest import make_config
+from support import make_config
 
 
 class _NoBank(Bank):

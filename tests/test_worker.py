@@ -9,7 +9,7 @@ from stark_challenge.invoicer import Invoicer
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
 
-from conftest import sdk_config, wait_for
+from support import sdk_config, wait_for
 
 
 @pytest.fixture
