@@ -9,7 +9,7 @@ import sys
 
 from stark_challenge.people import is_valid_tax_id
 
-from support import child_env, free_port, service_settled, signed_event, wait_for
+from support import child_env, free_port, query, service_settled, signed_event, wait_for
 
 
 def _settled(emulator, service):
@@ -24,6 +24,8 @@ def test_rounds_are_issued_on_schedule_with_valid_invoices(emulator, service_fac
     service.start()
 
     wait_for(lambda: len({tuple(i["tags"]) for i in emulator.invoices()}) >= 3, message="3 rounds")
+    # The schedule is over once /health says so: counted after that, no round can follow.
+    wait_for(lambda: service.request("GET", "/health")[1]["scheduler"]["state"] == "finished", message="finished")
 
     invoices = emulator.invoices()
     rounds = {}
@@ -38,8 +40,7 @@ def test_rounds_are_issued_on_schedule_with_valid_invoices(emulator, service_fac
         assert is_valid_tax_id(invoice["taxId"])
         assert isinstance(invoice["amount"], int) and invoice["amount"] >= 1000
         assert "stark-challenge" in invoice["tags"]
-    # The schedule is done after 3 rounds: /health says so, and there was one API call per round.
-    wait_for(lambda: service.request("GET", "/health")[1]["scheduler"]["state"] == "finished", message="finished")
+    # One API call per round.
     status, health = service.request("GET", "/health")
     assert (health["scheduler"]["rounds_total"], health["scheduler"]["rounds_issued"]) == (3, 3)
     creates = [r for r in emulator.requests if r["method"] == "POST" and r["path"] == "/v2/invoice"]
@@ -53,7 +54,9 @@ def test_every_credited_invoice_is_forwarded_once_minus_fee(emulator, service_fa
 
     wait_for(lambda: len(emulator.invoices()) == 10, message="round 0")
     wait_for(lambda: _settled(emulator, service), message="every credit transferred")
-    wait_for(lambda: all(t["status"] == "success" for t in emulator.transfers()), message="transfers succeed")
+    # Every payment made, delivered and processed, every transfer settled: only then count.
+    wait_for(lambda: service_settled(service, emulator), message="the service settled")
+    assert all(t["status"] == "success" for t in emulator.transfers())
 
     paid = {i["id"]: i for i in emulator.invoices() if i["status"] == "paid"}
     unpaid = {i["id"] for i in emulator.invoices() if i["status"] != "paid"}
@@ -85,7 +88,8 @@ def test_duplicate_and_concurrent_redeliveries_change_nothing(emulator, service_
         answers = list(pool.map(lambda _: service.request("POST", "/webhook", body, headers), range(10)))
     assert {status for status, _ in answers} == {200}
 
-    wait_for(lambda: all(t["status"] == "success" for t in emulator.transfers()), message="transfers settle")
+    wait_for(lambda: service_settled(service, emulator), message="the redeliveries processed")
+    assert query(service, "select count(*) from event where id = ?", (credited["id"],)) == [(1,)]
     transfers = emulator.transfers()
     assert len(transfers) == 8
     assert len({t["externalId"] for t in transfers}) == 8
@@ -109,17 +113,24 @@ def test_forged_webhooks_are_refused_and_move_no_money(emulator, service_factory
     status, reply = service.request("POST", "/webhook", body, headers)
     assert (status, reply["status"]) == (200, "stored")
     wait_for(lambda: len(emulator.transfers()) == 1, message="the genuine credit's transfer")
-    assert emulator.transfers()[0]["amount"] == 99999
+    wait_for(lambda: service_settled(service, emulator), message="the service settled")
+    (transfer,) = emulator.transfers()
+    assert transfer["amount"] == 99999
 
 
 def test_no_transfer_for_unpaid_invoices(emulator, service_factory):
     service = service_factory(INVOICE_MIN=9, INVOICE_MAX=9)
     service.start()
     wait_for(lambda: len(emulator.invoices()) == 9, message="round 0")
-    wait_for(lambda: len([d for d in emulator.deliveries() if d["status"] == 200]) >= 9, message="created events")
+    # The nine "created" events delivered and processed: the service has acted on all it got.
+    wait_for(lambda: len([d for d in emulator.deliveries() if d["status"] == 200]) == 9, message="created events")
+    wait_for(lambda: service_settled(service, emulator), message="the service settled")
     status, report = service.request("GET", "/status")
-    assert status == 200 and report["events"]["received"] >= 9
+    assert status == 200 and report["events"]["received"] == 9
+    assert query(service, "select log_type, count(*), count(processed_at) from event group by log_type") == [
+        ("created", 9, 9)]
     assert emulator.transfers() == []
+    assert query(service, "select count(*) from transfer") == [(0,)]
     assert service.stop() == 0
 
 

@@ -137,10 +137,11 @@ def status_json(service):
 
 def service_settled(service, emulator):
     """Return True when everything the emulator did has reached the service and been dealt
-    with: no API call held, no delivery pending or waiting to be tried again, every stored
+    with: the emulator idle (no payment or transfer step scheduled, no delivery held, being
+    sent or waiting to be tried again) and no API call held; at the service, every stored
     event processed and no transfer waiting to be sent or in its call. Assert that "nothing
     happened" only after this holds."""
-    if emulator.requests_in_flight or emulator.deliveries_pending():
+    if emulator.requests_in_flight or not emulator.idle():
         return False
     unprocessed = query(service, "select count(*) from event where processed_at is null")[0][0]
     unsent = query(service, "select count(*) from transfer where state in ('pending', 'sending')")[0][0]
