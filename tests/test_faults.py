@@ -253,7 +253,7 @@ def test_invoice_create_5xx_is_retried_and_the_round_issued_once(emulator, servi
     assert messages_matching(service, r"round 0 attempt 1 failed, retrying")
 
 
-def test_invoice_create_timeout_is_reconciled_by_tag_before_any_retry(emulator, service_factory):
+def test_invoice_create_answer_lost_is_reconciled_by_tag_before_any_retry(emulator, service_factory):
     emulator.fail_next_after("POST", "/v2/invoice")
     service = service_factory(INVOICE_MIN=6, INVOICE_MAX=6, INVOICE_INTERVAL="5s", INVOICE_DURATION="5s")
     service.start()
@@ -266,7 +266,7 @@ def test_invoice_create_timeout_is_reconciled_by_tag_before_any_retry(emulator, 
     assert sorted(r[0] for r in query(service, "select id from invoice")) == sorted(i["id"] for i in invoices)
 
 
-def test_transfer_5xx_timeouts_and_failed_lookups_end_in_exactly_one_transfer_each(emulator, service_factory):
+def test_transfer_5xx_lost_answers_and_failed_lookups_end_in_exactly_one_transfer_each(emulator, service_factory):
     service = service_factory(INVOICE_MIN=3, INVOICE_MAX=3)
     service.start()
     a, b, c = invoices_of_round_0(emulator, 3)
