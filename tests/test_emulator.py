@@ -21,7 +21,6 @@ import pytest
 import requests
 import starkbank
 from ellipticcurve import Ecdsa, PrivateKey
-from starkcore.utils.cache import cache as sdk_cache
 
 from stark_challenge.emulator import Emulator
 from stark_challenge.emulator import taxid
@@ -59,15 +58,9 @@ def emulator():
 
 
 @pytest.fixture
-def project(emulator, monkeypatch):
+def project(sdk):
     """(project id, private key PEM) of a project, set as starkbank.user, with the env pointing at emulator."""
-    project_id, pem = emulator.create_project()
-    for name, value in emulator.env(project_id, pem).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(starkbank, "user", starkbank.Project(environment="sandbox", id=project_id, private_key=pem))
-    sdk_cache.clear()  # the SDK caches Stark Bank's public key process-wide
-    yield project_id, pem
-    sdk_cache.clear()
+    return sdk["project_id"], sdk["private_key"]
 
 
 class Receiver:
