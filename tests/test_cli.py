@@ -12,7 +12,7 @@ import pytest
 
 from stark_challenge import __version__
 
-from support import run_cli
+from support import query, run_cli, wait_for
 
 PASSWORD = "p@ss/w:rd-Secret"
 HELP = [[], ["run"], ["status"], ["check"], ["keygen"], ["webhook"],
@@ -171,6 +171,7 @@ def test_check_offline_makes_no_api_call(emulator, project, tmp_path):
 def test_check_tells_that_a_start_resumes_an_existing_schedule(emulator, service_factory, tmp_path):
     service = service_factory(INVOICE_INTERVAL="1h", INVOICE_DURATION="24h")
     service.start()
+    wait_for(lambda: query(service, "select state from round") == [("issued",)], message="round 0 issued")
     assert service.stop() == 0
     done = cli("check", "--offline", cwd=tmp_path, env=service.env)
     assert done.returncode == 0

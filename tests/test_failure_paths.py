@@ -20,6 +20,7 @@ from stark_challenge.bank import KEY_REFRESH_S, Bank, KeyCache
 from stark_challenge.errors import BankUnavailable, ConfigError, SignatureError
 from stark_challenge.invoicer import Invoicer
 from stark_challenge.notify import Notifier
+from stark_challenge.scheduler import Schedule
 from stark_challenge.store import Store
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
@@ -273,3 +274,16 @@ def test_a_notify_socket_that_is_neither_a_path_nor_abstract_is_ignored_with_a_w
         notifier = Notifier({"NOTIFY_SOCKET": "relative/notify.sock"})
     assert not notifier.enabled
     assert "NOTIFY_SOCKET is neither a path nor @name" in caplog.text
+
+
+def test_a_key_the_sdk_cannot_use_stops_the_service_with_one_line(emulator_project, tmp_path):
+    broken = "-----BEGIN EC PRIVATE KEY-----\nbm90IGEga2V5\n-----END EC PRIVATE KEY-----"
+    done = run_cli(cwd=tmp_path, env={**emulator_project.env, "STARK_PRIVATE_KEY": broken, "PORT": str(free_port()),
+                                      "DATABASE_PATH": str(tmp_path / "db.sqlite3")})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "stark_challenge: STARK_PRIVATE_KEY: not a valid secp256k1 private key in PEM format\n"
+    assert not (tmp_path / "db.sqlite3").exists()  # stopped before opening anything
+
+
+def test_the_schedule_reports_not_started_before_it_opens(store):
+    assert Schedule(store, job=None, interval_s=60, duration_s=0).state() == {"state": "not started"}

@@ -416,7 +416,7 @@ def test_a_second_signal_forces_exit(emulator, service_factory):
     settled_after_start(service, emulator, 1)
     emulator.set(latency_s=20.0)  # a transfer call that would hold the shutdown for long
     emulator.pay(invoice["id"])
-    wait_for(lambda: query(service, "select state from transfer") == [("sending",)], message="transfer in flight")
+    wait_for(lambda: in_flight(emulator, "POST", "/v2/transfer"), message="the transfer call held at Stark Bank")
 
     service.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: messages_matching(service, "^stopping"), message="shutdown started")
