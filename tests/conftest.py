@@ -16,10 +16,13 @@ from starkcore.utils.cache import cache as sdk_cache
 from stark_challenge import config as config_module
 from stark_challenge.emulator import Emulator
 from stark_challenge.store import Store
-from support import (  # noqa: F401 - re-exported for modules that still import them from conftest
+from support import (  # re-exported (__all__) for modules that still import them from conftest
     ROOT, FakeClock, Service, child_env, free_port, make_config, messages_matching, query, run_cli, sdk_config,
     service_settled, signed_event, status_json, wait_for,
 )
+
+__all__ = ["ROOT", "FakeClock", "Project", "Service", "child_env", "free_port", "make_config", "messages_matching",
+           "query", "run_cli", "sdk_config", "service_settled", "signed_event", "status_json", "wait_for"]
 
 # Variables that configure the service or steer its HTTP calls, besides config.VARIABLES.
 _OUTSIDE_CONFIG = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY", "HTTPS_PROXY", "https_proxy",
