@@ -7,6 +7,9 @@ one round of invoices, one transfer, whatever the order in which the late call a
 service's retry reach Stark Bank.
 """
 
+import pytest
+import starkbank
+
 from support import query, service_settled, signed_event, wait_for
 
 FEE = 50  # the emulator's default invoice_fee, in cents
@@ -80,3 +83,17 @@ def test_a_webhook_is_answered_while_a_transfer_call_is_held(emulator, service_f
     assert (status, reply["status"]) == (200, "stored")
     assert in_flight(emulator, "POST", "/v2/transfer")  # answered without waiting for Stark Bank
     assert query(service, "select state from transfer") == [("sending",)]
+
+
+def test_the_emulator_carries_out_a_call_answered_after_the_clients_timeout(emulator, sdk):
+    # The mechanism the tests above rely on, through the bare SDK.
+    starkbank.timeout = 0.5
+    emulator.answer_late("POST", "/v2/invoice", 1.5)
+    invoice = starkbank.Invoice(amount=1000, name="Arya Stark", tax_id="012.345.678-90", tags=["late"])
+    with pytest.raises(starkbank.error.UnknownError):  # the SDK's "no answer": it gave up
+        starkbank.invoice.create([invoice])
+    assert in_flight(emulator, "POST", "/v2/invoice")
+    wait_for(lambda: emulator.invoices(), message="the invoice created after all")
+    wait_for(lambda: not emulator.requests_in_flight, message="the late answer sent")
+    assert [i["tags"] for i in emulator.invoices()] == [["late"]]
+    assert len(list(starkbank.invoice.query(tags=["late"]))) == 1
