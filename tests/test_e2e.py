@@ -4,12 +4,10 @@ the emulator, through the real SDK. Every assertion reads the emulator's own rec
 import concurrent.futures
 import json
 import signal
-import subprocess
-import sys
 
 from stark_challenge.people import is_valid_tax_id
 
-from support import child_env, free_port, query, service_settled, signed_event, wait_for
+from support import Service, child_env, free_port, query, service_settled, signed_event, wait_for
 
 
 def _settled(emulator, service):
@@ -136,20 +134,17 @@ def test_no_transfer_for_unpaid_invoices(emulator, service_factory):
 
 def test_try_it_mode_shows_the_whole_money_flow_without_an_account(tmp_path):
     # README's first command: no credentials, the built-in emulator, readable log lines.
-    env = child_env(tmp_path, LOG_FORMAT="text")
-    log_path = tmp_path / "try.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "stark_challenge", "--emulator", "--port", str(free_port())],
-                                env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
+    service = Service(child_env(tmp_path, LOG_FORMAT="text", PORT=port), str(tmp_path / "try.log"),
+                      args=["--emulator", "--port", str(port)])
     try:
-        wait_for(lambda: "transfer sent" in log_path.read_text() or proc.poll() is not None,
+        service.start(timeout=30)
+        wait_for(lambda: "transfer sent" in service.logs() or service.proc.poll() is not None,
                  timeout=45, message="a transfer in the try-it log")
-        text = log_path.read_text()
+        text = service.logs()
         assert "round 0 issued" in text and "credited" in text and "webhook accepted" in text
         assert "transfer sent" in text, text
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 0
+        service.proc.send_signal(signal.SIGINT)
+        assert service.proc.wait(15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        service.close()

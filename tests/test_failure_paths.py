@@ -24,7 +24,7 @@ from stark_challenge.scheduler import Schedule
 from stark_challenge.store import Store
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
-from support import child_env, free_port, make_config, run_cli, sdk_config, wait_for
+from support import Service, child_env, free_port, make_config, messages_matching, run_cli, sdk_config, wait_for
 
 # -- configuration bounds ------------------------------------------------------------
 
@@ -252,21 +252,15 @@ def test_ctrl_c_during_a_command_exits_130_without_a_traceback(emulator, emulato
 def test_try_it_mode_keeps_a_database_path_given_to_it(tmp_path):
     database = tmp_path / "kept.sqlite3"
     port = free_port()
-    log = tmp_path / "try.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "stark_challenge", "--emulator", "--port", str(port)],
-                                cwd=tmp_path, env=child_env(tmp_path, DATABASE_PATH=database, LOG_FORMAT="json"),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    service = Service(child_env(tmp_path, DATABASE_PATH=database, LOG_FORMAT="json", PORT=port),
+                      str(tmp_path / "try.log"), args=["--emulator", "--port", str(port)])
     try:
-        wait_for(lambda: "round 0 issued" in log.read_text() or proc.poll() is not None, timeout=30,
-                 message="round 0 in the try-it log")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0, log.read_text()
+        service.start(timeout=30)
+        wait_for(lambda: messages_matching(service, "^round 0 issued"), message="round 0")
+        assert service.stop() == 0, service.logs()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert database.exists() and f"database {database}" in log.read_text()
+        service.close()
+    assert database.exists() and f"database {database}" in service.logs()
 
 
 def test_a_notify_socket_that_is_neither_a_path_nor_abstract_is_ignored_with_a_warning(caplog):

@@ -24,13 +24,15 @@ class Service:
     """One service process. ``start()`` waits for /health; ``stop()`` sends SIGTERM and waits;
     ``kill()`` is kill -9. The port, database, log and working directory stay the same across
     restarts. ``env`` is the whole environment of the process (build it with ``child_env``);
-    ``cwd`` defaults to the log file's directory."""
+    ``cwd`` defaults to the log file's directory; ``args`` are command-line arguments
+    (``--emulator``, say; ``PORT`` in ``env`` still names the port)."""
 
-    def __init__(self, env, log_path, cwd=None):
+    def __init__(self, env, log_path, cwd=None, args=()):
         self.env = env
         self.port = int(env["PORT"])
         self.log_path = log_path
         self.cwd = cwd or os.path.dirname(os.path.abspath(log_path))
+        self.args = list(args)
         self.proc = None
 
     @property
@@ -39,7 +41,7 @@ class Service:
 
     def spawn(self, env=None, **streams):
         """Start the process without waiting for it (``env`` replaces ``self.env``); return it."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "stark_challenge"], env=env or self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "stark_challenge", *self.args], env=env or self.env,
                                      cwd=self.cwd, stdin=subprocess.DEVNULL, **streams)
         return self.proc
 
