@@ -21,7 +21,7 @@ from stark_challenge.errors import BankUnavailable, ConfigError, SignatureError
 from stark_challenge.invoicer import Invoicer
 from stark_challenge.notify import Notifier
 from stark_challenge.scheduler import Schedule
-from stark_challenge.store import Store
+from stark_challenge.store import Store, StoreError
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
 from support import Service, child_env, free_port, make_config, messages_matching, run_cli, sdk_config, wait_for
@@ -281,3 +281,33 @@ def test_a_key_the_sdk_cannot_use_stops_the_service_with_one_line(emulator_proje
 
 def test_the_schedule_reports_not_started_before_it_opens(store):
     assert Schedule(store, job=None, interval_s=60, duration_s=0).state() == {"state": "not started"}
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+def test_a_database_that_cannot_be_opened_is_a_store_error_naming_the_file(tmp_path):
+    with pytest.raises(StoreError, match="cannot open the database"):
+        Store(str(tmp_path / "no-such-directory" / "state.sqlite3"))
+    not_sqlite = tmp_path / "not.sqlite3"
+    not_sqlite.write_text("this is not a database\n" * 100)
+    with pytest.raises(StoreError, match=f"{not_sqlite}: cannot open the database"):
+        Store(str(not_sqlite))
+
+
+def test_a_closed_store_refuses_reads_and_writes(store, clock):
+    store.close()
+    with pytest.raises(StoreError, match="the database is closed"):
+        store.add_event("ev-1", "invoice", "created", "inv-1", {}, "webhook", clock())
+    with pytest.raises(StoreError, match="the database is closed"):
+        store.schedule()
+    assert not store.ping()
+
+
+def test_the_store_refuses_naive_times_and_ignores_news_of_unknown_transfers(store, clock):
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.add_event("ev-1", "invoice", "created", "inv-1", {}, "webhook", clock().replace(tzinfo=None))
+    assert store.schedule() is None  # before the first start
+    store.transfer_created("stark-challenge-inv-unknown", "t1", "created", clock())
+    assert store.apply_transfer_status("stark-challenge-inv-unknown", "t1", "success", (), clock()) is None
+    assert store.transfers() == []
