@@ -12,8 +12,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The suite under coverage, counting the service and CLI processes the tests start (see
+# [tool.coverage] in pyproject.toml): one combined branch-coverage report, then the runtime.
+# Fails if a test fails or coverage is under fail_under.
+test: export COVERAGE_FILE = $(CURDIR)/.coverage
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@started=$$(date +%s); \
+	rm -f .coverage .coverage.*; \
+	$(BIN)/python -m coverage run -m pytest -q; tests=$$?; \
+	$(BIN)/python -m coverage combine --quiet; \
+	$(BIN)/python -m coverage report; covered=$$?; \
+	echo "make test: $$(( $$(date +%s) - started )) s"; \
+	[ $$tests -eq 0 ] && [ $$covered -eq 0 ]
 
 # Your Stark Bank project when STARK_PROJECT_ID is set (environment or .env),
 # otherwise the built-in emulator: nothing to configure to try it.
@@ -29,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/webhook_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info .coverage .coverage.*

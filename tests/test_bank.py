@@ -10,7 +10,7 @@ from ellipticcurve import Ecdsa, PrivateKey
 from stark_challenge.bank import Bank, KeyCache
 from stark_challenge.errors import BankRejected, BankUnavailable, ConfigError, SignatureError
 
-from conftest import sdk_config, signed_event
+from support import sdk_config, signed_event
 
 
 @pytest.fixture

@@ -6,25 +6,20 @@ import os
 import re
 import socket
 import stat
-import subprocess
 import sys
 
 import pytest
 
 from stark_challenge import __version__
 
-from conftest import ROOT, wait_for
+from support import query, run_cli, wait_for
 
 PASSWORD = "p@ss/w:rd-Secret"
 HELP = [[], ["run"], ["status"], ["check"], ["keygen"], ["webhook"],
         ["webhook", "register"], ["webhook", "list"], ["webhook", "delete"]]
 
 
-def cli(*args, cwd, env=None, executable=None):
-    """Run the command line with only ``env`` (and PATH) in the environment; return the CompletedProcess."""
-    environ = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT, **(env or {})}
-    command = [executable] if executable else [sys.executable, "-m", "stark_challenge"]
-    return subprocess.run([*command, *args], env=environ, cwd=cwd, capture_output=True, text=True, timeout=30)
+cli = run_cli  # the command line with an isolated environment plus ``env``, in ``cwd``
 
 
 def one_line_error(done, status):
@@ -38,10 +33,9 @@ def one_line_error(done, status):
 
 
 @pytest.fixture
-def project(emulator):
+def project(emulator_project):
     """Return (env, project_id) for a new emulator project: proxy, CA, credentials."""
-    project_id, private_key = emulator.create_project()
-    return emulator.env(project_id, private_key), project_id
+    return emulator_project.env, emulator_project.id
 
 
 def api_calls(emulator):

@@ -1,15 +1,13 @@
 """config: every variable validated, errors name the variable and never its value."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from stark_challenge import config
 from stark_challenge.errors import ConfigError
 
-from conftest import ROOT
+from support import run_cli
 
 PEM = "-----BEGIN EC PRIVATE KEY-----\nabc\n-----END EC PRIVATE KEY-----"
 BASE = {"STARK_PROJECT_ID": "5656565656565656", "STARK_PRIVATE_KEY": PEM}
@@ -110,26 +108,20 @@ def test_credentials_may_be_missing_only_when_not_required():
 
 
 def test_bad_configuration_exits_2_with_one_line_and_no_traceback(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STARK_", "INVOICE_"))}
-    env.update(BASE, INVOICE_MIN="many")
-    proc = subprocess.run([sys.executable, "-m", "stark_challenge"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30)
+    proc = run_cli(cwd=tmp_path, env={**BASE, "INVOICE_MIN": "many"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["stark_challenge: INVOICE_MIN: must be a whole number"]
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_missing_credentials_point_to_the_emulator(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STARK_")}
-    proc = subprocess.run([sys.executable, "-m", "stark_challenge"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30)
+    proc = run_cli(cwd=tmp_path)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "STARK_PROJECT_ID" in proc.stderr and "--emulator" in proc.stderr
 
 
-def test_help_documents_every_variable():
-    out = subprocess.run([sys.executable, "-m", "stark_challenge", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30).stdout
+def test_help_documents_every_variable(tmp_path):
+    out = run_cli("--help", cwd=tmp_path).stdout
     for variable in config.VARIABLES:
         assert variable.name in out

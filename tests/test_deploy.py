@@ -11,7 +11,7 @@ import pytest
 
 from stark_challenge import config as config_module
 
-from conftest import ROOT
+from support import ROOT
 
 UNIT = os.path.join(ROOT, "deploy", "stark-challenge.service")
 ENV_EXAMPLE = os.path.join(ROOT, "deploy", "env.example")

@@ -3,14 +3,11 @@ the emulator, through the real SDK. Every assertion reads the emulator's own rec
 
 import concurrent.futures
 import json
-import os
 import signal
-import subprocess
-import sys
 
 from stark_challenge.people import is_valid_tax_id
 
-from conftest import free_port, signed_event, wait_for
+from support import Service, child_env, free_port, query, service_settled, signed_event, wait_for
 
 
 def _settled(emulator, service):
@@ -25,6 +22,9 @@ def test_rounds_are_issued_on_schedule_with_valid_invoices(emulator, service_fac
     service.start()
 
     wait_for(lambda: len({tuple(i["tags"]) for i in emulator.invoices()}) >= 3, message="3 rounds")
+    # The schedule is over once /status says so: counted after that, no round can follow.
+    wait_for(lambda: service.request("GET", "/status")[1]["service"]["scheduler"]["state"] == "finished",
+             message="finished")
 
     invoices = emulator.invoices()
     rounds = {}
@@ -39,9 +39,7 @@ def test_rounds_are_issued_on_schedule_with_valid_invoices(emulator, service_fac
         assert is_valid_tax_id(invoice["taxId"])
         assert isinstance(invoice["amount"], int) and invoice["amount"] >= 1000
         assert "stark-challenge" in invoice["tags"]
-    # The schedule is done after 3 rounds: /status says so, and there was one API call per round.
-    wait_for(lambda: service.request("GET", "/status")[1]["service"]["scheduler"]["state"] == "finished",
-             message="finished")
+    # One API call per round.
     status, page = service.request("GET", "/status")
     assert (page["service"]["scheduler"]["rounds_total"], page["service"]["scheduler"]["rounds_issued"]) == (3, 3)
     creates = [r for r in emulator.requests if r["method"] == "POST" and r["path"] == "/v2/invoice"]
@@ -55,7 +53,9 @@ def test_every_credited_invoice_is_forwarded_once_minus_fee(emulator, service_fa
 
     wait_for(lambda: len(emulator.invoices()) == 10, message="round 0")
     wait_for(lambda: _settled(emulator, service), message="every credit transferred")
-    wait_for(lambda: all(t["status"] == "success" for t in emulator.transfers()), message="transfers succeed")
+    # Every payment made, delivered and processed, every transfer settled: only then count.
+    wait_for(lambda: service_settled(service, emulator), message="the service settled")
+    assert all(t["status"] == "success" for t in emulator.transfers())
 
     paid = {i["id"]: i for i in emulator.invoices() if i["status"] == "paid"}
     unpaid = {i["id"] for i in emulator.invoices() if i["status"] != "paid"}
@@ -87,7 +87,8 @@ def test_duplicate_and_concurrent_redeliveries_change_nothing(emulator, service_
         answers = list(pool.map(lambda _: service.request("POST", "/webhook", body, headers), range(10)))
     assert {status for status, _ in answers} == {200}
 
-    wait_for(lambda: all(t["status"] == "success" for t in emulator.transfers()), message="transfers settle")
+    wait_for(lambda: service_settled(service, emulator), message="the redeliveries processed")
+    assert query(service, "select count(*) from event where id = ?", (credited["id"],)) == [(1,)]
     transfers = emulator.transfers()
     assert len(transfers) == 8
     assert len({t["externalId"] for t in transfers}) == 8
@@ -111,37 +112,40 @@ def test_forged_webhooks_are_refused_and_move_no_money(emulator, service_factory
     status, reply = service.request("POST", "/webhook", body, headers)
     assert (status, reply["status"]) == (200, "stored")
     wait_for(lambda: len(emulator.transfers()) == 1, message="the genuine credit's transfer")
-    assert emulator.transfers()[0]["amount"] == 99999
+    wait_for(lambda: service_settled(service, emulator), message="the service settled")
+    (transfer,) = emulator.transfers()
+    assert transfer["amount"] == 99999
 
 
 def test_no_transfer_for_unpaid_invoices(emulator, service_factory):
     service = service_factory(INVOICE_MIN=9, INVOICE_MAX=9)
     service.start()
     wait_for(lambda: len(emulator.invoices()) == 9, message="round 0")
-    wait_for(lambda: len([d for d in emulator.deliveries() if d["status"] == 200]) >= 9, message="created events")
+    # The nine "created" events delivered and processed: the service has acted on all it got.
+    wait_for(lambda: len([d for d in emulator.deliveries() if d["status"] == 200]) == 9, message="created events")
+    wait_for(lambda: service_settled(service, emulator), message="the service settled")
     status, report = service.request("GET", "/status")
-    assert status == 200 and report["events"]["received"] >= 9
+    assert status == 200 and report["events"]["received"] == 9
+    assert query(service, "select log_type, count(*), count(processed_at) from event group by log_type") == [
+        ("created", 9, 9)]
     assert emulator.transfers() == []
+    assert query(service, "select count(*) from transfer") == [(0,)]
     assert service.stop() == 0
 
 
 def test_try_it_mode_shows_the_whole_money_flow_without_an_account(tmp_path):
     # README's first command: no credentials, the built-in emulator, readable log lines.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STARK_", "WEBHOOK_", "INVOICE_", "DATABASE_"))}
-    env.update(LOG_FORMAT="text", PYTHONUNBUFFERED="1")
-    log_path = tmp_path / "try.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "stark_challenge", "--emulator", "--port", str(free_port())],
-                                env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
+    service = Service(child_env(tmp_path, LOG_FORMAT="text", PORT=port), str(tmp_path / "try.log"),
+                      args=["--emulator", "--port", str(port)])
     try:
-        wait_for(lambda: "transfer sent" in log_path.read_text() or proc.poll() is not None,
+        service.start(timeout=30)
+        wait_for(lambda: "transfer sent" in service.logs() or service.proc.poll() is not None,
                  timeout=45, message="a transfer in the try-it log")
-        text = log_path.read_text()
+        text = service.logs()
         assert "round 0 issued" in text and "credited" in text and "webhook accepted" in text
         assert "transfer sent" in text, text
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 0
+        service.proc.send_signal(signal.SIGINT)
+        assert service.proc.wait(15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        service.close()

@@ -21,12 +21,11 @@ import pytest
 import requests
 import starkbank
 from ellipticcurve import Ecdsa, PrivateKey
-from starkcore.utils.cache import cache as sdk_cache
 
 from stark_challenge.emulator import Emulator
 from stark_challenge.emulator import taxid
 
-from conftest import wait_for
+from support import child_env, wait_for
 
 RECEIVER = dict(name="Stark Bank S.A.", tax_id="20.018.183/0001-80", bank_code="20018183", branch_code="0001",
                 account_number="6341320293482496", account_type="payment")
@@ -59,15 +58,9 @@ def emulator():
 
 
 @pytest.fixture
-def project(emulator, monkeypatch):
+def project(sdk):
     """(project id, private key PEM) of a project, set as starkbank.user, with the env pointing at emulator."""
-    project_id, pem = emulator.create_project()
-    for name, value in emulator.env(project_id, pem).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(starkbank, "user", starkbank.Project(environment="sandbox", id=project_id, private_key=pem))
-    sdk_cache.clear()  # the SDK caches Stark Bank's public key process-wide
-    yield project_id, pem
-    sdk_cache.clear()
+    return sdk["project_id"], sdk["private_key"]
 
 
 class Receiver:
@@ -553,16 +546,17 @@ def test_tax_ids_are_checked_by_their_digits():
     assert [taxid.is_valid(each) for each in invalid] == [False] * len(invalid)
 
 
-def test_cli_help_describes_the_options():
-    result = subprocess.run([sys.executable, "-m", "stark_challenge.emulator", "--help"],
-                            capture_output=True, text=True, timeout=30)
+def test_cli_help_describes_the_options(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stark_challenge.emulator", "--help"], env=child_env(tmp_path),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
 
     assert result.returncode == 0
     assert "--pay-ratio" in result.stdout and "--seed" in result.stdout
 
 
-def test_cli_prints_an_environment_the_sdk_can_use(monkeypatch):
+def test_cli_prints_an_environment_the_sdk_can_use(monkeypatch, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "stark_challenge.emulator", "--seed", "1", "--pay-ratio", "0"],
+                               env=child_env(tmp_path), cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     watchdog = threading.Timer(30, process.kill)  # never hang the suite on a silent child
     watchdog.start()

@@ -28,9 +28,9 @@ def issued(store, clock):
     return "inv-1"
 
 
-def transfer_event(event_id, log_type, transfer_id, ext):
+def transfer_event(event_id, log_type, transfer_id, ext, errors=()):
     body = {"id": event_id, "subscription": "transfer",
-            "log": {"type": log_type, "errors": [{"code": "accountClosed", "message": "closed"}],
+            "log": {"type": log_type, "errors": list(errors),
                     "transfer": {"id": transfer_id, "externalId": ext}}}
     return StoredEvent(event_id, "transfer", log_type, body, "webhook")
 
@@ -139,12 +139,12 @@ def test_transfer_failure_queues_a_second_attempt_under_a_derived_id(store, cloc
     store_and_process(store, invoice_event("e1", "credited", amount=10000, fee=25, tags=[TAG]), clock())
     ext = "stark-challenge-inv-inv-1"
     store.transfer_created(ext, "5001", "created", clock())
-    failed = transfer_event("e2", "failed", "5001", ext)
+    failed = transfer_event("e2", "failed", "5001", ext, errors=["Receiver account is closed"])  # strings, as Stark Bank sends
     assert events.question(store, failed) == events.Question("transfer", "5001")
     outcome = store_and_process(store, failed, clock(), events.Facts(transfers={"5001": "failed"}))
     assert outcome == "transfer failed"
     states = {t.external_id: (t.state, t.errors) for t in store.transfers()}
-    assert states == {ext: ("failed", (("accountClosed", "closed"),)), ext + "-2": ("pending", ())}
+    assert states == {ext: ("failed", (("", "Receiver account is closed"),)), ext + "-2": ("pending", ())}
 
 
 def test_a_failed_log_stark_bank_does_not_confirm_queues_nothing(store, clock, issued):

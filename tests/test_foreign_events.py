@@ -12,12 +12,8 @@ opened read-only.
 
 import base64
 import json
-import os
 import random
 import sqlite3
-import subprocess
-import sys
-import urllib.parse
 
 import pytest
 import starkbank
@@ -27,7 +23,7 @@ from stark_challenge.errors import BankUnavailable
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
 
-from conftest import ROOT, messages_matching, sdk_config, signed_event, wait_for
+from support import messages_matching, query, sdk_config, signed_event, status_json, wait_for
 
 FEE = 50  # the emulator's default invoice_fee, in cents
 TAG = "stark-challenge"  # the default INSTANCE_TAG: public, so anyone can copy it
@@ -37,27 +33,6 @@ RECEIVER = dict(name="Stark Bank S.A.", tax_id="20.018.183/0001-80", bank_code="
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def query(service, sql, params=()):
-    """Return the rows of ``sql`` on the service's database, opened read-only (safe while it runs)."""
-    path = service.env["DATABASE_PATH"]
-    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
-    if not os.path.exists(path + "-wal"):
-        uri += "&immutable=1"
-    conn = sqlite3.connect(uri, uri=True, timeout=5)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def status_json(service):
-    """Return ``python -m stark_challenge status --json`` for the service's database."""
-    done = subprocess.run([sys.executable, "-m", "stark_challenge", "status", "--json"], env=service.env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def invoice_now(emulator, invoice_id):

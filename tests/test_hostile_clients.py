@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import messages_matching, signed_event, wait_for
+from support import messages_matching, signed_event, wait_for
 
 MAX_CONNECTIONS = 8
 TIMEOUT_S = 1.0

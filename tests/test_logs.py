@@ -21,7 +21,7 @@ import pytest
 
 from stark_challenge import config as config_module, logs
 
-from conftest import ROOT, make_config, messages_matching, signed_event, wait_for
+from support import make_config, messages_matching, signed_event, wait_for
 
 PASSWORD = "hunter2-Pa55word-xyz"
 WRONG_PASSWORD = "wrong-Pa55word-abc"
@@ -135,10 +135,7 @@ def test_service_on_a_terminal_logs_text(service_factory):
     env = {k: v for k, v in service.env.items() if k != "LOG_FORMAT"}
     master, slave = pty.openpty()
     try:
-        service.proc = subprocess.Popen(  # assigned so the fixture kills it whatever happens
-            [sys.executable, "-m", "stark_challenge"], env=env, cwd=ROOT,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
-        )
+        service.spawn(env, stdout=subprocess.DEVNULL, stderr=slave)  # the fixture stops it whatever happens
         os.close(slave)
         slave = None
         output = b""

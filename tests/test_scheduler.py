@@ -7,7 +7,7 @@ from stark_challenge.invoicer import Outcome
 from stark_challenge.scheduler import Schedule, round_count
 from stark_challenge.store import Store
 
-from conftest import wait_for
+from support import wait_for
 
 
 class RecordingJob:

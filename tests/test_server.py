@@ -13,7 +13,7 @@ from stark_challenge.bank import Bank
 from stark_challenge.server import serve
 from stark_challenge.webhook import Intake
 
-from conftest import sdk_config, signed_event
+from support import sdk_config, signed_event
 
 
 @pytest.fixture
@@ -158,9 +158,13 @@ def test_requests_beyond_the_handlers_and_their_queue_get_503_instead_of_a_threa
 def test_keep_alive_serves_several_requests_on_one_connection(server_for):
     server = server_for()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.connect()
+    sock = conn.sock
     for _ in range(5):
         conn.request("GET", "/health")
         assert conn.getresponse().read()
+        # http.client would reconnect silently after a close: the socket must be the first one.
+        assert conn.sock is sock
     conn.close()
 
 

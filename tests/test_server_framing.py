@@ -10,7 +10,7 @@ from stark_challenge.bank import Bank
 from stark_challenge.server import MAX_HEADER_LINES, Framing, Server, check_head
 from stark_challenge.webhook import MAX_BODY_BYTES, Intake
 
-from conftest import make_config, wait_for
+from support import make_config, wait_for
 
 
 def head(*lines, request_line=b"POST /webhook HTTP/1.1"):

@@ -8,9 +8,8 @@ still sent at once.
 """
 
 import http.client
+import json
 import socket
-import statistics
-import time
 from http import HTTPStatus
 
 import pytest
@@ -19,7 +18,7 @@ from stark_challenge.bank import Bank
 from stark_challenge.server import serve
 from stark_challenge.webhook import Intake
 
-from conftest import make_config
+from support import make_config
 
 
 class _NoBank(Bank):
@@ -38,18 +37,18 @@ def server(store, clock):
     server.stop(timeout=2)
 
 
-def test_answers_on_a_keep_alive_connection_do_not_wait_for_delayed_acks(server):
+def test_a_refused_webhook_keeps_its_keep_alive_connection_and_answers_in_full(server):
+    # How fast answers leave (no wait for delayed ACKs) is measured by `make bench`; here,
+    # that each answer is whole and the connection stays the same one throughout.
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    took = []
+    conn.connect()
+    sock = conn.sock
     for _ in range(21):
-        began = time.perf_counter()
         conn.request("POST", "/webhook", body=b'{"event": {}}', headers={"Authorization": "Basic eDp5"})
         response = conn.getresponse()
-        assert response.status == 401 and response.read()
-        took.append(time.perf_counter() - began)
+        assert response.status == 401 and json.loads(response.read()) == {"error": "authentication required"}
+        assert conn.sock is sock  # not closed and silently reopened by http.client
     conn.close()
-    # Split writes cost ~40 ms each once the connection leaves TCP quick-ACK mode.
-    assert statistics.median(took) < 0.02, took
 
 
 def test_expect_100_continue_gets_the_interim_answer_before_the_body(server):

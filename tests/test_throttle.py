@@ -11,7 +11,7 @@ from stark_challenge.logs import Throttle
 from stark_challenge.server import serve
 from stark_challenge.webhook import Intake
 
-from conftest import make_config
+from support import make_config
 
 logger = logging.getLogger("stark_challenge.test_throttle")
 

@@ -7,7 +7,7 @@ import pytest
 from stark_challenge.bank import Bank
 from stark_challenge.transfers import MAX_TRIES, Sender
 
-from conftest import sdk_config
+from support import sdk_config
 
 EXT = "stark-challenge-inv-77"
 

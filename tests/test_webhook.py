@@ -14,7 +14,7 @@ from ellipticcurve import Ecdsa, PrivateKey
 from stark_challenge.bank import Bank
 from stark_challenge.webhook import Intake, check_basic_auth
 
-from conftest import sdk_config, signed_event
+from support import sdk_config, signed_event
 
 
 def basic(user, password):

@@ -7,9 +7,9 @@ import pytest
 from stark_challenge.bank import Bank
 from stark_challenge.invoicer import Invoicer
 from stark_challenge.transfers import Sender
-from stark_challenge.worker import Worker
+from stark_challenge.worker import IDLE_WAKE_S, Worker
 
-from conftest import sdk_config, wait_for
+from support import sdk_config, wait_for
 
 
 @pytest.fixture
@@ -54,16 +54,19 @@ def test_pulling_twice_or_after_a_push_forwards_nothing_twice(emulator, parts, s
     assert len(emulator.transfers()) == 6
 
 
-def test_a_failed_pull_is_logged_and_tried_at_the_next_interval(emulator, parts, clock, caplog):
+def test_a_failed_pull_is_logged_and_tried_again_after_a_short_backoff(emulator, parts, clock, caplog):
     _, worker = parts
+    pulls = lambda: [r["status"] for r in emulator.requests if r["path"] == "/v2/event"]  # noqa: E731
     emulator.fail_next("GET", "/v2/event", count=1, status=500)
     assert worker.pull_events() == 0
     assert "pull of undelivered events failed" in caplog.text
-    assert worker.run_once() <= 600
-    clock.advance(600)
-    calls = len([r for r in emulator.requests if r["path"] == "/v2/event"])
-    worker.run_once()
-    assert len([r for r in emulator.requests if r["path"] == "/v2/event"]) == calls + 1
+
+    wait = worker.run_once()  # not due yet: no call, and the pass asks to be woken for it
+    assert pulls() == [500]
+    assert 0 < wait < IDLE_WAKE_S  # the backoff, well before the 600 s poll interval
+    clock.advance(wait)
+    assert worker.run_once() == IDLE_WAKE_S  # pulled; the next pull is 600 s away
+    assert pulls() == [500, 200]
 
 
 def test_the_thread_wakes_on_a_new_event_and_stops_cleanly(emulator, parts, store, clock):

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import taxid, validate
 from .bank import Rejected
-from .faults import DROP
+from .faults import DROP, SLOW
 
 __all__ = ["Api", "Reply"]
 
@@ -213,6 +213,9 @@ class Api:
         if self._knobs.latency_s:
             self._stopping.wait(self._knobs.latency_s)
         fault = self._faults.take(method, path)
+        if fault is not None and fault[0] == SLOW:
+            self._stopping.wait(fault[1])
+            fault = None
         drop = False
         if fault is not None and fault[0] != DROP:
             status, payload = fault[1], {"errors": [{"code": "injectedFault", "message": "injected by the emulator"}]}

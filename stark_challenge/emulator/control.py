@@ -36,7 +36,7 @@ from .api import Api
 from .auth import Projects
 from .bank import Bank, Ids, Rejected
 from .delivery import Courier
-from .faults import DROP, FAIL, Faults
+from .faults import DROP, FAIL, SLOW, Faults
 from .keys import EventKey, new_project_key
 from .knobs import Knobs
 from .proxy import ProxyServer, make_tls_context
@@ -327,6 +327,12 @@ class Emulator:
         """Perform the next count matching calls, then close the connection without
         answering: the client gets a connection error although the call took effect."""
         self._faults.add(DROP, method, path_prefix, count)
+
+    def answer_late(self, method, path_prefix, delay_s, count=1):
+        """Hold the next count matching calls delay_s seconds, then perform and answer them
+        as usual: with delay_s above the client's timeout, the client gives up while the
+        call still takes effect (shown in requests_in_flight meanwhile)."""
+        self._faults.add(SLOW, method, path_prefix, count, delay_s=delay_s)
 
     def clear_faults(self):
         """Forget pending fail_next / fail_next_after rules."""
