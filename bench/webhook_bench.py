@@ -81,7 +81,8 @@ from ellipticcurve import Ecdsa, PrivateKey, Signature  # noqa: E402
 
 from stark_challenge.emulator import Emulator  # noqa: E402
 from stark_challenge.invoicer import build_invoices  # noqa: E402
-from stark_challenge.store import open_read_only  # noqa: E402
+from stark_challenge.store import Store  # noqa: E402
+from stark_challenge.timing import utcnow  # noqa: E402
 
 LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")
 HOSTILE = os.path.join(ROOT, "bench", "hostile.py")
@@ -90,7 +91,7 @@ RESULTS = os.path.join(ROOT, "bench", "results.json")
 CONNECTIONS = 8  # keep-alive connections of the load generator; the service allows 32
 SATURATION_S = 6.0  # seconds of closed-loop load for the throughput figure
 RATE_S = 5.0  # seconds of each fixed-rate phase
-LOW_RATE = 50.0  # requests per second of the "offered 50/s" phase (issue #6)
+LOW_RATE = 50.0  # requests per second of the "offered 50/s" phase
 FORGED_AUTH = 3000  # requests with a wrong password: cheap, so many, for a CPU figure above the tick
 FORGED_SIGNATURE = 400  # requests with a well-formed signature of another body
 TRANSFERS_RATE = 100  # tagged credits offered at TRANSFER_RATE per second
@@ -256,7 +257,7 @@ def event_body(event):
 
 def credited_event(event_id, invoice):
     """Return an ``invoice`` / ``credited`` event dict for ``invoice`` (camelCase API JSON)."""
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+    now = utcnow().isoformat(timespec="microseconds")
     return {
         "id": event_id, "created": now, "isDelivered": False, "subscription": "invoice",
         "workspaceId": "1",
@@ -459,11 +460,11 @@ class Bench:
         raise RuntimeError(f"timed out waiting for {what}; service log:\n{self.service.tail()}")
 
     def _pending_events(self):
-        conn = open_read_only(self.db_path)
+        reader = Store(self.db_path, read_only=True)
         try:
-            return conn.execute("select count(*) from event where processed_at is null").fetchone()[0]
+            return reader.summary()["events"]["pending"]
         finally:
-            conn.close()
+            reader.close()
 
     def _drain(self):
         """Wait until the worker has processed every stored event; return the seconds it took."""
@@ -586,7 +587,7 @@ class Bench:
     def _tagged_credits(self, count):
         """Create ``count`` invoices tagged for the service, pay them; return their credited events."""
         rng = random.Random(count)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = utcnow()
         made = []
         for start in range(0, count, 100):
             chunk = build_invoices(rng, min(100, count - start), now, [INSTANCE_TAG, "bench"])
@@ -714,7 +715,7 @@ def machine():
         "ellipticcurve": getattr(ellipticcurve, "version", ""),
         "commit": commit,
         "loadavg_at_start": open("/proc/loadavg").read().split()[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utcnow().isoformat(timespec="seconds"),
     }
 
 
@@ -722,7 +723,7 @@ def machine():
 
 
 def verdicts(results):
-    """Return (metric, value, target, met) rows comparing the run with issue #6's targets."""
+    """Return (metric, value, target, met) rows comparing the run with the service's targets."""
     phases = results["phases"]
     verify = results["verify_cpu_ms"]
     ceiling = 1000 / verify

@@ -1,27 +1,24 @@
 """Command line: the only place that builds the service's objects and starts them.
 
-The README's two commands::
-
     python3 -m stark_challenge --emulator    # try it: a local Stark Bank and the service, no account
-    make test                                # the whole suite
+    python3 -m stark_challenge               # run against the Stark Bank project in the environment or .env
 
-Subcommands: run (the default), ``status``, ``check``, ``keygen``, ``webhook``.
+Here: the parser, the wiring of ``run`` (``app.App``) and its signals. The other
+subcommands (``status``, ``check``, ``keygen``, ``webhook``) are in ``commands``.
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import tempfile
 import threading
-import datetime
-from http import HTTPStatus
 
-from . import __version__, config as config_module, logs, report
-from .errors import BankError, BankRejected, ConfigError, StarkChallengeError
+from . import __version__, commands, config as config_module, logs, report
+from .commands import fail, load_config
+from .errors import ConfigError, StarkChallengeError
 
 logger = logging.getLogger("stark_challenge")
 
@@ -32,12 +29,6 @@ EMULATOR_DEFAULTS = {
     "EVENT_POLL_INTERVAL": "30s",
     "BANK_TIMEOUT": "5s",
 }
-SHUTDOWN_TIMEOUT_S = 5.0
-
-
-def utcnow():
-    """Return the current time, timezone-aware UTC."""
-    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def _variables_help():
@@ -106,194 +97,75 @@ def build_parser():
     return parser
 
 
-def _overrides(args):
-    found = {}
-    if args.host:
-        found["HOST"] = args.host
-    if args.port is not None:
-        found["PORT"] = str(args.port)
-    return found
-
-
-def load_config(args, require_credentials=True, extra=None):
-    """Return the Config for these arguments; raise ConfigError."""
-    return config_module.load(
-        dotenv_path=args.env_file,
-        overrides={**(extra or {}), **_overrides(args)},
-        require_credentials=require_credentials,
-        isatty=sys.stderr.isatty(),
-    )
-
-
-def configured_bank(args):
-    """Return (Config, Bank) with the SDK user set; raise ConfigError."""
-    from .bank import Bank
-
-    config = load_config(args)
-    bank = Bank(config)
-    bank.configure()
-    return config, bank
-
-
-def fail(message, status=2):
-    """Print ``message`` to stderr as one line, secrets redacted; return ``status`` (for ``return fail(...)``)."""
-    print(f"stark_challenge: {' '.join(logs.redact(message).split())}", file=sys.stderr)
-    return status
-
-
 # -- run ------------------------------------------------------------------------
 
 
-def _start_emulator(args):
-    """Start the built-in emulator; return (emulator, config) with the service pointed at it."""
-    from .emulator import Emulator  # only here: the service never imports the emulator otherwise
+def _route_sdk_through(emulator):
+    """Point this process's HTTPS calls at the emulator's proxy, trusting its CA.
 
-    emulator = Emulator(pay_ratio=0.6, pay_delay_s=4.0, transfer_delay_s=2.0).start()
-    project_id, private_key = emulator.create_project()
+    The one change to ``os.environ`` in the package: the SDK's HTTP library reads
+    HTTPS_PROXY and REQUESTS_CA_BUNDLE from there and nowhere else. The project's
+    credentials are not set here: ``_emulator_config`` passes them explicitly.
+    """
     os.environ.update({k: v for k, v in emulator.env().items() if not k.startswith("STARK_")})
+
+
+def _emulator_config(args, emulator):
+    """Return the Config of a try-it run against ``emulator``: its throwaway project, fast rounds unless set."""
+    project_id, private_key = emulator.create_project()
     env_file = config_module.read_dotenv(args.env_file) if args.env_file else {}
-    fast = {k: v for k, v in EMULATOR_DEFAULTS.items() if not (os.environ.get(k) or env_file.get(k))}
-    if not (os.environ.get("DATABASE_PATH") or env_file.get("DATABASE_PATH")):
+    given = lambda name: os.environ.get(name) or env_file.get(name)  # noqa: E731
+    fast = {k: v for k, v in EMULATOR_DEFAULTS.items() if not given(k)}
+    if not given("DATABASE_PATH"):
         directory = tempfile.mkdtemp(prefix="stark_challenge-")
         fast["DATABASE_PATH"] = os.path.join(directory, "stark_challenge.sqlite3")
     fast.update({"STARK_PROJECT_ID": project_id, "STARK_PRIVATE_KEY": private_key, "STARK_ENVIRONMENT": "sandbox"})
-    return emulator, load_config(args, extra=fast)
+    return load_config(args, extra=fast)
 
 
-class App:
-    """The service's objects, wired together; started and stopped in order.
-
-    Built from a Config, a configured Bank and an open Store. ``start()`` binds the
-    port (OSError if taken) and starts the worker and the schedule; ``stop()``
-    drains them all, bounded by SHUTDOWN_TIMEOUT_S each, and closes the store.
-    """
-
-    def __init__(self, config, bank, store):
-        from .invoicer import Invoicer
-        from .scheduler import Schedule
-        from .webhook import Intake
-        from .worker import Worker
-
-        self.config, self.bank, self.store = config, bank, store
-        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s)
-        self.schedule = Schedule(
-            store, job=lambda n, due_at: self.invoicer.issue_round(n, due_at),
-            interval_s=config.invoice_interval_s, duration_s=config.invoice_duration_s,
-        )
-        window = self.schedule.open()
-        done = [r for r in store.rounds() if r.state in ("issued", "failed")]
-        if done:
-            logger.info("recovery: resuming the schedule started %s (%d of its rounds already settled)",
-                        window["started_at"].isoformat(timespec="seconds"), len(done))
-        self.invoicer = Invoicer(
-            bank, store, config, window["schedule_id"], clock=utcnow,
-            retry_base_s=min(30.0, window["interval_s"] / 10),
-        )
-        self.intake = Intake(store, bank, config, clock=utcnow, on_event=self.worker.wake)
-        self.server = None
-        self.worker_started = threading.Event()  # set by start() once the worker thread runs
-
-    def health(self):
-        """Return (HTTPStatus, body) for GET /health: the status word only, for anyone who asks.
-
-        ``degraded`` (503) when the store does not answer or the worker thread is dead;
-        ``starting`` (200: webhooks are already taken) until the worker's first pass is
-        over; ``ok`` (200) otherwise. The details are in ``details()``, behind basic auth.
-        """
-        if not self.store.ping():
-            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded"}
-        if not self.worker_started.is_set():  # the port is bound a moment before the worker starts
-            return HTTPStatus.OK, {"status": "starting"}
-        if not self.worker.state()["alive"]:
-            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded"}
-        if self.worker.last_pass_at is None:
-            return HTTPStatus.OK, {"status": "starting"}
-        return HTTPStatus.OK, {"status": "ok"}
-
-    def details(self):
-        """Return the service's live details (version, store, scheduler, worker, key fetches) as a dict."""
-        store_ok = self.store.ping()
-        return {
-            "version": __version__,
-            "store": "ok" if store_ok else "unavailable",
-            "scheduler": self.schedule.state() if store_ok else None,
-            "worker": self.worker.state(),
-            "public_key_fetches": self.bank.keys.fetches,
-        }
-
-    def status_report(self):
-        """Return the status report dict (sd_notify STATUS=, and the body of GET /status with ``service``)."""
-        return report.build(self.store.summary(), utcnow())
-
-    def status_page(self):
-        """Return GET /status's body: the status report, and the live details under ``service``."""
-        return {**self.status_report(), "service": self.details()}
-
-    def healthy(self):
-        """Return True if the store answers and the worker and HTTP threads run (the watchdog's test)."""
-        serving = self.server is None or self.server.alive()
-        return serving and self.store.ping() and self.worker.state()["alive"]
-
-    def start(self):
-        """Bind the port, then start the worker and the schedule. Raise OSError if the port is taken."""
-        from .server import serve
-
-        c = self.config
-        self.server = serve(c.host, c.port, self.intake, self.health, self.status_page,
-                            c.max_connections, c.request_timeout_s)
-        logger.info("stark_challenge %s listening on %s:%d (%s, database %s)",
-                    __version__, c.host, self.server.port, c.environment, c.database_path)
-        self.worker.start()
-        self.worker_started.set()
-        self.schedule.start()
-
-    def stop(self):
-        """Stop accepting, finish in-flight work, close the store."""
-        # Ask the worker and the schedule first, so that they finish their current item
-        # while the server drains its requests; then wait for each (bounded).
-        self.worker.stop(timeout=0)
-        self.schedule.stop(timeout=0)
-        if self.server is not None:
-            self.server.stop(SHUTDOWN_TIMEOUT_S)
-        self.schedule.stop(SHUTDOWN_TIMEOUT_S)
-        self.worker.stop(SHUTDOWN_TIMEOUT_S)
-        self.store.close()
-
-
-def _catch_signals():
-    """Route SIGTERM and SIGINT to the returned Event (its ``signals`` list names them).
+class Signals:
+    """SIGTERM and SIGINT, caught: the first asks the service to stop, a second exits at once (status 1).
 
     Installed before any thread starts, so a signal during start-up is a clean stop,
-    not a kill. A second signal exits at once (status 1).
+    not a kill.
     """
-    stop = threading.Event()
-    stop.signals = []
 
-    def on_signal(signum, _frame):
-        stop.signals.append(signum)
+    def __init__(self):
+        self.received = []  # signal numbers, in order
+        self._stop = threading.Event()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, _frame):
+        self.received.append(signum)
         # os._exit skips atexit, so coverage cannot record this block; test_faults.py's
         # test_a_second_signal_forces_exit checks it in a real process.
-        if len(stop.signals) > 1:  # pragma: no cover
+        if len(self.received) > 1:  # pragma: no cover
             logger.error("second signal: exiting at once")
             os._exit(1)
-        stop.set()
+        self._stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
+    def wait(self, timeout):
+        """Return True once a signal came, False after ``timeout`` seconds without one."""
+        return self._stop.wait(timeout)
 
 
 def run(args):
     """Run the service until SIGTERM or SIGINT; return the exit status."""
+    from .app import App
     from .bank import Bank
     from .notify import Notifier
     from .store import Store, StoreError
 
-    stop = _catch_signals()  # first: a signal during start-up then stops cleanly once started
+    signals = Signals()  # first: a signal during start-up then stops cleanly once started
     emulator = None
     try:
         if args.emulator:
-            emulator, config = _start_emulator(args)
+            from .emulator import Emulator  # only here: the service never imports the emulator otherwise
+
+            emulator = Emulator(pay_ratio=0.6, pay_delay_s=4.0, transfer_delay_s=2.0).start()
+            _route_sdk_through(emulator)
+            config = _emulator_config(args, emulator)
         else:
             config = load_config(args)
         logs.setup(config.log_level, config.log_format)
@@ -321,9 +193,9 @@ def run(args):
         notifier.send(READY=1, STATUS=report.one_line(app.status_report()))
         notifier.start(healthy=app.healthy, status=lambda: report.one_line(app.status_report()))
 
-        while not stop.wait(1.0):
+        while not signals.wait(1.0):
             pass
-        logger.info("stopping (signal %d): finishing in-flight work", stop.signals[0])
+        logger.info("stopping (signal %d): finishing in-flight work", signals.received[0])
         notifier.send(STOPPING=1)
         notifier.stop()
         app.stop()
@@ -338,157 +210,15 @@ def run(args):
 
 def _register_emulator_webhook(bank, config, port):
     host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
-    userinfo = f"{config.webhook_username}:{config.webhook_password}@" if config.basic_auth else ""
-    hook = bank.create_webhook(f"http://{userinfo}{host}:{port}/webhook", ["invoice", "transfer"])
+    url = config_module.with_userinfo(f"http://{host}:{port}/webhook", config.webhook_username,
+                                      config.webhook_password)
+    hook = bank.create_webhook(url, ["invoice", "transfer"])
     logger.info("emulator: webhook %s registered for port %d; invoices are paid a few seconds after each round",
                 hook["id"], port)
 
 
-# -- other commands -------------------------------------------------------------
-
-
-def status(args):
-    """Print the status report from the database, read-only."""
-    from .store import StoreError, open_read_only, summarize
-
-    try:
-        config = load_config(args, require_credentials=False)
-        conn = open_read_only(config.database_path)
-    except ConfigError as e:
-        return fail(str(e))
-    except StoreError as e:
-        return fail(str(e), 1)
-    try:
-        data = report.build(summarize(conn), utcnow())
-    finally:
-        conn.close()
-    print(json.dumps(data, indent=2) if args.json else report.render(data))
-    return 0
-
-
-def check(args):
-    """Validate the configuration (and credentials, unless --offline); print the plan.
-
-    Exit 0 if all is well, 2 if a variable, the key or the credentials are wrong,
-    1 if Stark Bank could not be reached (nothing was proven either way).
-    """
-    from .scheduler import round_count
-
-    try:
-        config, bank = configured_bank(args)
-    except ConfigError as e:
-        return fail(str(e))
-    if not args.offline:
-        try:
-            bank.check_credentials()
-        except BankRejected as e:
-            return fail(str(e))
-        except BankError as e:  # no verdict on the configuration: a runtime failure
-            return fail(str(e), 1)
-    rounds = round_count(config.invoice_interval_s, config.invoice_duration_s)
-    window = "forever" if rounds is None else f"for {_duration(config.invoice_duration_s)} ({rounds} rounds)"
-    print(f"configuration ok{'' if args.offline else '; credentials accepted by Stark Bank'} ({config.environment})")
-    print(f"  rounds: {config.invoice_min}-{config.invoice_max} invoices every "
-          f"{_duration(config.invoice_interval_s)} {window}, tagged {config.instance_tag!r}")
-    print(f"  credits forwarded to: {config.transfer_name}, bank {config.transfer_bank_code}, "
-          f"branch {config.transfer_branch}, account {config.transfer_account} ({config.transfer_account_type})")
-    print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}")
-    print(f"  database: {config.database_path} ({_database_plan(config.database_path)})")
-    return 0
-
-
-def _duration(seconds):
-    """Return ``seconds`` as the configuration writes it, in the largest whole unit: 3h, 24h, 90s, 2d."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size * (2 if unit == "d" else 1) and seconds % size == 0:
-            return f"{seconds // size:g}{unit}"
-    return f"{seconds:g}s"
-
-
-def _database_plan(path):
-    """Return what a start would do with the database at ``path``: resume a window, or start one."""
-    from .store import StoreError, open_read_only, summarize
-
-    if not os.path.exists(path):
-        return "new: the first round is issued at start"
-    try:
-        conn = open_read_only(path)
-    except StoreError as e:
-        return f"unreadable: {e}"
-    try:
-        data = report.build(summarize(conn), utcnow())
-    finally:
-        conn.close()
-    r = data["rounds"]
-    if data.get("schedule") is None:
-        return "no schedule yet: the first round is issued at start"
-    return (f"resumes the schedule started {data['schedule']['started_at'][:19]}Z: "
-            f"{r['issued']} rounds issued, {r['due']} due")
-
-
-def keygen(args):
-    """Write a new key pair to args.dir, the private key with mode 0600; never overwrite a file."""
-    from .bank import new_key_pair
-
-    private_path = os.path.join(args.dir, "private-key.pem")
-    public_path = os.path.join(args.dir, "public-key.pem")
-    for path in (private_path, public_path):
-        if os.path.lexists(path):
-            return fail(f"{path} exists; not overwriting a key", 1)
-    private_pem, public_pem = new_key_pair()
-    try:
-        os.makedirs(args.dir, mode=0o700, exist_ok=True)
-        # O_EXCL: created here and now, with its mode from the start (no window at 0644).
-        for path, pem, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            os.fchmod(fd, mode)  # exactly this mode, whatever the umask
-            with os.fdopen(fd, "w") as f:
-                f.write(pem)
-    except OSError as e:
-        return fail(f"cannot write the keys to {args.dir}: {e.strerror}", 1)
-    print(f"private key: {private_path} (mode 0600; keep it secret, set STARK_PRIVATE_KEY to this path)")
-    print(f"public key:  {public_path}")
-    print("Upload the public key when you create the project at Stark Bank "
-          "(Integrations > New project), then set STARK_PROJECT_ID to the project's id.")
-    return 0
-
-
-def webhook(args):
-    """Register, list or delete webhook subscriptions at Stark Bank."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        config, bank = configured_bank(args)
-    except ConfigError as e:
-        return fail(str(e))
-    try:
-        if args.action == "register":
-            parts = urlsplit(args.url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                return fail("URL: expected http(s)://host/path")
-            url = args.url
-            if config.basic_auth and "@" not in parts.netloc:
-                from urllib.parse import quote
-
-                userinfo = f"{quote(config.webhook_username, safe='')}:{quote(config.webhook_password, safe='')}"
-                url = urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
-            hook = bank.create_webhook(url, ["invoice", "transfer"])
-            print(f"webhook {hook['id']} registered: {logs.redact(hook['url'])} ({', '.join(hook['subscriptions'])})")
-        elif args.action == "list":
-            hooks = bank.webhooks()
-            for hook in hooks:
-                print(f"{hook['id']}  {logs.redact(hook['url'])}  {', '.join(hook['subscriptions'])}")
-            if not hooks:
-                print("no webhooks")
-        else:
-            hook = bank.delete_webhook(args.id)
-            print(f"webhook {hook['id']} deleted")
-    except BankError as e:
-        return fail(str(e), 1)
-    return 0
-
-
-COMMANDS = {None: run, "run": run, "status": status, "check": check, "keygen": keygen, "webhook": webhook}
+COMMANDS = {None: run, "run": run, "status": commands.status, "check": commands.check,
+            "keygen": commands.keygen, "webhook": commands.webhook}
 
 
 def main(argv=None):

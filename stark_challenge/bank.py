@@ -33,7 +33,7 @@ __all__ = ["Bank", "KeyCache", "KEY_REFRESH_S"]
 logger = logging.getLogger(__name__)
 
 # A failed verification may mean Stark Bank rotated its key; refetch it at most this often,
-# so a flood of forged requests costs at most one outbound call a minute (issue #2).
+# so a flood of forged requests costs at most one outbound call a minute.
 KEY_REFRESH_S = 60.0
 # With no key at all (Stark Bank unreachable at start), try again at most this often.
 KEY_RETRY_S = 5.0

@@ -1,6 +1,7 @@
 """Configuration: one frozen ``Config`` read from the environment and a ``.env`` file.
 
-``load()`` reads every variable, validates it and raises ``ConfigError`` naming the
+``load()`` reads every variable with the parser ``VARIABLES`` gives it (bounds
+included), then its cross-field rule if it has one, and raises ``ConfigError`` naming the
 first bad variable and what is wrong with it, never its value (values may be secrets).
 The real environment wins over ``.env``. ``VARIABLES`` is the single table that
 ``--help`` and the README are written from. This module reads files but starts nothing.
@@ -9,59 +10,147 @@ The real environment wins over ``.env``. ``VARIABLES`` is the single table that
 import dataclasses
 import os
 import re
+import urllib.parse
 from typing import NamedTuple
 
 from .errors import ConfigError
-from .people import is_valid_tax_id
+from .taxid import is_valid_tax_id
 
-__all__ = ["Config", "VARIABLES", "load", "parse_duration", "read_dotenv"]
+__all__ = ["Config", "VARIABLES", "load", "parse_duration", "format_duration", "with_userinfo", "read_dotenv"]
 
 
 class Variable(NamedTuple):
-    """One configuration variable, as documented in --help and the README."""
+    """One configuration variable: as documented in --help and the README, and how it is read."""
 
     name: str
     default: str  # "" = unset
     help: str
+    field: str  # the Config field it fills
+    parse: object  # (text) -> value; raises ValueError saying what is wrong, never quoting the value
+    check: object = None  # (values so far, by field) -> None, or raises ValueError: a cross-field rule
 
 
+def _text(text):
+    return text.strip()
+
+
+def _one_of(choices, message, case=str.lower, default=None):
+    def parse(text):
+        value = case(text.strip()) or default
+        if value not in choices:
+            raise ValueError(message)
+        return value
+    return parse
+
+
+def _matching(pattern, message, strip=True):
+    def parse(text):
+        value = text.strip() if strip else text
+        if value and not re.fullmatch(pattern, value):
+            raise ValueError(message)
+        return value
+    return parse
+
+
+def _whole(low, high):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+    return parse
+
+
+def _seconds(allow_zero):
+    def parse(text):
+        value = parse_duration(text)
+        if value == 0 and not allow_zero:
+            raise ValueError("must be more than 0")
+        return value
+    return parse
+
+
+def _tax_id(text):
+    if not is_valid_tax_id(text.strip()):
+        raise ValueError("not a valid CPF or CNPJ (check digits)")
+    return text.strip()
+
+
+def _not_empty(text):
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _auth_pair(values):
+    if bool(values["webhook_username"]) != bool(values["webhook_password"]):
+        raise ConfigError("WEBHOOK_USERNAME and WEBHOOK_PASSWORD: set both or neither")
+
+
+def _round_bounds(values):
+    if values["invoice_min"] > values["invoice_max"]:
+        raise ConfigError("INVOICE_MIN: must not be more than INVOICE_MAX")
+
+
+# Stark Bank accepts at most 100 invoices per call; rounds above that are sent in chunks,
+# but a round of more than this is surely a typo.
+MAX_ROUND_SIZE = 10_000
+ACCOUNT_TYPES = ("checking", "savings", "salary", "payment")
+
+V = Variable
 VARIABLES = (
-    Variable("STARK_PROJECT_ID", "", "Stark Bank project id (required unless --emulator)"),
-    Variable("STARK_PRIVATE_KEY", "", "the project's private key: a PEM file path or the PEM text (required unless --emulator)"),
-    Variable("STARK_ENVIRONMENT", "sandbox", "sandbox or production"),
-    Variable("HOST", "0.0.0.0", "address the HTTP server listens on"),
-    Variable("PORT", "8000", "port the HTTP server listens on"),
-    Variable("WEBHOOK_USERNAME", "", "with WEBHOOK_PASSWORD: HTTP basic auth required on POST /webhook and GET /status"),
-    Variable("WEBHOOK_PASSWORD", "", "see WEBHOOK_USERNAME"),
-    Variable("INVOICE_INTERVAL", "3h", "time between rounds: seconds or a number with s/m/h/d"),
-    Variable("INVOICE_MIN", "8", "fewest invoices in a round"),
-    Variable("INVOICE_MAX", "12", "most invoices in a round"),
-    Variable("INVOICE_DURATION", "24h", "how long rounds go on after the first; 0 = forever"),
-    Variable("TRANSFER_BANK_CODE", "20018183", "receiver of forwarded money: bank code (ISPB or 3-digit code)"),
-    Variable("TRANSFER_BRANCH", "0001", "receiver: branch"),
-    Variable("TRANSFER_ACCOUNT", "6341320293482496", "receiver: account number"),
-    Variable("TRANSFER_NAME", "Stark Bank S.A.", "receiver: name"),
-    Variable("TRANSFER_TAX_ID", "20.018.183/0001-80", "receiver: CPF or CNPJ"),
-    Variable("TRANSFER_ACCOUNT_TYPE", "payment", "receiver: checking, savings, salary or payment"),
-    Variable("DATABASE_PATH", "", "SQLite file of the service's state (default: $STATE_DIRECTORY/stark_challenge.sqlite3, else ./stark_challenge.sqlite3)"),
-    Variable("INSTANCE_TAG", "stark-challenge", "tag on every invoice this deployment issues; only their credits are forwarded"),
-    Variable("EVENT_POLL_INTERVAL", "10m", "how often undelivered events are pulled from Stark Bank; 0 = only at start-up"),
-    Variable("BANK_TIMEOUT", "15s", "timeout of every call to Stark Bank"),
-    Variable("MAX_CONNECTIONS", "32", "HTTP requests handled at once (one thread each) and as many queued; "
-                                       "more get 503; 16 connections held per thread while they send"),
-    Variable("REQUEST_TIMEOUT", "10s", "a request must arrive whole within this of its first byte, and an idle "
-                                       "connection is closed after it"),
-    Variable("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Variable("LOG_FORMAT", "", "text or json (default: text on a terminal, json otherwise)"),
+    V("STARK_PROJECT_ID", "", "Stark Bank project id (required unless --emulator)", "project_id",
+      _matching(r"[0-9A-Za-z_-]{1,64}", "must be the project's id (letters, digits)")),
+    V("STARK_PRIVATE_KEY", "", "the project's private key: a PEM file path or the PEM text (required unless --emulator)",
+      "private_key", lambda text: _read_private_key(text.strip())),
+    V("STARK_ENVIRONMENT", "sandbox", "sandbox or production", "environment", _one_of(("sandbox", "production"), "must be sandbox or production")),
+    V("HOST", "0.0.0.0", "address the HTTP server listens on", "host", _text),
+    V("PORT", "8000", "port the HTTP server listens on", "port", _whole(0, 65535)),
+    V("WEBHOOK_USERNAME", "", "with WEBHOOK_PASSWORD: HTTP basic auth required on POST /webhook and GET /status",
+      "webhook_username", _matching(r"[^:]*", "must not contain ':'", strip=False)),
+    V("WEBHOOK_PASSWORD", "", "see WEBHOOK_USERNAME", "webhook_password", str, _auth_pair),
+    V("INVOICE_INTERVAL", "3h", "time between rounds: seconds or a number with s/m/h/d", "invoice_interval_s",
+      _seconds(allow_zero=False)),
+    V("INVOICE_MIN", "8", "fewest invoices in a round", "invoice_min", _whole(1, MAX_ROUND_SIZE)),
+    V("INVOICE_MAX", "12", "most invoices in a round", "invoice_max", _whole(1, MAX_ROUND_SIZE), _round_bounds),
+    V("INVOICE_DURATION", "24h", "how long rounds go on after the first; 0 = forever", "invoice_duration_s",
+      _seconds(allow_zero=True)),
+    V("TRANSFER_BANK_CODE", "20018183", "receiver of forwarded money: bank code (ISPB or 3-digit code)",
+      "transfer_bank_code", _matching(r"\d{3}|\d{8}", "must be an 8-digit ISPB or a 3-digit bank code")),
+    V("TRANSFER_BRANCH", "0001", "receiver: branch", "transfer_branch",
+      _matching(r"\d{1,6}(-\d)?", "must be digits, optionally with -digit")),
+    V("TRANSFER_ACCOUNT", "6341320293482496", "receiver: account number", "transfer_account",
+      _matching(r"\d{1,20}(-[0-9Xx])?", "must be digits, optionally with -digit")),
+    V("TRANSFER_NAME", "Stark Bank S.A.", "receiver: name", "transfer_name", _not_empty),
+    V("TRANSFER_TAX_ID", "20.018.183/0001-80", "receiver: CPF or CNPJ", "transfer_tax_id", _tax_id),
+    V("TRANSFER_ACCOUNT_TYPE", "payment", "receiver: checking, savings, salary or payment", "transfer_account_type",
+      _one_of(ACCOUNT_TYPES, "must be one of " + ", ".join(ACCOUNT_TYPES), case=str)),
+    V("DATABASE_PATH", "", "SQLite file of the service's state (default: $STATE_DIRECTORY/stark_challenge.sqlite3, "
+      "else ./stark_challenge.sqlite3)", "database_path", _text),
+    V("INSTANCE_TAG", "stark-challenge", "tag on every invoice this deployment issues; only their credits are "
+      "forwarded", "instance_tag",
+      _matching(r"[a-z0-9][a-z0-9_-]{0,39}", "lowercase letters, digits, - and _, at most 40")),
+    V("EVENT_POLL_INTERVAL", "10m", "how often undelivered events are pulled from Stark Bank; 0 = only at start-up",
+      "event_poll_interval_s", _seconds(allow_zero=True)),
+    V("BANK_TIMEOUT", "15s", "timeout of every call to Stark Bank", "bank_timeout_s", _seconds(allow_zero=False)),
+    V("MAX_CONNECTIONS", "32", "HTTP requests handled at once (one thread each) and as many queued; "
+                               "more get 503; 16 connections held per thread while they send",
+      "max_connections", _whole(1, 1024)),
+    V("REQUEST_TIMEOUT", "10s", "a request must arrive whole within this of its first byte, and an idle "
+                                "connection is closed after it", "request_timeout_s", _seconds(allow_zero=False)),
+    V("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", "log_level",
+      _one_of(("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR", case=str.upper)),
+    V("LOG_FORMAT", "", "text or json (default: text on a terminal, json otherwise)", "log_format",
+      _one_of(("text", "json"), "must be text or json")),
 )
+del V
 
 DEFAULTS = {v.name: v.default for v in VARIABLES}
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-ACCOUNT_TYPES = ("checking", "savings", "salary", "payment")
-# Stark Bank accepts at most 100 invoices per call; rounds above that are sent in chunks,
-# but a round of more than this is surely a typo.
-MAX_ROUND_SIZE = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +195,26 @@ def parse_duration(text):
     if not match:
         raise ValueError("expected seconds or a number with s/m/h/d, e.g. 3h or 90s")
     return float(match.group(1)) * _UNITS.get(match.group(2) or "s")
+
+
+def format_duration(seconds):
+    """Return ``seconds`` as the configuration writes it, in the largest whole unit: 3h, 24h, 90s, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit == "d" else 1) and seconds % size == 0:
+            return f"{seconds // size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def with_userinfo(url, username, password):
+    """Return ``url`` carrying ``username:password@`` (each quoted), as Stark Bank's webhook URLs take basic auth.
+
+    Unchanged if either is empty or the URL has userinfo already.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if not (username and password) or "@" in parts.netloc:
+        return url
+    userinfo = f"{urllib.parse.quote(username, safe='')}:{urllib.parse.quote(password, safe='')}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
 
 def read_dotenv(path):
@@ -153,26 +262,6 @@ def _read_private_key(value):
     return text
 
 
-def _int(env, name, low, high):
-    try:
-        value = int(env[name])
-    except ValueError:
-        raise ConfigError(f"{name}: must be a whole number") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}: must be between {low} and {high}")
-    return value
-
-
-def _duration(env, name, allow_zero):
-    try:
-        value = parse_duration(env[name])
-    except ValueError as e:
-        raise ConfigError(f"{name}: {e}") from None
-    if value == 0 and not allow_zero:
-        raise ConfigError(f"{name}: must be more than 0")
-    return value
-
-
 def _default_database_path(environ):
     # systemd's StateDirectory= sets STATE_DIRECTORY, colon-separated when several.
     state_dir = environ.get("STATE_DIRECTORY", "").split(":")[0]
@@ -184,94 +273,34 @@ def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=T
 
     ``environ`` (default ``os.environ``) wins over the ``.env`` file at ``dotenv_path``;
     ``overrides`` (from command-line flags) win over both. Empty values count as unset.
-    With ``require_credentials`` false (the emulator supplies them), the Stark Bank
+    With ``require_credentials`` false (``status`` reads only the database), the Stark Bank
     project variables may be missing.
     """
     environ = dict(os.environ if environ is None else environ)
     env = dict(DEFAULTS)
     merged = {**(read_dotenv(dotenv_path) if dotenv_path else {}), **environ, **(overrides or {})}
     env.update({k: v for k, v in merged.items() if k in DEFAULTS and v != ""})
+    if not env["LOG_FORMAT"].strip():
+        env["LOG_FORMAT"] = "text" if isatty else "json"
 
-    project_id = env["STARK_PROJECT_ID"].strip()
-    private_key = _read_private_key(env["STARK_PRIVATE_KEY"].strip())
-    if require_credentials and not (project_id and private_key):
-        missing = "STARK_PROJECT_ID" if not project_id else "STARK_PRIVATE_KEY"
+    values = {}
+    for variable in VARIABLES:
+        try:
+            values[variable.field] = variable.parse(env[variable.name])
+        except ValueError as e:
+            raise ConfigError(f"{variable.name}: {e}") from None
+        if variable.field == "private_key":
+            _require_credentials(values, require_credentials)
+        if variable.check is not None:
+            variable.check(values)
+    values["database_path"] = values["database_path"] or _default_database_path(environ)
+    return Config(**values)
+
+
+def _require_credentials(values, required):
+    if required and not (values["project_id"] and values["private_key"]):
+        missing = "STARK_PROJECT_ID" if not values["project_id"] else "STARK_PRIVATE_KEY"
         raise ConfigError(
             f"{missing}: not set. Set STARK_PROJECT_ID and STARK_PRIVATE_KEY "
             "(environment or .env), or try the service with --emulator"
         )
-    if project_id and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", project_id):
-        raise ConfigError("STARK_PROJECT_ID: must be the project's id (letters, digits)")
-
-    environment = env["STARK_ENVIRONMENT"].strip().lower()
-    if environment not in ("sandbox", "production"):
-        raise ConfigError("STARK_ENVIRONMENT: must be sandbox or production")
-
-    username, password = env["WEBHOOK_USERNAME"], env["WEBHOOK_PASSWORD"]
-    if bool(username) != bool(password):
-        raise ConfigError("WEBHOOK_USERNAME and WEBHOOK_PASSWORD: set both or neither")
-    if ":" in username:
-        raise ConfigError("WEBHOOK_USERNAME: must not contain ':'")
-
-    invoice_min = _int(env, "INVOICE_MIN", 1, MAX_ROUND_SIZE)
-    invoice_max = _int(env, "INVOICE_MAX", 1, MAX_ROUND_SIZE)
-    if invoice_min > invoice_max:
-        raise ConfigError("INVOICE_MIN: must not be more than INVOICE_MAX")
-
-    tax_id = env["TRANSFER_TAX_ID"].strip()
-    if not is_valid_tax_id(tax_id):
-        raise ConfigError("TRANSFER_TAX_ID: not a valid CPF or CNPJ (check digits)")
-    bank_code = env["TRANSFER_BANK_CODE"].strip()
-    if not re.fullmatch(r"\d{3}|\d{8}", bank_code):
-        raise ConfigError("TRANSFER_BANK_CODE: must be an 8-digit ISPB or a 3-digit bank code")
-    branch = env["TRANSFER_BRANCH"].strip()
-    if not re.fullmatch(r"\d{1,6}(-\d)?", branch):
-        raise ConfigError("TRANSFER_BRANCH: must be digits, optionally with -digit")
-    account = env["TRANSFER_ACCOUNT"].strip()
-    if not re.fullmatch(r"\d{1,20}(-[0-9Xx])?", account):
-        raise ConfigError("TRANSFER_ACCOUNT: must be digits, optionally with -digit")
-    account_type = env["TRANSFER_ACCOUNT_TYPE"].strip()
-    if account_type not in ACCOUNT_TYPES:
-        raise ConfigError("TRANSFER_ACCOUNT_TYPE: must be one of " + ", ".join(ACCOUNT_TYPES))
-    name = env["TRANSFER_NAME"].strip()
-    if not name:
-        raise ConfigError("TRANSFER_NAME: must not be empty")
-
-    instance_tag = env["INSTANCE_TAG"].strip()
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", instance_tag):
-        raise ConfigError("INSTANCE_TAG: lowercase letters, digits, - and _, at most 40")
-
-    log_level = env["LOG_LEVEL"].strip().upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError("LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
-    log_format = env["LOG_FORMAT"].strip().lower() or ("text" if isatty else "json")
-    if log_format not in ("text", "json"):
-        raise ConfigError("LOG_FORMAT: must be text or json")
-
-    return Config(
-        project_id=project_id,
-        private_key=private_key,
-        environment=environment,
-        host=env["HOST"].strip(),
-        port=_int(env, "PORT", 0, 65535),
-        webhook_username=username,
-        webhook_password=password,
-        invoice_interval_s=_duration(env, "INVOICE_INTERVAL", allow_zero=False),
-        invoice_min=invoice_min,
-        invoice_max=invoice_max,
-        invoice_duration_s=_duration(env, "INVOICE_DURATION", allow_zero=True),
-        transfer_bank_code=bank_code,
-        transfer_branch=branch,
-        transfer_account=account,
-        transfer_name=name,
-        transfer_tax_id=tax_id,
-        transfer_account_type=account_type,
-        database_path=env["DATABASE_PATH"].strip() or _default_database_path(environ),
-        instance_tag=instance_tag,
-        event_poll_interval_s=_duration(env, "EVENT_POLL_INTERVAL", allow_zero=True),
-        bank_timeout_s=_duration(env, "BANK_TIMEOUT", allow_zero=False),
-        max_connections=_int(env, "MAX_CONNECTIONS", 1, 1024),
-        request_timeout_s=_duration(env, "REQUEST_TIMEOUT", allow_zero=False),
-        log_level=log_level,
-        log_format=log_format,
-    )

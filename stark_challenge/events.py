@@ -1,7 +1,9 @@
-"""Events: what a stored Stark Bank event means for our state, and its shape check.
+"""Events: how a Stark Bank event enters the store, and what it means for our state.
 
-``check_shape`` decides whether a webhook body is an event we can store (the
-webhook answers 400 otherwise). ``process`` applies one stored event to the store.
+``check_shape`` decides whether a document is an event we can store (the webhook
+answers 400 otherwise) and returns it as an ``Event``; ``accept`` stores it, the
+one way in for both the webhook and the worker's pull. ``process`` applies one
+stored event to the store.
 
 A valid signature proves that Stark Bank sent an event, not that it is about our
 money: Stark Bank signs every workspace's events with one key, and anyone with a
@@ -42,10 +44,10 @@ import logging
 import re
 from typing import NamedTuple
 
-from .people import mask_tax_id
+from .taxid import mask_tax_id
 
-__all__ = ["check_shape", "check_amounts", "process", "question", "external_id", "entity_of", "Facts", "Question",
-           "NO_FACTS", "NOT_OURS", "NOT_OURS_TRANSFER"]
+__all__ = ["Event", "check_shape", "accept", "check_amounts", "process", "question", "external_id", "Facts",
+           "Question", "NO_FACTS", "NOT_OURS", "NOT_OURS_TRANSFER"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,18 @@ def external_id(instance_tag, invoice_id, attempt):
     return base if attempt == 1 else f"{base}-{attempt}"
 
 
+class Event(NamedTuple):
+    """An event received from Stark Bank whose shape is checked, ready to be stored."""
+
+    id: str
+    subscription: str  # 'invoice', 'transfer', ...
+    log_type: str  # 'credited', 'success', ...
+    entity_id: str  # the id of the invoice or transfer it is about, '' for other subscriptions
+    body: dict  # the event as received (camelCase, as Stark Bank sends it)
+
+
 def check_shape(document):
-    """Return the event dict inside a webhook body, or raise ValueError saying what is wrong.
+    """Return the Event inside a webhook body, or raise ValueError saying what is wrong.
 
     The body must be ``{"event": {"id": str, "subscription": str, "log": {"type": str, ...}}}``;
     for ``invoice`` and ``transfer`` events the log must carry the entity with its id.
@@ -86,13 +98,27 @@ def check_shape(document):
         entity = log.get(event["subscription"])
         if not isinstance(entity, dict) or not isinstance(entity.get("id"), str):
             raise ValueError(f"event.log.{event['subscription']}.id must be a string")
-    return event
+    entity = log.get(event["subscription"])
+    entity_id = entity.get("id", "") if isinstance(entity, dict) else ""
+    return Event(event["id"], event["subscription"], log["type"], entity_id, event)
 
 
-def entity_of(event):
-    """Return the id of the invoice or transfer an event is about, or '' for other subscriptions."""
-    entity = event.get("log", {}).get(event.get("subscription"))
-    return entity.get("id", "") if isinstance(entity, dict) else ""
+def accept(store, event, source, now, on_new=None):
+    """Store an Event received from Stark Bank (``source``: 'webhook' or 'pull'); return True if new.
+
+    The one way an event enters the store: same deduplication (by event id), same
+    log line, and ``on_new()`` (the worker's wake-up) after a new one is committed.
+    Raise StoreError if the store cannot write.
+    """
+    new = store.add_event(event, source, now)
+    if new:
+        logger.info("%s accepted: event %s, %s %s %s", source, event.id, event.subscription, event.log_type,
+                    event.entity_id)
+        if on_new is not None:
+            on_new()
+    else:
+        logger.info("%s accepted: event %s again (already stored)", source, event.id)
+    return new
 
 
 # Larger amounts are not money but bad data, and would not fit SQLite's 64-bit integers.

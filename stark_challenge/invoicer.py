@@ -23,14 +23,17 @@ import logging
 import random
 from typing import NamedTuple, Optional
 
+from .bank import MAX_PER_CALL
 from .errors import BankRejected, BankUnavailable
-from .people import mask_tax_id, random_amount, random_person
+from .people import random_amount, random_person
+from .report import reais
+from .taxid import mask_tax_id
+from .timing import backoff
 
-__all__ = ["Invoicer", "Outcome", "build_invoices", "round_tags", "CHUNK_SIZE"]
+__all__ = ["Invoicer", "Outcome", "build_invoices", "round_tags"]
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SIZE = 100  # Stark Bank's limit of invoices per create call
 DUE_AFTER = datetime.timedelta(days=2)  # payers get two days, like a PIX charge
 EXPIRATION_S = 7 * 86400  # then a week more before the invoice expires
 # A round is tried at most this many times; between tries, exponential backoff.
@@ -67,10 +70,6 @@ def build_invoices(rng, count, now, tags):
             "tags": list(tags),
         })
     return invoices
-
-
-def _reais(cents):
-    return f"R$ {cents // 100:,}.{cents % 100:02d}"
 
 
 class Invoicer:
@@ -111,7 +110,7 @@ class Invoicer:
         late = (now - due_at).total_seconds()
         logger.info(
             "round %d issued: %d invoices, total %s%s",
-            n, issued.count, _reais(issued.total), f" ({late:.0f} s late)" if late >= 60 else "",
+            n, issued.count, reais(issued.total), f" ({late:.0f} s late)" if late >= 60 else "",
         )
         return Outcome("issued", None)
 
@@ -130,7 +129,7 @@ class Invoicer:
 
     def _issue_chunks(self, n, planned, reconcile):
         recorded = self._store.recorded_chunks(n)
-        chunks = (planned + CHUNK_SIZE - 1) // CHUNK_SIZE
+        chunks = (planned + MAX_PER_CALL - 1) // MAX_PER_CALL
         for chunk in range(chunks):
             if chunk in recorded:
                 continue
@@ -141,12 +140,12 @@ class Invoicer:
                     logger.info("round %d chunk %d: found %d invoices created by an earlier attempt", n, chunk, len(found))
                     self._store.record_invoices(n, chunk, found, self._clock())
                     continue
-            size = min(CHUNK_SIZE, planned - chunk * CHUNK_SIZE)
+            size = min(MAX_PER_CALL, planned - chunk * MAX_PER_CALL)
             invoices = build_invoices(self._rng, size, self._clock(), tags)
             created = self._bank.create_invoices(invoices)
             self._store.record_invoices(n, chunk, created, self._clock())
             for inv in created:
-                logger.debug("invoice %s: %s to %s", inv["id"], _reais(inv["amount"]), mask_tax_id(inv["tax_id"]))
+                logger.debug("invoice %s: %s to %s", inv["id"], reais(inv["amount"]), mask_tax_id(inv["tax_id"]))
 
     def _retry_or_fail(self, n, attempt, error):
         now = self._clock()
@@ -156,8 +155,7 @@ class Invoicer:
             self._store.fail_round(n, detail, now)
             logger.error("round %d failed after %d attempts, giving up: %s", n, attempt, detail)
             return Outcome("failed", None)
-        delay = min(MAX_BACKOFF_S, self._retry_base_s * 2 ** (attempt - 1))
-        delay *= 0.5 + self._rng.random() / 2  # jitter: 50-100% of the backoff
+        delay = backoff(attempt, self._retry_base_s, MAX_BACKOFF_S, self._rng)
         retry_at = now + datetime.timedelta(seconds=delay)
         self._store.retry_round(n, detail, retry_at, now)
         logger.warning("round %d attempt %d failed, retrying in %.0f s: %s", n, attempt, delay, detail)

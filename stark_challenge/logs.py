@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from .people import mask_tax_id
+from .taxid import mask_tax_id
 
 __all__ = ["setup", "redact", "TextFormatter", "JsonFormatter", "Throttle"]
 
@@ -48,7 +48,7 @@ _TAX_ID = re.compile(
 def redact(text):
     """Return ``text`` with private keys, Authorization values, URL passwords and tax ids hidden.
 
-    Tax ids are masked as ``people.mask_tax_id`` does (``***.456.789-**``), so a line
+    Tax ids are masked as ``taxid.mask_tax_id`` does (``***.456.789-**``), so a line
     still tells two payers apart.
     """
     for pattern, replacement in _SECRETS:
@@ -94,7 +94,7 @@ class Throttle:
     last one logged are only counted, and the next line logged says how many were
     held back. Made for refusals:
     logging each one of a flood of forged requests costs more CPU than refusing it
-    (issue #6), and would fill the disk for whoever sends them. ``clock`` is monotonic
+    and would fill the disk for whoever sends them. ``clock`` is monotonic
     seconds. Thread-safe; the kinds are the call sites' literals, so the state is bounded.
     """
 

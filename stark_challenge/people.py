@@ -1,16 +1,17 @@
 """Random but realistic payers: Brazilian names, valid CPF/CNPJ tax ids, invoice amounts.
 
-Pure functions of a ``random.Random`` passed in, so tests can seed them. Also the
-check-digit validation and the masking used in logs. Imports nothing from the package.
+Pure functions of a ``random.Random`` passed in, so tests can seed them. The tax
+ids' check digits come from ``taxid``.
 
 >>> import random
->>> rng = random.Random(7)
->>> is_valid_tax_id(random_cpf(rng))
+>>> from stark_challenge.taxid import is_valid_tax_id
+>>> is_valid_tax_id(random_cpf(random.Random(7)))
 True
 """
 
-import re
 from typing import NamedTuple
+
+from .taxid import cnpj_digits, cpf_digits
 
 __all__ = [
     "Person",
@@ -18,8 +19,6 @@ __all__ = [
     "random_cpf",
     "random_cnpj",
     "random_amount",
-    "is_valid_tax_id",
-    "mask_tax_id",
 ]
 
 FIRST_NAMES = (
@@ -56,24 +55,6 @@ class Person(NamedTuple):
     tax_id: str  # formatted CPF (000.000.000-00) or CNPJ (00.000.000/0000-00)
 
 
-def _check_digit(digits, weights):
-    remainder = sum(d * w for d, w in zip(digits, weights)) % 11
-    return 0 if remainder < 2 else 11 - remainder
-
-
-def _cpf_digits(base):
-    first = _check_digit(base, range(10, 1, -1))
-    second = _check_digit(base + [first], range(11, 1, -1))
-    return base + [first, second]
-
-
-def _cnpj_digits(base):
-    weights = [5, 4, 3, 2, 9, 8, 7, 6, 5, 4, 3, 2]
-    first = _check_digit(base, weights)
-    second = _check_digit(base + [first], [6] + weights)
-    return base + [first, second]
-
-
 def random_cpf(rng):
     """Return a random valid CPF, formatted as 000.000.000-00.
 
@@ -84,7 +65,7 @@ def random_cpf(rng):
         base = [rng.randrange(10) for _ in range(9)]
         if len(set(base)) > 1:
             break
-    d = "".join(map(str, _cpf_digits(base)))
+    d = "".join(map(str, cpf_digits(base)))
     return f"{d[0:3]}.{d[3:6]}.{d[6:9]}-{d[9:]}"
 
 
@@ -94,7 +75,7 @@ def random_cnpj(rng):
         root = [rng.randrange(10) for _ in range(8)]
         if len(set(root)) > 1:
             break
-    d = "".join(map(str, _cnpj_digits(root + [0, 0, 0, 1])))
+    d = "".join(map(str, cnpj_digits(root + [0, 0, 0, 1])))
     return f"{d[0:2]}.{d[2:5]}.{d[5:8]}/{d[8:12]}-{d[12:]}"
 
 
@@ -119,31 +100,3 @@ def random_amount(rng):
     if rng.random() < 0.7:
         value -= value % 100
     return max(MIN_AMOUNT, min(MAX_AMOUNT, value))
-
-
-def is_valid_tax_id(tax_id):
-    """Return True if ``tax_id`` is a CPF or CNPJ with correct check digits, formatted or bare."""
-    if not isinstance(tax_id, str) or not re.fullmatch(r"[0-9./\- ]+", tax_id):
-        return False
-    digits = [int(c) for c in tax_id if c.isdigit()]
-    if len(digits) == 11:
-        return len(set(digits)) > 1 and _cpf_digits(digits[:9]) == digits
-    if len(digits) == 14:
-        return len(set(digits)) > 1 and _cnpj_digits(digits[:12]) == digits
-    return False
-
-
-def mask_tax_id(tax_id):
-    """Return ``tax_id`` with all but its middle digits hidden, for logs: ***.456.789-** ."""
-    if not isinstance(tax_id, str):
-        return "***"
-    digits = [c for c in tax_id if c.isdigit()]
-    keep = range(3, 9) if len(digits) == 11 else range(2, 8) if len(digits) == 14 else range(0)
-    out, i = [], 0
-    for c in tax_id:
-        if c.isdigit():
-            out.append(c if i in keep else "*")
-            i += 1
-        else:
-            out.append(c)
-    return "".join(out)

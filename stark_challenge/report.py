@@ -9,12 +9,13 @@ in the table. Pure: it reads no database and no clock of its own.
 import datetime
 
 from .scheduler import round_count
-from .store import FAILED_STATES, OPEN_STATES
+from . import transfer_states
 
-__all__ = ["build", "render", "one_line"]
+__all__ = ["build", "render", "one_line", "reais"]
 
 
-def _reais(cents):
+def reais(cents):
+    """Return cents as reais for people to read: R$ 1,234.56, -R$ 0.50."""
     sign = "-" if cents < 0 else ""
     cents = abs(cents)
     return f"{sign}R$ {cents // 100:,}.{cents % 100:02d}"
@@ -36,7 +37,7 @@ def build(summary, now):
         rounds["due"], rounds["total"] = 0, None
     report["rounds"] = rounds
     transfers = summary["transfers"]
-    for name, states in (("transfers_pending", OPEN_STATES), ("transfers_failed", FAILED_STATES)):
+    for name, states in (("transfers_pending", transfer_states.OPEN), ("transfers_failed", transfer_states.FAILED)):
         report[name] = {
             "count": sum(transfers.get(s, {}).get("count", 0) for s in states),
             "amount": sum(transfers.get(s, {}).get("amount", 0) for s in states),
@@ -56,18 +57,18 @@ def render(report):
     invoices = report["invoices"]
     count = sum(v["count"] for v in invoices.values())
     amount = sum(v["amount"] for v in invoices.values())
-    lines.append(("invoices", f"{count} issued, {_reais(amount)}"))
+    lines.append(("invoices", f"{count} issued, {reais(amount)}"))
     for status in sorted(invoices):
-        lines.append((f"  {status}", f"{invoices[status]['count']}, {_reais(invoices[status]['amount'])}"))
+        lines.append((f"  {status}", f"{invoices[status]['count']}, {reais(invoices[status]['amount'])}"))
     c = report["credits"]
-    lines.append(("credited", f"{c['count']} invoices, {_reais(c['amount'])}"))
-    lines.append(("fees", _reais(c["fee"])))
-    lines.append(("to forward", _reais(c["net"]) + (f" ({c['skipped']} credits not ours or not covering fee)"
+    lines.append(("credited", f"{c['count']} invoices, {reais(c['amount'])}"))
+    lines.append(("fees", reais(c["fee"])))
+    lines.append(("to forward", reais(c["net"]) + (f" ({c['skipped']} credits not ours or not covering fee)"
                                                     if c["skipped"] else "")))
-    lines.append(("transferred", f"{_reais(report['transferred'])} confirmed by Stark Bank"))
+    lines.append(("transferred", f"{reais(report['transferred'])} confirmed by Stark Bank"))
     p, f = report["transfers_pending"], report["transfers_failed"]
-    lines.append(("pending", f"{p['count']} transfers, {_reais(p['amount'])}"))
-    lines.append(("failed", f"{f['count']} transfers, {_reais(f['amount'])}"))
+    lines.append(("pending", f"{p['count']} transfers, {reais(p['amount'])}"))
+    lines.append(("failed", f"{f['count']} transfers, {reais(f['amount'])}"))
     e = report["events"]
     lines.append(("last webhook", e["last_webhook_at"] or "never"))
     lines.append(("events", f"{e['received']} received, {e['pending']} waiting to be processed"))
@@ -84,5 +85,5 @@ def one_line(report):
     total = "" if r["total"] is None else f"/{r['total']}"
     p, f = report["transfers_pending"], report["transfers_failed"]
     return (f"rounds {r['issued']}{total} issued; {report['credits']['count']} credited; "
-            f"{_reais(report['transferred'])} transferred; {p['count']} transfers pending, {f['count']} failed; "
+            f"{reais(report['transferred'])} transferred; {p['count']} transfers pending, {f['count']} failed; "
             f"{report['events']['pending']} events pending")

@@ -34,7 +34,9 @@ import math
 import threading
 import uuid
 
-__all__ = ["Schedule", "round_count"]
+from .timing import utcnow
+
+__all__ = ["Schedule", "open_window", "round_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +51,28 @@ def round_count(interval_s, duration_s):
     return max(1, math.ceil(duration_s / interval_s))
 
 
-def _utcnow():
-    return datetime.datetime.now(datetime.timezone.utc)
+def open_window(store, interval_s, duration_s, clock=utcnow):
+    """Return the stored window (schedule_id, started_at, interval_s, duration_s), recording it on the first start.
+
+    Its clock starts now on the first call for a database, and never again: a restart
+    reads the window back. If the configuration changed since, the stored values win
+    and a warning says so. Call it once the service is listening, so that a start
+    that fails opens no window.
+    """
+    stored = store.start_schedule(uuid.uuid4().hex[:8], clock(), interval_s, duration_s)
+    if (stored["interval_s"], stored["duration_s"]) != (interval_s, duration_s):
+        logger.warning(
+            "schedule started %s with interval %g s and duration %g s; the configured"
+            " values are ignored until the database is reset",
+            stored["started_at"].isoformat(), stored["interval_s"], stored["duration_s"],
+        )
+    return stored
 
 
 class Schedule:
     """Rounds on a fixed-rate clock, remembered in the store. See the module docstring."""
 
-    def __init__(self, store, job, interval_s, duration_s, clock=_utcnow, timer=threading.Timer):
+    def __init__(self, store, job, interval_s, duration_s, clock=utcnow, timer=threading.Timer, window=None):
         self._store = store
         self._job = job  # (n, due_at) -> Outcome with .retry_at
         self._interval_s = interval_s  # as configured; the stored value wins
@@ -68,7 +84,7 @@ class Schedule:
         self._stopped = False
         self._finished = False  # every round of the window is settled
         self._retry = {}  # n -> datetime: rounds waiting for a retry, from their Outcome
-        self.window = None  # the stored schedule dict, once opened
+        self.window = window  # the stored schedule dict, once opened (``open_window``)
         self.next_run_at = None  # when the Timer fires next, for /health
 
     def open(self):
@@ -78,16 +94,7 @@ class Schedule:
         Idempotent.
         """
         if self.window is None:
-            stored = self._store.start_schedule(
-                uuid.uuid4().hex[:8], self._clock(), self._interval_s, self._duration_s
-            )
-            if (stored["interval_s"], stored["duration_s"]) != (self._interval_s, self._duration_s):
-                logger.warning(
-                    "schedule started %s with interval %g s and duration %g s; the configured"
-                    " values are ignored until the database is reset",
-                    stored["started_at"].isoformat(), stored["interval_s"], stored["duration_s"],
-                )
-            self.window = stored
+            self.window = open_window(self._store, self._interval_s, self._duration_s, self._clock)
         return self.window
 
     def due_at(self, n):

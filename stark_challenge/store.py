@@ -26,6 +26,9 @@ statement, is SQLite's implicit transaction of that statement), or joins the one
 caller opened with ``atomic()``. Deduplication is a unique key and an insert that may
 fail, answered as a boolean, never a check followed by an insert.
 
+``Store(path, read_only=True)`` has the same verbs for reading, takes no lock, runs
+no DDL and creates no file: ``status`` uses it while the service runs.
+
 Threads: one connection, shared behind one re-entrant lock held for the length of a
 transaction; writes from other processes wait on SQLite's busy timeout. WAL mode and
 ``synchronous=FULL``: a verb that returns has committed to disk, so an acknowledgement
@@ -42,6 +45,7 @@ import threading
 import urllib.parse
 from typing import NamedTuple, Optional
 
+from . import transfer_states
 from .errors import StarkChallengeError
 
 __all__ = ["Store", "StoreLocked", "StoreError", "Round", "Transfer", "StoredEvent"]
@@ -110,8 +114,7 @@ SCHEMA = (
         invoice_id text not null references credit (invoice_id),
         attempt integer not null,
         amount integer not null,        -- cents
-        state text not null check (state in (
-            'pending', 'sending', 'created', 'processing', 'success', 'failed', 'rejected', 'stalled')),
+        state text not null check (state in (%s)),  -- transfer_states.py
         transfer_id text unique,
         tries integer not null default 0,
         next_try_at text not null,
@@ -122,11 +125,7 @@ SCHEMA = (
     )""",
     "create index if not exists transfer_due on transfer (state, next_try_at)",
 )
-
-# Transfer states in which the money has not (yet) been seen to move, and those in which it never will.
-OPEN_STATES = ("pending", "sending", "created", "processing", "stalled")
-FAILED_STATES = ("failed", "rejected")
-
+SCHEMA = tuple(ddl.replace("%s", ", ".join(f"'{n}'" for n in transfer_states.NAMES)) for ddl in SCHEMA)
 
 class StoreError(StarkChallengeError):
     """The database cannot be opened or written."""
@@ -172,6 +171,24 @@ class StoredEvent(NamedTuple):
     log_type: str
     body: dict  # the event JSON (camelCase, as Stark Bank sends it)
     source: str  # 'webhook' or 'pull'
+
+
+def _round_of(row):
+    return Round(**{**dict(row), "due_at": _time(row["due_at"]), "next_try_at": _time(row["next_try_at"]),
+                    "updated_at": _time(row["updated_at"])})
+
+
+def _transfer_of(row):
+    errors = tuple(tuple(e) for e in json.loads(row["errors"])) if row["errors"] else ()
+    return Transfer(**{**dict(row), "errors": errors})
+
+
+def _event_of(row):
+    return StoredEvent(**{**dict(row), "body": json.loads(row["body"])})
+
+
+_ROUND_COLUMNS = ", ".join(Round._fields)
+_TRANSFER_COLUMNS = ", ".join(Transfer._fields)
 
 
 def _iso(moment):
@@ -224,18 +241,23 @@ def _narrow(fd):
 class Store:
     """The SQLite state of one deployment. See the module docstring for the tables."""
 
-    def __init__(self, path, exclusive=True):
-        """Open (creating if needed) the database at ``path``.
+    def __init__(self, path, exclusive=True, read_only=False):
+        """Open (creating if needed) the database at ``path``; with ``read_only``, open it to read.
 
         With ``exclusive``, hold an advisory lock on ``path + ".lock"`` for the life of
         the Store, so two service processes can never run on one database (two
         schedulers would issue a round twice); raise StoreLocked if it is taken.
-        Raise StoreError if the file cannot be opened.
+        Raise StoreError if the file cannot be opened. ``read_only``: see ``_open_read_only``.
         """
         self.path = path
+        self.read_only = read_only
         self._lock = threading.RLock()
         self._depth = 0  # nesting of atomic() blocks, guarded by _lock
         self._lock_file = None
+        self._conn = None
+        if read_only:
+            self._conn = _open_read_only(path)
+            return
         try:
             _make_private(path, SIDE_FILES)
             if exclusive:
@@ -249,6 +271,7 @@ class Store:
             self._conn = sqlite3.connect(
                 path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
+            self._conn.row_factory = sqlite3.Row
             # journal_mode cannot change inside a transaction: set it before any.
             self._conn.execute("pragma journal_mode = wal")
             self._conn.execute("pragma synchronous = full")
@@ -280,7 +303,7 @@ class Store:
 
         Commits when the outermost block ends, rolls back on any exception
         (BaseException included) and re-raises it; SQLite's own errors come out as
-        StoreError.
+        StoreError. On a read-only Store it is a read transaction: one snapshot.
         """
         with self._lock:
             if self._depth:
@@ -293,7 +316,7 @@ class Store:
             if self._conn is None:
                 raise StoreError(f"{self.path}: the database is closed")
             try:
-                self._conn.execute("begin immediate")
+                self._conn.execute("begin" if self.read_only else "begin immediate")
             except sqlite3.Error as e:
                 raise StoreError(f"{self.path}: cannot start a transaction ({e})") from e
             self._depth = 1
@@ -326,7 +349,7 @@ class Store:
         """Return True if the database answers a trivial query."""
         try:
             with self._lock:
-                return self._one("select 1") == (1,)
+                return tuple(self._one("select 1")) == (1,)
         except StoreError:
             return False
 
@@ -351,25 +374,13 @@ class Store:
             row = self._one("select schedule_id, started_at, interval_s, duration_s from schedule")
         if row is None:
             return None
-        return {
-            "schedule_id": row[0],
-            "started_at": _time(row[1]),
-            "interval_s": row[2],
-            "duration_s": row[3],
-        }
+        return {**dict(row), "started_at": _time(row["started_at"])}
 
     # -- rounds -----------------------------------------------------------------
 
     def _round(self, n):
-        row = self._one(
-            "select n, due_at, state, planned, attempts, count, total, error, next_try_at, updated_at"
-            " from round where n = ?",
-            (n,),
-        )
-        if row is None:
-            return None
-        return Round(row[0], _time(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], _time(row[8]),
-                     _time(row[9]))
+        row = self._one(f"select {_ROUND_COLUMNS} from round where n = ?", (n,))
+        return _round_of(row) if row else None
 
     def round(self, n):
         """Return round ``n`` as a Round, or None if it was never attempted."""
@@ -379,14 +390,13 @@ class Store:
     def rounds(self):
         """Return every attempted round, in order."""
         with self._lock:
-            numbers = [r[0] for r in self._all("select n from round order by n")]
-            return [self._round(n) for n in numbers]
+            return [_round_of(r) for r in self._all(f"select {_ROUND_COLUMNS} from round order by n")]
 
     def claim_round(self, n, due_at, planned, now):
-        """Mark round ``n`` as being issued and count the attempt; return the Round before the claim.
+        """Mark round ``n`` as being issued and count the attempt; return the Round as it was before the claim.
 
         Return None if the round is already ``issued`` or ``failed`` (nothing to do).
-        The returned Round is None-like for a first attempt: ``attempts == 0``.
+        For a first attempt the Round returned is the new row before its claim: ``attempts == 0``.
         ``planned`` is used only on the first claim: a retry keeps the size drawn first.
         The claim clears ``next_try_at`` and sets ``updated_at`` to ``now``: a call is out.
         """
@@ -410,7 +420,7 @@ class Store:
     def recorded_chunks(self, n):
         """Return the set of chunk numbers of round ``n`` whose invoices are recorded."""
         with self._lock:
-            return {r[0] for r in self._all("select distinct chunk from invoice where round_n = ?", (n,))}
+            return {r["chunk"] for r in self._all("select distinct chunk from invoice where round_n = ?", (n,))}
 
     def record_invoices(self, n, chunk, invoices, now):
         """Record the invoices Stark Bank created for chunk ``chunk`` of round ``n``.
@@ -463,16 +473,17 @@ class Store:
 
     # -- events -----------------------------------------------------------------
 
-    def add_event(self, event_id, subscription, log_type, entity_id, body, source, now):
-        """Store an event received from Stark Bank; return True if new, False if already stored.
+    def add_event(self, event, source, now):
+        """Store an event received from Stark Bank (an ``events.Event``); return True if new, False if already stored.
 
-        ``body`` is the event as a dict. Idempotent and thread-safe: of two concurrent
+        ``source`` is 'webhook' or 'pull'. Idempotent and thread-safe: of two concurrent
         deliveries of one event, exactly one gets True.
         """
-        row = (event_id, subscription, log_type, entity_id, json.dumps(body, separators=(",", ":")), source, _iso(now))
+        body = json.dumps(event.body, separators=(",", ":"))
+        row = (event.id, event.subscription, event.log_type, event.entity_id, body, source, _iso(now))
         # One statement is its own (implicit) transaction, committed and synced like any
-        # other: BEGIN and COMMIT around it would only add two statements per webhook
-        # (issue #6). Inside a caller's atomic() it joins that transaction.
+        # other: BEGIN and COMMIT around it would only add two statements per webhook.
+        # Inside a caller's atomic() it joins that transaction.
         with self._lock:
             cur = self._execute(
                 "insert into event (id, subscription, log_type, entity_id, body, source, received_at)"
@@ -489,7 +500,7 @@ class Store:
                 " where processed_at is null order by received_at, id limit ?",
                 (limit,),
             )
-        return [StoredEvent(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+        return [_event_of(r) for r in rows]
 
     def finish_event(self, event_id, outcome, now):
         """Mark an event processed with a short ``outcome``; return True if it was pending."""
@@ -504,7 +515,7 @@ class Store:
         """Return True if the event is stored and processed."""
         with self._lock:
             row = self._one("select processed_at from event where id = ?", (event_id,))
-        return bool(row and row[0])
+        return bool(row and row["processed_at"])
 
     # -- invoices ---------------------------------------------------------------
 
@@ -518,7 +529,7 @@ class Store:
             row = self._one("select status from invoice where id = ?", (invoice_id,))
             if row is None:
                 return False
-            if not (row[0] == "credited" and status == "paid"):
+            if not (row["status"] == "credited" and status == "paid"):
                 self._conn.execute(
                     "update invoice set status = ?, fee = coalesce(?, fee), updated_at = ? where id = ?",
                     (status, fee, _iso(now), invoice_id),
@@ -532,27 +543,25 @@ class Store:
 
     # -- credits and transfers --------------------------------------------------
 
-    def add_credit(self, invoice_id, event_id, amount, fee, external_id, now, skip_reason=None):
-        """Record a credited invoice and, unless skipped, queue its transfer; return True if new.
+    def add_credit(self, invoice_id, event_id, amount, fee, external_id, now):
+        """Record a credited invoice and queue its transfer; return True if new.
 
         The net amount is ``amount - fee``. The credit row and its first transfer
         (``external_id``, attempt 1, state ``pending``) are written in one transaction:
-        a credit is queued exactly once. With ``skip_reason`` the credit is recorded as
-        ``skipped`` and nothing is queued. False means the invoice was credited before.
+        a credit is queued exactly once. False means the invoice was credited before.
+        (Databases of older versions may hold ``skipped`` credits, which queued nothing.)
         """
         net = amount - fee
-        state = "skipped" if skip_reason else "queued"
         with self.atomic():
             cur = self._conn.execute(
                 "insert or ignore into credit"
-                " (invoice_id, event_id, amount, fee, net, state, reason, created_at)"
-                " values (?, ?, ?, ?, ?, ?, ?, ?)",
-                (invoice_id, event_id, amount, fee, net, state, skip_reason, _iso(now)),
+                " (invoice_id, event_id, amount, fee, net, state, created_at)"
+                " values (?, ?, ?, ?, ?, 'queued', ?)",
+                (invoice_id, event_id, amount, fee, net, _iso(now)),
             )
             if cur.rowcount == 0:
                 return False
-            if not skip_reason:
-                self._insert_transfer(external_id, invoice_id, 1, net, now)
+            self._insert_transfer(external_id, invoice_id, 1, net, now)
             return True
 
     def credit(self, invoice_id):
@@ -563,7 +572,7 @@ class Store:
             )
         if row is None:
             return None
-        return dict(zip(("amount", "fee", "net", "state", "reason", "event_id"), row))
+        return dict(row)
 
     def _insert_transfer(self, external_id, invoice_id, attempt, amount, now):
         # "or ignore": the attempt number is unique per invoice, so a repeat queues nothing.
@@ -574,40 +583,37 @@ class Store:
             (external_id, invoice_id, attempt, amount, _iso(now), _iso(now), _iso(now)),
         )
 
-    def _transfer_from_row(self, row):
-        errors = tuple(tuple(e) for e in json.loads(row[7])) if row[7] else ()
-        return Transfer(row[0], row[1], row[2], row[3], row[4], row[5], row[6], errors)
-
-    _TRANSFER_COLUMNS = "external_id, invoice_id, attempt, amount, state, transfer_id, tries, errors"
-
     def transfer(self, external_id):
         """Return the Transfer with this external id, or None."""
         with self._lock:
-            row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
-        return self._transfer_from_row(row) if row else None
+            row = self._one(f"select {_TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
+        return _transfer_of(row) if row else None
 
     def transfers(self, states=None):
         """Return every Transfer (in ``states`` when given), oldest first."""
+        where, params = "", ()
+        if states is not None:
+            where, params = f" where state in ({','.join('?' * len(states))})", tuple(states)
         with self._lock:
-            rows = self._all(f"select {self._TRANSFER_COLUMNS} from transfer order by created_at, external_id")
-        found = [self._transfer_from_row(r) for r in rows]
-        return [t for t in found if states is None or t.state in states]
+            rows = self._all(f"select {_TRANSFER_COLUMNS} from transfer{where} order by created_at, external_id",
+                             params)
+        return [_transfer_of(r) for r in rows]
 
     def due_transfers(self, now, limit=100):
         """Return up to ``limit`` pending transfers whose next try is due, oldest first."""
         with self._lock:
             rows = self._all(
-                f"select {self._TRANSFER_COLUMNS} from transfer"
+                f"select {_TRANSFER_COLUMNS} from transfer"
                 " where state = 'pending' and next_try_at <= ? order by next_try_at, external_id limit ?",
                 (_iso(now), limit),
             )
-        return [self._transfer_from_row(r) for r in rows]
+        return [_transfer_of(r) for r in rows]
 
     def next_transfer_due_at(self):
         """Return when the earliest pending transfer is due, or None if none is pending."""
         with self._lock:
-            row = self._one("select min(next_try_at) from transfer where state = 'pending'")
-        return _time(row[0])
+            row = self._one("select min(next_try_at) as due from transfer where state = 'pending'")
+        return _time(row["due"])
 
     def claim_transfer(self, external_id, now):
         """Move a pending transfer to ``sending`` and count the try; return True if this call claimed it.
@@ -626,18 +632,18 @@ class Store:
     def transfer_created(self, external_id, transfer_id, status, now):
         """Record Stark Bank's id and status for a transfer it accepted.
 
-        Only moves forward: a later status already known (say ``success`` from an
-        event that beat the create answer) is kept.
+        A bare ``created`` does not move a transfer back from a state ranked higher
+        (say ``success`` from an event that beat the create answer): see ``transfer_states``.
         """
-        status = status if status in ("created", "processing", "success", "failed") else "created"
+        status = status if status in transfer_states.REPORTED else "created"
         with self.atomic():
             row = self._one("select state from transfer where external_id = ?", (external_id,))
             if row is None:
                 return
-            keep = row[0] in ("processing", "success", "failed") and status == "created"
+            keep = status == "created" and transfer_states.rank(row["state"]) > transfer_states.rank("created")
             self._conn.execute(
                 "update transfer set transfer_id = ?, state = ?, updated_at = ? where external_id = ?",
-                (transfer_id, row[0] if keep else status, _iso(now), external_id),
+                (transfer_id, row["state"] if keep else status, _iso(now), external_id),
             )
 
     def retry_transfer(self, external_id, errors, next_try_at, now):
@@ -669,7 +675,7 @@ class Store:
         """Move every transfer in ``states`` back to ``pending``, due now; return their external ids."""
         with self.atomic():
             marks = ",".join("?" * len(states))
-            ids = [r[0] for r in self._all(f"select external_id from transfer where state in ({marks})", states)]
+            ids = [r["external_id"] for r in self._all(f"select external_id from transfer where state in ({marks})", states)]
             self._conn.execute(
                 f"update transfer set state = 'pending', tries = 0, next_try_at = ?, updated_at = ?"
                 f" where state in ({marks})",
@@ -682,102 +688,73 @@ class Store:
         """Record a status Stark Bank reported for one of our transfers; return the Transfer, or None.
 
         Nothing changes unless ``transfer_id`` is the Stark Bank id recorded for the
-        transfer (``transfer_created``): external ids are unique per workspace only, so
-        another workspace's log can carry ours. Statuses only move forward. ``failed``
-        counts only with ``confirmed_failed`` (Stark Bank, asked with ``transfer.get``
-        for our id, reports it failed); then it is final, even after ``success``, and on
-        a first attempt the second one is queued under ``retry_external_id`` in the
-        same transaction (once: the attempt number is unique per invoice).
+        transfer (``transfer_created``). Whether the status moves it is
+        ``transfer_states.moves``; a confirmed failure of a first attempt queues the
+        second one under ``retry_external_id`` in the same transaction (once: the
+        attempt number is unique per invoice).
         """
-        order = {"pending": 0, "sending": 0, "stalled": 0, "rejected": 0,
-                 "created": 1, "processing": 2, "success": 3}
         with self.atomic():
-            row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
+            row = self._one(f"select {_TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
             if row is None:
                 return None
-            current = self._transfer_from_row(row)
+            current = _transfer_of(row)
             if current.transfer_id is None or current.transfer_id != transfer_id:
                 return current
-            if status == "failed":
-                moves = confirmed_failed and current.state != "failed"
-            else:
-                moves = current.state != "failed" and order.get(status, 0) > order.get(current.state, 0)
-            if moves:
+            if transfer_states.moves(current.state, status, confirmed_failed):
                 self._conn.execute(
                     "update transfer set state = ?, errors = ?, updated_at = ? where external_id = ?",
-                    (status, json.dumps(list(errors)) if errors else row[7], _iso(now), external_id),
+                    (status, json.dumps(list(errors)) if errors else row["errors"], _iso(now), external_id),
                 )
             if status == "failed" and confirmed_failed and current.attempt == 1 and retry_external_id:
                 # Also when already 'failed' (the lookup that settled it saw the failure first);
                 # a repeat inserts nothing.
                 self._insert_transfer(retry_external_id, current.invoice_id, 2, current.amount, now)
-            row = self._one(f"select {self._TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
-            return self._transfer_from_row(row)
+            row = self._one(f"select {_TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
+            return _transfer_of(row)
 
     # -- reports ----------------------------------------------------------------
 
     def summary(self):
         """Return a dict of the numbers an operator wants: rounds, invoices, credits, transfers, events."""
-        with self._lock:
-            return summarize(self._conn)
+        with self.atomic():  # one snapshot, also on a read-only Store
+            rounds = dict(tuple(r) for r in self._all("select state, count(*) from round group by state"))
+            invoices = {
+                r["status"]: {"count": r["count"], "amount": r["amount"]}
+                for r in self._all("select status, count(*) as count, coalesce(sum(amount), 0) as amount"
+                                   " from invoice group by status")
+            }
+            credited = self._one(
+                "select count(*) as count, coalesce(sum(amount), 0) as amount, coalesce(sum(fee), 0) as fee,"
+                " coalesce(sum(net), 0) as net from credit where state = 'queued'"
+            )
+            skipped = self._one("select count(*) from credit where state = 'skipped'")[0]
+            transfers = {
+                r["state"]: {"count": r["count"], "amount": r["amount"]}
+                for r in self._all("select state, count(*) as count, coalesce(sum(amount), 0) as amount"
+                                   " from transfer group by state")
+            }
+            events = self._one(
+                "select count(*) as received, count(*) filter (where processed_at is null) as pending,"
+                " max(received_at) filter (where source = 'webhook') as last_webhook_at,"
+                # Genuine events that are not about our money, and events with bad data (see events.py).
+                " count(*) filter (where outcome like 'not issued here%' or outcome = 'transfer not ours')"
+                " as not_ours,"
+                " count(*) filter (where outcome like 'invalid%') as invalid from event"
+            )
+            schedule = self._one("select started_at, interval_s, duration_s from schedule")
+        return {
+            "schedule": dict(schedule) if schedule else None,
+            "rounds": {state: rounds.get(state, 0) for state in ("issued", "issuing", "failed")},
+            "invoices": invoices,
+            "credits": {**dict(credited), "skipped": skipped},
+            "transfers": transfers,
+            "transferred": transfers.get("success", {"amount": 0})["amount"],
+            "events": dict(events),
+        }
 
 
-def summarize(conn):
-    """Return the status numbers read from an open connection (shared with read-only opens)."""
-    one = lambda sql, p=(): conn.execute(sql, p).fetchone()  # noqa: E731
-    rounds = dict(conn.execute("select state, count(*) from round group by state").fetchall())
-    invoices = {
-        status: {"count": c, "amount": a}
-        for status, c, a in conn.execute(
-            "select status, count(*), coalesce(sum(amount), 0) from invoice group by status"
-        ).fetchall()
-    }
-    credited = one(
-        "select count(*), coalesce(sum(amount), 0), coalesce(sum(fee), 0), coalesce(sum(net), 0)"
-        " from credit where state = 'queued'"
-    )
-    skipped = one("select count(*) from credit where state = 'skipped'")[0]
-    transfers = {
-        state: {"count": c, "amount": a}
-        for state, c, a in conn.execute(
-            "select state, count(*), coalesce(sum(amount), 0) from transfer group by state"
-        ).fetchall()
-    }
-    last_webhook = one("select max(received_at) from event where source = 'webhook'")[0]
-    pending_events = one("select count(*) from event where processed_at is null")[0]
-    events = one("select count(*) from event")[0]
-    # Genuine events that are not about our money, and events with bad data (see events.py).
-    not_ours = one("select count(*) from event where outcome like 'not issued here%'"
-                   " or outcome = 'transfer not ours'")[0]
-    invalid = one("select count(*) from event where outcome like 'invalid%'")[0]
-    schedule = one("select started_at, interval_s, duration_s from schedule")
-    return {
-        "schedule": (
-            {"started_at": schedule[0], "interval_s": schedule[1], "duration_s": schedule[2]}
-            if schedule else None
-        ),
-        "rounds": {
-            "issued": rounds.get("issued", 0),
-            "issuing": rounds.get("issuing", 0),
-            "failed": rounds.get("failed", 0),
-        },
-        "invoices": invoices,
-        "credits": {
-            "count": credited[0],
-            "amount": credited[1],
-            "fee": credited[2],
-            "net": credited[3],
-            "skipped": skipped,
-        },
-        "transfers": transfers,
-        "transferred": transfers.get("success", {"amount": 0})["amount"],
-        "events": {"received": events, "pending": pending_events, "last_webhook_at": last_webhook,
-                   "not_ours": not_ours, "invalid": invalid},
-    }
-
-
-def open_read_only(path):
-    """Return a read-only sqlite3 connection to the database at ``path`` (safe while the service runs).
+def _open_read_only(path):
+    """Return a read-only connection to the database at ``path`` (safe while the service runs).
 
     Nothing is written, and no file is created: while the service runs, its ``-wal``
     and ``-shm`` files exist and a ``mode=ro`` connection reads through them without
@@ -793,7 +770,8 @@ def open_read_only(path):
     if not os.path.exists(path + "-wal"):
         uri += "&immutable=1"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
         conn.execute("select count(*) from schedule").fetchone()
     except sqlite3.Error as e:
         raise StoreError(f"{path}: cannot read the database ({e})") from None

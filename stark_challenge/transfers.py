@@ -26,6 +26,7 @@ import logging
 import random
 
 from .errors import BankRejected, BankUnavailable
+from .timing import backoff
 
 __all__ = ["Sender", "MAX_TRIES"]
 
@@ -131,7 +132,6 @@ class Sender:
                 transfer.external_id, transfer.invoice_id, transfer.tries, error,
             )
             return
-        delay = min(MAX_BACKOFF_S, self._base_backoff_s * 2 ** max(0, transfer.tries - 1))
-        delay *= 0.5 + self._rng.random() / 2
+        delay = backoff(transfer.tries, self._base_backoff_s, MAX_BACKOFF_S, self._rng)
         self._store.retry_transfer(transfer.external_id, errors, now + datetime.timedelta(seconds=delay), now)
         logger.warning("transfer %s: try %d failed, retrying in %.1f s: %s", transfer.external_id, transfer.tries, delay, error)

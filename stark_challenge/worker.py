@@ -31,6 +31,7 @@ import threading
 
 from . import events
 from .errors import BankError
+from .timing import backoff, utcnow
 from .transfers import Sender
 
 __all__ = ["Worker"]
@@ -45,14 +46,10 @@ ASK_RETRY_BASE_S = 2.0  # first wait before asking Stark Bank again about an eve
 ASK_RETRY_MAX_S = 300.0
 
 
-def _utcnow():
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
 class Worker:
     """Processes stored events and sends transfers, in one thread. See the module docstring."""
 
-    def __init__(self, store, bank, instance_tag, poll_interval_s, clock=_utcnow, sender=None, rng=None):
+    def __init__(self, store, bank, instance_tag, poll_interval_s, clock=utcnow, sender=None, rng=None):
         self._store = store
         self._bank = bank
         self._tag = instance_tag
@@ -117,7 +114,7 @@ class Worker:
         """Process up to ``limit`` stored events; return how many were processed.
 
         The batch is applied in one transaction (one commit, one fsync, instead of one
-        per event; issue #6), each event still marked processed with its own effects.
+        per event), each event still marked processed with its own effects.
         If any event of the batch raises, the whole batch is rolled back and its events
         are processed again one transaction each: an event whose processing fails (the
         store refused, say) is logged and left pending for a later pass, and the events
@@ -165,8 +162,7 @@ class Worker:
     def _wait(self, event_id, reason):
         """Leave an event pending and ask again later, with exponential backoff (capped) and jitter."""
         _, failures = self._waiting.get(event_id, (None, 0))
-        delay = min(ASK_RETRY_MAX_S, ASK_RETRY_BASE_S * 2 ** failures)
-        delay *= 0.5 + self._rng.random() / 2
+        delay = backoff(failures + 1, ASK_RETRY_BASE_S, ASK_RETRY_MAX_S, self._rng)
         self._waiting[event_id] = (self._clock() + datetime.timedelta(seconds=delay), failures + 1)
         logger.warning("event %s: left pending (%s; %d in a row), asking Stark Bank again in %.1f s",
                        event_id, reason, failures + 1, delay)
@@ -218,10 +214,8 @@ class Worker:
             found = self._bank.undelivered_events()
         except BankError as e:
             self._pull_failures += 1
-            delay = min(PULL_RETRY_MAX_S, PULL_RETRY_BASE_S * 2 ** (self._pull_failures - 1))
-            if self._poll_interval_s:
-                delay = min(delay, self._poll_interval_s)
-            delay *= 0.5 + self._rng.random() / 2  # jitter: 50-100% of the backoff
+            cap = min(PULL_RETRY_MAX_S, self._poll_interval_s or PULL_RETRY_MAX_S)  # never later than the next pull
+            delay = backoff(self._pull_failures, PULL_RETRY_BASE_S, cap, self._rng)
             self._next_pull_at = now + datetime.timedelta(seconds=delay)
             logger.warning("pull of undelivered events failed (%d in a row), trying again in %.1f s: %s",
                            self._pull_failures, delay, e)
@@ -233,15 +227,11 @@ class Worker:
         new = 0
         for event in found:
             try:
-                stored = events.check_shape({"event": event})
+                checked = events.check_shape({"event": event})
             except ValueError as e:
                 logger.error("pulled event %s is malformed (%s); left undelivered", event.get("id"), e)
                 continue
-            if self._store.add_event(
-                stored["id"], stored["subscription"], stored["log"]["type"], events.entity_of(stored),
-                stored, "pull", self._clock(),
-            ):
-                new += 1
+            new += events.accept(self._store, checked, "pull", self._clock(), self.wake)
         if found:
             logger.info("pulled %d undelivered events from Stark Bank, %d new", len(found), new)
         while self.process_events():

@@ -14,6 +14,7 @@ import starkbank
 from starkcore.utils.cache import cache as sdk_cache
 
 from stark_challenge import config as config_module
+from stark_challenge.config import with_userinfo
 from stark_challenge.emulator import Emulator
 from stark_challenge.store import Store
 from support import (  # re-exported (__all__) for modules that still import them from conftest
@@ -118,10 +119,8 @@ def service_factory(emulator, tmp_path):
         env.update({k: str(v) for k, v in values.items()})
         service = Service(env, str(home / "service.log"), cwd=str(home))
         if webhook:
-            userinfo = ""
-            if env.get("WEBHOOK_USERNAME"):
-                userinfo = f"{env['WEBHOOK_USERNAME']}:{env['WEBHOOK_PASSWORD']}@"
-            emulator.add_webhook(f"http://{userinfo}127.0.0.1:{service.port}/webhook")
+            emulator.add_webhook(with_userinfo(f"http://127.0.0.1:{service.port}/webhook",
+                                               env.get("WEBHOOK_USERNAME"), env.get("WEBHOOK_PASSWORD")))
         made.append(service)
         return service
 

@@ -1,4 +1,4 @@
-"""Deployment files: the systemd unit passes `systemd-analyze verify` and says what issue #5 asks;
+"""Deployment files: the systemd unit passes `systemd-analyze verify` and says what a hardened unit should;
 deploy/env.example lists every variable, with the secrets blank, and loads as it stands."""
 
 import os

@@ -5,7 +5,7 @@ import concurrent.futures
 import json
 import signal
 
-from stark_challenge.people import is_valid_tax_id
+from stark_challenge.taxid import is_valid_tax_id
 
 from support import Service, child_env, free_port, query, service_settled, signed_event, wait_for
 

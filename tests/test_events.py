@@ -15,7 +15,7 @@ def invoice_event(event_id, log_type, **invoice):
 
 
 def store_and_process(store, event, now, facts=events.NO_FACTS):
-    store.add_event(event.id, event.subscription, event.log_type, "", event.body, "webhook", now)
+    store.add_event(events.Event(event.id, event.subscription, event.log_type, "", event.body), "webhook", now)
     return events.process(store, event, TAG, now, facts)
 
 
@@ -188,6 +188,6 @@ def test_transfer_events_of_other_apps_are_ignored(store, clock):
 
 def test_shape_check_returns_the_event():
     document = {"event": {"id": "e", "subscription": "transfer", "log": {"type": "success", "transfer": {"id": "t"}}}}
-    assert events.check_shape(document) is document["event"]
-    assert events.entity_of(document["event"]) == "t"
-    assert events.entity_of({"subscription": "x", "log": {}}) == ""
+    assert events.check_shape(document) == events.Event("e", "transfer", "success", "t", document["event"])
+    other = {"event": {"id": "e", "subscription": "x", "log": {"type": "y"}}}
+    assert events.check_shape(other).entity_id == ""

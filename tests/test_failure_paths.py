@@ -15,7 +15,7 @@ import pytest
 from ellipticcurve import Ecdsa, PrivateKey
 
 from stark_challenge import config as config_module
-from stark_challenge.__main__ import App
+from stark_challenge.app import App
 from stark_challenge.bank import KEY_REFRESH_S, Bank, KeyCache
 from stark_challenge.errors import BankUnavailable, ConfigError, SignatureError
 from stark_challenge.invoicer import Invoicer
@@ -24,6 +24,7 @@ from stark_challenge.scheduler import Schedule
 from stark_challenge.store import Store, StoreError
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
+from stark_challenge.events import Event
 from support import Service, child_env, free_port, make_config, messages_matching, run_cli, sdk_config, wait_for
 
 # -- configuration bounds ------------------------------------------------------------
@@ -298,7 +299,7 @@ def test_a_database_that_cannot_be_opened_is_a_store_error_naming_the_file(tmp_p
 def test_a_closed_store_refuses_reads_and_writes(store, clock):
     store.close()
     with pytest.raises(StoreError, match="the database is closed"):
-        store.add_event("ev-1", "invoice", "created", "inv-1", {}, "webhook", clock())
+        store.add_event(Event("ev-1", "invoice", "created", "inv-1", {}), "webhook", clock())
     with pytest.raises(StoreError, match="the database is closed"):
         store.schedule()
     assert not store.ping()
@@ -306,7 +307,7 @@ def test_a_closed_store_refuses_reads_and_writes(store, clock):
 
 def test_the_store_refuses_naive_times_and_ignores_news_of_unknown_transfers(store, clock):
     with pytest.raises(ValueError, match="timezone-aware"):
-        store.add_event("ev-1", "invoice", "created", "inv-1", {}, "webhook", clock().replace(tzinfo=None))
+        store.add_event(Event("ev-1", "invoice", "created", "inv-1", {}), "webhook", clock().replace(tzinfo=None))
     assert store.schedule() is None  # before the first start
     store.transfer_created("stark-challenge-inv-unknown", "t1", "created", clock())
     assert store.apply_transfer_status("stark-challenge-inv-unknown", "t1", "success", (), clock()) is None

@@ -1,4 +1,4 @@
-"""Faults (issue #4): each one injected into the real service process, run as a user runs it
+"""Faults: each one injected into the real service process, run as a user runs it
 (``python -m stark_challenge``), against the emulator and through the real SDK.
 
 Every test asserts the outcome from the emulator's own records (transfers, invoices, the

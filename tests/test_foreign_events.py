@@ -22,6 +22,7 @@ from stark_challenge.bank import Bank
 from stark_challenge.errors import BankUnavailable
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
+from stark_challenge.events import Event
 
 from support import messages_matching, query, sdk_config, signed_event, status_json, wait_for
 
@@ -329,7 +330,7 @@ def test_a_transfer_log_waits_for_our_own_lookup_while_no_stark_bank_id_is_recor
     # Another workspace's transfer with our external id succeeds, and its log reaches us.
     (copy,) = starkbank.transfer.create([starkbank.Transfer(amount=1, external_id=ext, **RECEIVER)], user=user)
     success = wait_for(lambda: [e for e in workspace.events() if e["log"]["type"] == "success"], message="success")[0]
-    store.add_event(success["id"], "transfer", "success", copy.id, success, "webhook", clock())
+    store.add_event(Event(success["id"], "transfer", "success", copy.id, success), "webhook", clock())
     emulator.fail_next("GET", "/v2/transfer", status=503)
     worker.process_events()  # our lookup gets no answer: the log cannot be compared yet, and waits
     assert [e.id for e in store.pending_events()] == [success["id"]]

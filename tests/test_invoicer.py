@@ -4,7 +4,7 @@ import random
 
 from stark_challenge.bank import Bank
 from stark_challenge.invoicer import Invoicer, build_invoices, round_tags
-from stark_challenge.people import is_valid_tax_id
+from stark_challenge.taxid import is_valid_tax_id
 
 from support import sdk_config
 

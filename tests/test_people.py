@@ -5,9 +5,8 @@ import re
 
 import pytest
 
-from stark_challenge.people import (
-    is_valid_tax_id, mask_tax_id, random_amount, random_cnpj, random_cpf, random_person, MAX_AMOUNT, MIN_AMOUNT,
-)
+from stark_challenge.people import random_amount, random_cnpj, random_cpf, random_person, MAX_AMOUNT, MIN_AMOUNT
+from stark_challenge.taxid import is_valid_tax_id, mask_tax_id
 
 
 def reference_cpf_ok(cpf):

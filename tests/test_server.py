@@ -11,7 +11,7 @@ import pytest
 
 from stark_challenge.bank import Bank
 from stark_challenge.server import serve
-from stark_challenge.webhook import Intake
+from stark_challenge.gate import Gate
 
 from support import sdk_config, signed_event
 
@@ -24,9 +24,9 @@ def server_for(sdk, store, clock):
         config = sdk_config(sdk, **values)
         bank = Bank(config)
         bank.configure()
-        intake = Intake(store, bank, config, clock)
-        server = serve("127.0.0.1", 0, intake, lambda: (HTTPStatus.OK, {"status": "ok"}),
-                       lambda: {"report": True}, max_connections)
+        gate = Gate(store, bank, config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
+                    report=lambda: {"report": True})
+        server = serve("127.0.0.1", 0, gate, max_connections)
         started.append(server)
         return server
 
@@ -131,7 +131,7 @@ def test_requests_beyond_the_handlers_and_their_queue_get_503_instead_of_a_threa
         release.wait(10)
         return HTTPStatus.OK, {"status": "ok"}
 
-    server = serve("127.0.0.1", 0, Intake(store, Bank(config), config, clock), stuck_health, dict, 1)
+    server = serve("127.0.0.1", 0, Gate(store, Bank(config), config, clock, health=stuck_health, report=dict), 1)
     socks = []
     try:
         def send():

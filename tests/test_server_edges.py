@@ -9,7 +9,7 @@ import pytest
 
 from stark_challenge.bank import Bank
 from stark_challenge.server import serve
-from stark_challenge.webhook import Intake
+from stark_challenge.gate import Gate
 from support import sdk_config
 
 
@@ -18,8 +18,9 @@ def server(sdk, store, clock):
     config = sdk_config(sdk)
     bank = Bank(config)
     bank.configure()
-    server = serve("127.0.0.1", 0, Intake(store, bank, config, clock), lambda: (HTTPStatus.OK, {"status": "ok"}),
-                   lambda: {"report": True}, 4)
+    gate = Gate(store, bank, config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
+                report=lambda: {"report": True})
+    server = serve("127.0.0.1", 0, gate, 4)
     yield server
     server.stop(timeout=2)
 

@@ -7,8 +7,8 @@ from http import HTTPStatus
 import pytest
 
 from stark_challenge.bank import Bank
-from stark_challenge.server import MAX_HEADER_LINES, Framing, Server, check_head
-from stark_challenge.webhook import MAX_BODY_BYTES, Intake
+from stark_challenge.gate import MAX_BODY_BYTES, MAX_HEADER_LINES, Framing, Gate, check_head
+from stark_challenge.server import Server
 
 from support import make_config, wait_for
 
@@ -63,7 +63,7 @@ def make_server(store, clock):
 
     def make(health=lambda: (HTTPStatus.OK, {"status": "ok"}), **kwargs):
         config = make_config()
-        server = Server(("127.0.0.1", 0), Intake(store, Bank(config), config, clock), health, dict,
+        server = Server(("127.0.0.1", 0), Gate(store, Bank(config), config, clock, health=health, report=dict),
                         **kwargs).start()
         started.append(server)
         return server

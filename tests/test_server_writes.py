@@ -1,4 +1,4 @@
-"""server: how answers leave the socket on keep-alive connections (issue #6).
+"""server: how answers leave the socket on keep-alive connections.
 
 An answer written in two pieces (headers, then body) on a connection with Nagle's
 algorithm waits for the client's delayed ACK: about 40 ms a request on Linux, which
@@ -16,7 +16,7 @@ import pytest
 
 from stark_challenge.bank import Bank
 from stark_challenge.server import serve
-from stark_challenge.webhook import Intake
+from stark_challenge.gate import Gate
 
 from support import make_config
 
@@ -31,8 +31,9 @@ class _NoBank(Bank):
 @pytest.fixture
 def server(store, clock):
     config = make_config(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="secret")
-    intake = Intake(store, _NoBank(config), config, clock)
-    server = serve("127.0.0.1", 0, intake, lambda: (HTTPStatus.OK, {"status": "ok"}), lambda: {}, 4)
+    gate = Gate(store, _NoBank(config), config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
+                report=lambda: {})
+    server = serve("127.0.0.1", 0, gate, 4)
     yield server
     server.stop(timeout=2)
 

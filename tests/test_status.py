@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 
 from stark_challenge import report
-from stark_challenge.store import Store, StoreError, open_read_only
+from stark_challenge.store import Store, StoreError
 
 from support import run_cli, signed_event, wait_for
 
@@ -142,23 +142,22 @@ def test_get_status_needs_basic_auth_and_equals_the_cli(emulator, filled, tmp_pa
 
 def test_status_reads_while_the_service_writes_without_blocking_it(emulator, filled, tmp_path):
     database = filled.env["DATABASE_PATH"]
-    reader = open_read_only(database)
+    reader = Store(database, read_only=True)
     try:
         # A read transaction held open, as a slow `status` would.
-        reader.execute("begin")
-        before = reader.execute("select count(*) from event").fetchone()[0]
-        invoice = dict(emulator.invoices()[0], status="paid")
-        body, headers = signed_event(emulator, "9100000000000001", invoice, log_type="paid")
-        # Stored while the read transaction is still open: a reader that blocked writers
-        # would make this write wait out its busy timeout and fail.
-        status, reply = filled.request("POST", "/webhook", body, {**headers, **_basic("ops", PASSWORD)})
-        assert (status, reply["status"]) == (200, "stored")
-        # The reader keeps its snapshot; a new read sees the write.
-        assert reader.execute("select count(*) from event").fetchone()[0] == before
-        reader.execute("commit")
-        assert reader.execute("select count(*) from event").fetchone()[0] == before + 1
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
-            reader.execute("delete from event")
+        with reader.atomic():
+            before = reader.summary()["events"]["received"]
+            invoice = dict(emulator.invoices()[0], status="paid")
+            body, headers = signed_event(emulator, "9100000000000001", invoice, log_type="paid")
+            # Stored while the read transaction is still open: a reader that blocked writers
+            # would make this write wait out its busy timeout and fail.
+            status, reply = filled.request("POST", "/webhook", body, {**headers, **_basic("ops", PASSWORD)})
+            assert (status, reply["status"]) == (200, "stored")
+            # The reader keeps its snapshot; a new read sees the write.
+            assert reader.summary()["events"]["received"] == before
+        assert reader.summary()["events"]["received"] == before + 1
+        with pytest.raises(StoreError, match="readonly"):
+            reader.finish_event("9100000000000001", "deleted", datetime.datetime.now(datetime.timezone.utc))
     finally:
         reader.close()
     assert status_json(database, tmp_path)["events"]["received"] == before + 1
@@ -207,7 +206,7 @@ def test_open_read_only_refuses_a_file_that_is_not_our_database(tmp_path):
     other = tmp_path / "other.sqlite3"
     sqlite3.connect(other).close()
     with pytest.raises(StoreError, match="cannot read the database"):
-        open_read_only(str(other))
+        Store(str(other), read_only=True)
 
 
 def test_one_line_status_summarises_the_report():

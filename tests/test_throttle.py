@@ -1,4 +1,4 @@
-"""logs.Throttle: a flood of refusals logs one line a second of each kind, with a count (issue #6)."""
+"""logs.Throttle: a flood of refusals logs one line a second of each kind, with a count."""
 
 import http.client
 import logging
@@ -9,7 +9,7 @@ import pytest
 from stark_challenge.bank import Bank
 from stark_challenge.logs import Throttle
 from stark_challenge.server import serve
-from stark_challenge.webhook import Intake
+from stark_challenge.gate import Gate
 
 from support import make_config
 
@@ -75,21 +75,22 @@ def test_lines_below_the_level_are_neither_logged_nor_counted(caplog):
 @pytest.fixture
 def server(store, clock):
     config = make_config(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="secret")
-    server = serve("127.0.0.1", 0, Intake(store, Bank(config), config, clock),
-                   lambda: (HTTPStatus.OK, {"status": "ok"}), lambda: {}, 4)
+    gate = Gate(store, Bank(config), config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
+                report=lambda: {})
+    server = serve("127.0.0.1", 0, gate, 4)
     yield server
     server.stop(timeout=2)
 
 
 def test_a_flood_of_bad_basic_auth_is_answered_401_each_time_and_logged_once(server, caplog):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    with caplog.at_level(logging.WARNING, logger="stark_challenge.server"):
+    with caplog.at_level(logging.WARNING, logger="stark_challenge.gate"):
         for _ in range(50):
             conn.request("POST", "/webhook", body=b"{}", headers={"Authorization": "Basic eDp5"})
             response = conn.getresponse()
             assert response.status == 401 and response.read()
     conn.close()
-    refusals = [r.getMessage() for r in caplog.records if r.name == "stark_challenge.server"]
+    refusals = [r.getMessage() for r in caplog.records if r.name == "stark_challenge.gate"]
     # 50 requests take well under the 1 s interval here; a slow machine may log a second line.
     assert refusals[0] == "webhook refused: bad or missing basic auth from 127.0.0.1"
     assert 1 <= len(refusals) <= 3

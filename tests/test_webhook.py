@@ -1,6 +1,6 @@
 """webhook: the intake's checks in order, each failure's status, and storage before the 200.
 
-No sockets: ``Intake.receive`` takes headers and the raw body. The key is the emulator's, fetched
+No sockets: ``Gate.receive`` takes headers and the raw body. The key is the emulator's, fetched
 through the real SDK; the events are signed with ``ellipticcurve`` as Stark Bank signs them."""
 
 import base64
@@ -12,7 +12,7 @@ import pytest
 from ellipticcurve import Ecdsa, PrivateKey
 
 from stark_challenge.bank import Bank
-from stark_challenge.webhook import Intake, check_basic_auth
+from stark_challenge.gate import Gate, check_basic_auth
 
 from support import sdk_config, signed_event
 
@@ -49,7 +49,7 @@ def intake_for(sdk, store, clock):
         config = sdk_config(sdk, **values)
         bank = Bank(config)
         bank.configure()
-        intake = Intake(store, bank, config, clock, on_event=lambda: woken.append(1))
+        intake = Gate(store, bank, config, clock, on_event=lambda: woken.append(1))
         intake.woken = woken
         return intake
 

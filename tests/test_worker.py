@@ -8,6 +8,7 @@ from stark_challenge.bank import Bank
 from stark_challenge.invoicer import Invoicer
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import IDLE_WAKE_S, Worker
+from stark_challenge.events import Event
 
 from support import sdk_config, wait_for
 
@@ -47,7 +48,7 @@ def test_pulling_twice_or_after_a_push_forwards_nothing_twice(emulator, parts, s
     worker.pull_events()
     # The same events, still marked undelivered at Stark Bank by a lost PATCH, come again.
     for event in emulator.events():
-        store.add_event(event["id"], event["subscription"], event["log"]["type"], "", event, "webhook", clock())
+        store.add_event(Event(event["id"], event["subscription"], event["log"]["type"], "", event), "webhook", clock())
     worker.run_once()
     clock.advance(601)
     worker.run_once()  # the periodic pull is due again
@@ -80,7 +81,7 @@ def test_the_thread_wakes_on_a_new_event_and_stops_cleanly(emulator, parts, stor
 
 
 def test_an_event_that_fails_in_a_batch_stays_pending_and_the_others_are_processed(store, clock, monkeypatch, caplog):
-    # Events are processed a batch per transaction (issue #6); one failure rolls the batch
+    # Events are processed a batch per transaction; one failure rolls the batch
     # back and each event is done again in a transaction of its own.
     from stark_challenge import events
 
@@ -90,7 +91,7 @@ def test_an_event_that_fails_in_a_batch_stays_pending_and_the_others_are_process
     for n in (1, 2, 3):
         body = {"id": f"ev-{n}", "subscription": "invoice",
                 "log": {"type": "credited", "invoice": {"id": f"inv-{n}", "amount": 500, "fee": 0, "tags": []}}}
-        store.add_event(f"ev-{n}", "invoice", "credited", f"inv-{n}", body, "webhook", clock())
+        store.add_event(Event(f"ev-{n}", "invoice", "credited", f"inv-{n}", body), "webhook", clock())
 
     real_process = events.process
 

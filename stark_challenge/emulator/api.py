@@ -34,7 +34,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import taxid, validate
-from .bank import Rejected
+from .ledger import Rejected
 from .faults import DROP, SLOW
 
 __all__ = ["Api", "Reply"]
@@ -124,11 +124,11 @@ def _matcher(query, parent=None):
 
 
 class Api:
-    """The routes over a `Bank`; see the module docstring for the order of checks."""
+    """The routes over a `Ledger`; see the module docstring for the order of checks."""
 
     def __init__(self, bank, projects, event_key, knobs, faults, stopping):
         self._bank = bank  # the first workspace; serves unauthenticated routes
-        self._workspaces = {}  # workspace id -> Bank, for the workspaces added later
+        self._workspaces = {}  # workspace id -> Ledger, for the workspaces added later
         self._projects = projects
         self._event_key = event_key
         self._knobs = knobs

@@ -34,7 +34,7 @@ import threading
 from . import certs
 from .api import Api
 from .auth import Projects
-from .bank import Bank, Ids, Rejected
+from .ledger import Ids, Ledger, Rejected
 from .delivery import Courier
 from .faults import DROP, FAIL, SLOW, Faults
 from .keys import EventKey, new_project_key
@@ -69,8 +69,8 @@ class Emulator:
         self._faults = Faults()
         self._courier = Courier(self.knobs, self._event_key, self._webhooks_for, self._mark_delivered)
         self._ids = Ids(random.Random("ids-%s" % seed))  # shared by every workspace: ids are unique across them
-        self._bank = Bank(self.knobs, self._timers, self._ids, random.Random(seed), publish=self._courier.publish)
-        self._workspaces = []  # the Workspaces added, each with its Bank and Courier
+        self._bank = Ledger(self.knobs, self._timers, self._ids, random.Random(seed), publish=self._courier.publish)
+        self._workspaces = []  # the Workspaces added, each with its Ledger and Courier
         self._api = Api(self._bank, self._projects, self._event_key, self.knobs, self._faults, self._stopping)
         self._directory = None
         self._certificates = None
@@ -224,14 +224,6 @@ class Emulator:
         """Return every webhook (API JSON), oldest first; copies."""
         return self._rows("webhook")
 
-    def invoice_logs(self):
-        """Return every invoice log, oldest first; copies."""
-        return self._rows("invoice-log")
-
-    def transfer_logs(self):
-        """Return every transfer log, oldest first; copies."""
-        return self._rows("transfer-log")
-
     def balance(self):
         """Return the workspace balance in cents (credited invoices minus unfailed transfers)."""
         return self._bank.balance()
@@ -263,7 +255,7 @@ class Emulator:
             # The courier asks the ledger made next for its webhooks (a closure over `bank`).
             courier = Courier(self.knobs, self._event_key, lambda subscription: bank.webhooks_for(subscription),
                               lambda event_id: bank.mark_delivered(event_id))
-            bank = Bank(self.knobs, self._timers, self._ids, random.Random("%s-workspace-%d" % (self.seed, n)),
+            bank = Ledger(self.knobs, self._timers, self._ids, random.Random("%s-workspace-%d" % (self.seed, n)),
                         publish=courier.publish)
             workspace = Workspace(self, bank, courier)
             self._workspaces.append(workspace)
@@ -334,16 +326,7 @@ class Emulator:
         call still takes effect (shown in requests_in_flight meanwhile)."""
         self._faults.add(SLOW, method, path_prefix, count, delay_s=delay_s)
 
-    def clear_faults(self):
-        """Forget pending fail_next / fail_next_after rules."""
-        self._faults.clear()
-
     # -- signing --------------------------------------------------------------------
-
-    @property
-    def public_key_pem(self):
-        """PEM of the public key that verifies webhook signatures (served at /v2/public-key)."""
-        return self._event_key.public_pem
 
     def sign(self, body):
         """Return the Digital-Signature header value for body (bytes or str)."""

@@ -5,7 +5,7 @@ Pure functions over decoded JSON (camelCase keys): `check_invoices` and
 the list of errors, each ``{"code", "message"}`` with a message starting
 "Element <index>: ", as Stark Bank words them. A request is all-or-nothing: the caller
 creates nothing if any element has an error. Rules that need the ledger (unique
-externalId, same-day repeats) live in `bank`, not here.
+externalId, same-day repeats) live in `ledger`, not here.
 """
 
 import datetime

@@ -1,6 +1,6 @@
 """One emulated workspace's ledger: invoices, transfers, their logs, events and webhooks.
 
-`Bank` owns all of the emulator's business state in memory and every change to it:
+`Ledger` owns all of the emulator's business state in memory and every change to it:
 
 - invoices: created -> (simulated or explicit payment) -> paid, with one "paid" and one
   "credited" log (order set by the credited_first knob), the invoice then carrying the
@@ -12,7 +12,7 @@
   "workspaceId", "log"}``, handed to the `publish` callable (webhook delivery);
 - webhooks: url and subscriptions.
 
-An emulator may hold several workspaces (`control.Emulator.add_workspace`), one `Bank`
+An emulator may hold several workspaces (`control.Emulator.add_workspace`), one `Ledger`
 each, sharing one `Ids` so that ids are unique across them, as Stark Bank's are; external
 ids are unique per workspace only.
 
@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from . import taxid
 from .validate import iso
 
-__all__ = ["Bank", "Ids", "Rejected", "SUBSCRIPTIONS"]
+__all__ = ["Ledger", "Ids", "Rejected", "SUBSCRIPTIONS"]
 
 # Services a webhook may subscribe to (starkbank/event/__event.py); only invoice and
 # transfer ever produce events here.
@@ -98,7 +98,7 @@ class Ids:
                     return new
 
 
-class Bank:
+class Ledger:
     """The workspace state and its transitions; every public method is thread-safe.
 
     id_random is a random.Random for this workspace's ids, or an `Ids` shared with

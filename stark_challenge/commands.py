@@ -1,0 +1,174 @@
+"""Commands: the operator's commands besides ``run``: ``status``, ``check``, ``keygen``, ``webhook``.
+
+Each takes the parsed arguments (``__main__.build_parser``), prints what it found
+and returns the exit status: 0 success, 1 runtime failure, 2 usage or configuration
+error. ``status`` and ``check`` read the database through a read-only ``Store``,
+safe while the service runs.
+"""
+
+import json
+import os
+import sys
+from urllib.parse import urlsplit
+
+from . import config as config_module, logs, report
+from .errors import BankError, BankRejected, ConfigError
+from .timing import utcnow
+
+__all__ = ["status", "check", "keygen", "webhook", "load_config", "fail"]
+
+
+def load_config(args, require_credentials=True, extra=None):
+    """Return the Config for these arguments (``extra`` and the flags win over the environment); raise ConfigError."""
+    overrides = dict(extra or {})
+    if args.host:
+        overrides["HOST"] = args.host
+    if args.port is not None:
+        overrides["PORT"] = str(args.port)
+    return config_module.load(dotenv_path=args.env_file, overrides=overrides,
+                              require_credentials=require_credentials, isatty=sys.stderr.isatty())
+
+
+def configured_bank(args):
+    """Return (Config, Bank) with the SDK user set; raise ConfigError."""
+    from .bank import Bank
+
+    config = load_config(args)
+    bank = Bank(config)
+    bank.configure()
+    return config, bank
+
+
+def fail(message, status=2):
+    """Print ``message`` to stderr as one line, secrets redacted; return ``status`` (for ``return fail(...)``)."""
+    print(f"stark_challenge: {' '.join(logs.redact(message).split())}", file=sys.stderr)
+    return status
+
+
+def _report(path):
+    """Return the status report of the database at ``path``, read-only; raise StoreError."""
+    from .store import Store
+
+    reader = Store(path, read_only=True)
+    try:
+        return report.build(reader.summary(), utcnow())
+    finally:
+        reader.close()
+
+
+def status(args):
+    """Print the status report from the database, read-only."""
+    from .store import StoreError
+
+    try:
+        data = _report(load_config(args, require_credentials=False).database_path)
+    except ConfigError as e:
+        return fail(str(e))
+    except StoreError as e:
+        return fail(str(e), 1)
+    print(json.dumps(data, indent=2) if args.json else report.render(data))
+    return 0
+
+
+def check(args):
+    """Validate the configuration (and credentials, unless --offline); print the plan.
+
+    Exit 0 if all is well, 2 if a variable, the key or the credentials are wrong,
+    1 if Stark Bank could not be reached (nothing was proven either way).
+    """
+    from .scheduler import round_count
+
+    try:
+        config, bank = configured_bank(args)
+    except ConfigError as e:
+        return fail(str(e))
+    if not args.offline:
+        try:
+            bank.check_credentials()
+        except BankRejected as e:
+            return fail(str(e))
+        except BankError as e:  # no verdict on the configuration: a runtime failure
+            return fail(str(e), 1)
+    duration = config_module.format_duration
+    rounds = round_count(config.invoice_interval_s, config.invoice_duration_s)
+    window = "forever" if rounds is None else f"for {duration(config.invoice_duration_s)} ({rounds} rounds)"
+    print(f"configuration ok{'' if args.offline else '; credentials accepted by Stark Bank'} ({config.environment})")
+    print(f"  rounds: {config.invoice_min}-{config.invoice_max} invoices every "
+          f"{duration(config.invoice_interval_s)} {window}, tagged {config.instance_tag!r}")
+    print(f"  credits forwarded to: {config.transfer_name}, bank {config.transfer_bank_code}, "
+          f"branch {config.transfer_branch}, account {config.transfer_account} ({config.transfer_account_type})")
+    print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}")
+    print(f"  database: {config.database_path} ({_database_plan(config.database_path)})")
+    return 0
+
+
+def _database_plan(path):
+    """Return what a start would do with the database at ``path``: resume a window, or start one."""
+    from .store import StoreError
+
+    if not os.path.exists(path):
+        return "new: the first round is issued at start"
+    try:
+        data = _report(path)
+    except StoreError as e:
+        return f"unreadable: {e}"
+    r = data["rounds"]
+    if data.get("schedule") is None:
+        return "no schedule yet: the first round is issued at start"
+    return (f"resumes the schedule started {data['schedule']['started_at'][:19]}Z: "
+            f"{r['issued']} rounds issued, {r['due']} due")
+
+
+def keygen(args):
+    """Write a new key pair to args.dir, the private key with mode 0600; never overwrite a file."""
+    from .bank import new_key_pair
+
+    private_path = os.path.join(args.dir, "private-key.pem")
+    public_path = os.path.join(args.dir, "public-key.pem")
+    for path in (private_path, public_path):
+        if os.path.lexists(path):
+            return fail(f"{path} exists; not overwriting a key", 1)
+    private_pem, public_pem = new_key_pair()
+    try:
+        os.makedirs(args.dir, mode=0o700, exist_ok=True)
+        # O_EXCL: created here and now, with its mode from the start (no window at 0644).
+        for path, pem, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+            with os.fdopen(fd, "w") as f:
+                f.write(pem)
+    except OSError as e:
+        return fail(f"cannot write the keys to {args.dir}: {e.strerror}", 1)
+    print(f"private key: {private_path} (mode 0600; keep it secret, set STARK_PRIVATE_KEY to this path)")
+    print(f"public key:  {public_path}")
+    print("Upload the public key when you create the project at Stark Bank "
+          "(Integrations > New project), then set STARK_PROJECT_ID to the project's id.")
+    return 0
+
+
+def webhook(args):
+    """Register, list or delete webhook subscriptions at Stark Bank."""
+    try:
+        config, bank = configured_bank(args)
+    except ConfigError as e:
+        return fail(str(e))
+    try:
+        if args.action == "register":
+            parts = urlsplit(args.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                return fail("URL: expected http(s)://host/path")
+            url = config_module.with_userinfo(args.url, config.webhook_username, config.webhook_password)
+            hook = bank.create_webhook(url, ["invoice", "transfer"])
+            print(f"webhook {hook['id']} registered: {logs.redact(hook['url'])} ({', '.join(hook['subscriptions'])})")
+        elif args.action == "list":
+            hooks = bank.webhooks()
+            for hook in hooks:
+                print(f"{hook['id']}  {logs.redact(hook['url'])}  {', '.join(hook['subscriptions'])}")
+            if not hooks:
+                print("no webhooks")
+        else:
+            hook = bank.delete_webhook(args.id)
+            print(f"webhook {hook['id']} deleted")
+    except BankError as e:
+        return fail(str(e), 1)
+    return 0

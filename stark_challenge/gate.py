@@ -1,0 +1,289 @@
+"""Gate: every decision at the HTTP front door, and the status each one answers; no sockets here.
+
+``server`` only transports: it hands the head of each request to ``check_head`` and
+a complete request to ``Gate.answer``, and writes the ``Reply`` back. So every check
+and its answer can be read, and tested, in this one module.
+
+The routes (``ROUTES``, the one routing table): ``POST /webhook``, Stark Bank's events;
+``GET /health``, the status word only, for probes; ``GET /status``, the money summary
+and the service's details, behind the webhook's basic auth. Any other path is 404,
+another method on a known path 405 (with ``Allow``). Every answer is JSON.
+
+The checks of a webhook, cheapest first, and the answer each failure gets:
+
+====================================================  ========================
+check                                                 failure
+====================================================  ========================
+framing (``check_head``): head at most 16 KiB and 64  400 / 431 / 413 and the
+lines, one Content-Length of ASCII digits (at most    connection closed, before
+``MAX_BODY_BYTES``), no Transfer-Encoding, a          the body is read
+well-formed request line
+basic auth, when configured (constant-time compare)   401 + WWW-Authenticate
+Content-Length present                                411
+``Digital-Signature`` header present                  401
+body is UTF-8                                         400
+signature matches the exact raw body (``bank``)       401
+Stark Bank's key cannot be fetched                    503 (Stark Bank retries)
+body is JSON, nested less than the parser's depth,    400
+and an event of the expected shape
+the store cannot write                                503 (Stark Bank retries)
+====================================================  ========================
+
+Only then: 200. The event is committed to the store (``events.accept``) before the
+answer, so an acknowledged event is never lost; a redelivered one is answered 200
+and not stored again. Processing happens later, from the store (``worker``).
+``GET /status`` takes the same basic auth. Thread-safe.
+
+Refusals are logged through one ``logs.Throttle`` (``Gate.refusals``, which the
+server's own refusals share): the first of each kind, then at most one a second
+with the count held back, so a flood of forged requests is not also a flood of log
+lines.
+"""
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+from http import HTTPStatus
+from typing import NamedTuple
+
+from . import events
+from .errors import BankUnavailable, SignatureError, StarkChallengeError
+from .logs import Throttle
+
+__all__ = ["Gate", "Reply", "Framing", "check_head", "head_end", "check_basic_auth", "ROUTES",
+           "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_HEADER_LINES"]
+
+logger = logging.getLogger(__name__)
+
+# Stark Bank's events are a few KiB; anything larger is not one of them.
+MAX_BODY_BYTES = 64 * 1024
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers; Stark Bank's are well under 2 KiB
+MAX_HEADER_LINES = 64  # header lines in one request; Stark Bank sends about ten
+
+# path -> {method: the Gate method that answers it}
+ROUTES = {
+    "/webhook": {"POST": "webhook"},
+    "/health": {"GET": "health", "HEAD": "health"},
+    "/status": {"GET": "status", "HEAD": "status"},
+}
+
+
+class Reply(NamedTuple):
+    """What to answer: an HTTP status, a JSON-able body, and extra headers."""
+
+    status: HTTPStatus
+    body: dict
+    headers: tuple = ()
+
+
+def _error(status, message, headers=()):
+    return Reply(status, {"error": message}, headers)
+
+
+class Framing(NamedTuple):
+    """What the head of a request says about its framing, or why it is refused."""
+
+    error: HTTPStatus = None  # None if the request may be read; else the status to refuse it with
+    reason: str = ""  # one line for the client and the log when refused
+    body_bytes: int = 0  # length of the body that follows the head
+    expect_continue: bool = False  # the client waits for "100 Continue" before sending the body
+
+
+def _refused(status, reason):
+    return Framing(status, reason)
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_DIGITS = re.compile(rb"[0-9]+")
+_VERSION = re.compile(rb"HTTP/1\.[01]")
+
+
+class Framing(NamedTuple):
+    """What the head of a request says about its framing, or why it is refused."""
+
+    error: HTTPStatus = None  # None if the request may be read; else the status to refuse it with
+    reason: str = ""  # one line for the client and the log when refused
+    body_bytes: int = 0  # length of the body that follows the head
+    expect_continue: bool = False  # the client waits for "100 Continue" before sending the body
+
+
+def _refused(status, reason):
+    return Framing(status, reason)
+
+
+def check_head(head):
+    """Return the Framing of a request head (bytes, without its closing blank line).
+
+    Strict where leniency lets two parsers disagree (request smuggling): the request
+    line is ``METHOD target HTTP/1.x``; every header line is ``name: value`` (no folding,
+    no space before the colon); ``Content-Length`` is ASCII digits, and its copies, if
+    any, agree; ``Transfer-Encoding`` is refused whatever its value (Stark Bank sends a
+    Content-Length). Pure; thread-safe.
+    """
+    lines = head.split(b"\n")
+    if len(lines) - 1 > MAX_HEADER_LINES:
+        return _refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {MAX_HEADER_LINES} header lines")
+    parts = lines[0].rstrip(b"\r").split(b" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1] or not _VERSION.fullmatch(parts[2]):
+        return _refused(HTTPStatus.BAD_REQUEST, "malformed request line")
+    lengths, expect_continue = set(), False
+    for raw in lines[1:]:
+        line = raw.rstrip(b"\r")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            return _refused(HTTPStatus.BAD_REQUEST, "malformed header line")
+        name, value = name.lower(), value.strip(b" \t")
+        if name == b"transfer-encoding":
+            return _refused(HTTPStatus.BAD_REQUEST, "Transfer-Encoding is not accepted; send a Content-Length")
+        if name == b"content-length":
+            if not _DIGITS.fullmatch(value):
+                return _refused(HTTPStatus.BAD_REQUEST, "Content-Length must be ASCII digits")
+            lengths.add(value.lstrip(b"0") or b"0")
+        elif name == b"expect":
+            expect_continue = value.lower() == b"100-continue"
+    if len(lengths) > 1:
+        return _refused(HTTPStatus.BAD_REQUEST, "conflicting Content-Length headers")
+    length = lengths.pop() if lengths else b"0"
+    # Digits are counted before int(): a length of thousands of digits is refused unparsed.
+    if len(length) > 9 or int(length) > MAX_BODY_BYTES:
+        return _refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+    return Framing(body_bytes=int(length), expect_continue=expect_continue and parts[2] == b"HTTP/1.1")
+
+
+def head_end(buffer):
+    """Return (end of the head, start of the body) in ``buffer``, or None while the head is incomplete."""
+    crlf = buffer.find(b"\r\n\r\n")
+    lf = buffer.find(b"\n\n")
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf, lf + 2
+    if crlf >= 0:
+        return crlf, crlf + 4
+    return None
+
+
+def check_basic_auth(header, username, password):
+    """Return True if the Authorization ``header`` carries exactly these basic-auth credentials.
+
+    Compares in constant time (both fields always compared), so the answer's timing
+    does not tell how much of a guess was right.
+    """
+    if not header or not header[:6].lower() == "basic ":
+        return False
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    given_user, sep, given_password = decoded.partition(b":")
+    user_ok = hmac.compare_digest(given_user, username.encode("utf-8"))
+    password_ok = hmac.compare_digest(given_password, password.encode("utf-8"))
+    return bool(sep) & user_ok & password_ok
+
+
+class Gate:
+    """Decides every request: its route, its checks, and the Reply. Collaborators come in through the constructor.
+
+    ``health`` is ``() -> (HTTPStatus, dict)`` for ``GET /health``; ``report`` is
+    ``() -> dict`` for ``GET /status``; ``on_event`` is called after a new event is stored.
+    """
+
+    # A hook: overridable to add a realm per deployment.
+    realm = "stark_challenge"
+
+    def __init__(self, store, bank, config, clock, on_event=None, health=None, report=None):
+        self._store = store
+        self._bank = bank
+        self._username = config.webhook_username
+        self._password = config.webhook_password
+        self._clock = clock  # () -> aware UTC datetime
+        self._on_event = on_event
+        self._health = health or (lambda: (HTTPStatus.OK, {"status": "ok"}))
+        self._report = report or dict
+        self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
+
+    def refuse(self, status, reason, what, client, headers=()):
+        """Log a refusal (throttled) and return its Reply."""
+        self.refusals.log(logger, logging.WARNING, "%s refused (%d): %s from %s", what, status, reason, client,
+                          kind=reason)
+        return _error(status, reason, headers)
+
+    def answer(self, method, path, headers, body, client):
+        """Return the Reply to a complete request (``body`` is None when it has no Content-Length)."""
+        allowed = ROUTES.get(path.split("?", 1)[0])
+        if allowed is None:
+            return _error(HTTPStatus.NOT_FOUND, "not found")
+        if method not in allowed:
+            return _error(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", (("Allow", ", ".join(allowed)),))
+        return getattr(self, allowed[method])(headers, body, client)
+
+    def health(self, headers, body, client):
+        """GET /health: the status word, for anyone who asks."""
+        status, payload = self._health()
+        return Reply(status, payload)
+
+    def status(self, headers, body, client):
+        """GET /status: the report, behind basic auth."""
+        denied = self.authorize(headers)
+        if denied is not None:
+            self.refusals.log(logger, logging.WARNING, "status refused: bad or missing basic auth from %s", client)
+            return denied
+        return Reply(HTTPStatus.OK, self._report())
+
+    def webhook(self, headers, body, client):
+        """POST /webhook: basic auth, a Content-Length, then ``receive``."""
+        denied = self.authorize(headers)
+        if denied is not None:
+            self.refusals.log(logger, logging.WARNING, "webhook refused: bad or missing basic auth from %s", client)
+            return denied
+        if body is None:
+            return self.refuse(HTTPStatus.LENGTH_REQUIRED, "Content-Length required", "POST /webhook", client)
+        return self.receive(headers, body)
+
+    def authorize(self, headers):
+        """Return None if the request may proceed, or the 401 Reply if basic auth fails."""
+        if not (self._username and self._password):
+            return None
+        if check_basic_auth(headers.get("Authorization"), self._username, self._password):
+            return None
+        return _error(
+            HTTPStatus.UNAUTHORIZED, "authentication required",
+            (("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"'),),
+        )
+
+    def receive(self, headers, body):
+        """Check a webhook whose basic auth already passed; store its event; return the Reply."""
+        signature = headers.get("Digital-Signature")
+        if not signature:
+            self.refusals.log(logger, logging.WARNING, "webhook refused: no Digital-Signature header")
+            return _error(HTTPStatus.UNAUTHORIZED, "missing Digital-Signature header")
+        try:
+            content = body.decode("utf-8")
+        except UnicodeDecodeError:
+            self.refusals.log(logger, logging.WARNING, "webhook refused: body is not UTF-8")
+            return _error(HTTPStatus.BAD_REQUEST, "body is not UTF-8")
+        try:
+            self._bank.verify_event(content, signature)
+        except SignatureError as e:
+            self.refusals.log(logger, logging.WARNING, "webhook refused: %s", e, kind=str(e))
+            return _error(HTTPStatus.UNAUTHORIZED, "invalid Digital-Signature")
+        except BankUnavailable as e:
+            self.refusals.log(logger, logging.WARNING,
+                              "webhook not verified, Stark Bank's key is unavailable (%s); answering 503", e)
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot verify the signature now; deliver again later")
+        try:
+            event = events.check_shape(json.loads(content))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError; so is an int of too many digits
+            self.refusals.log(logger, logging.WARNING, "webhook refused: signed but malformed (%s)", e,
+                              kind="malformed")
+            return _error(HTTPStatus.BAD_REQUEST, f"malformed event: {e}")
+        except RecursionError:  # json's C scanner recurses once per nested [ or {
+            self.refusals.log(logger, logging.WARNING, "webhook refused: signed but nested too deeply")
+            return _error(HTTPStatus.BAD_REQUEST, "malformed event: nested too deeply")
+        try:
+            new = events.accept(self._store, event, "webhook", self._clock(), self._on_event)
+        except StarkChallengeError as e:
+            logger.error("webhook %s not stored: %s; answering 503", event.id, e)
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot store the event now; deliver again later")
+        return Reply(HTTPStatus.OK, {"status": "stored" if new else "duplicate", "event": event.id})
