@@ -1,9 +1,9 @@
 """App: the service's objects, wired together, started and stopped in order.
 
 Built from a Config, a configured Bank and an open Store. ``start()`` binds the
-port first (OSError if taken); only once the service listens is the schedule's
-window recorded (``scheduler.open_window``), so a start that fails opens no 24 h
-window; then the worker and the schedule start. ``stop()`` drains them all,
+port first (OSError if taken); only once the port listens is the schedule's window
+recorded (``scheduler.open_window``), so a start that fails opens no 24 h window;
+then requests are answered and the worker and the schedule start. ``stop()`` drains them all,
 bounded by ``SHUTDOWN_TIMEOUT_S`` each, and closes the store.
 """
 
@@ -15,7 +15,7 @@ from . import __version__, report
 from .gate import Gate
 from .invoicer import Invoicer
 from .scheduler import Schedule, open_window
-from .server import serve
+from .server import Server
 from .timing import utcnow
 from .worker import Worker
 
@@ -83,8 +83,11 @@ class App:
     def start(self):
         """Bind the port, record the window, start the worker and the schedule. Raise OSError if the port is taken."""
         c = self.config
-        self.server = serve(c.host, c.port, self.gate, c.max_connections, c.request_timeout_s)
+        # Bound and listening (connections wait in the backlog) before the window is recorded;
+        # answering starts once the schedule exists, so /status always shows it.
+        self.server = Server((c.host, c.port), self.gate, c.max_connections, c.request_timeout_s)
         self.schedule = self._schedule()
+        self.server.start()
         logger.info("stark_challenge %s listening on %s:%d (%s, database %s)",
                     __version__, c.host, self.server.port, c.environment, c.database_path)
         self.worker.start()

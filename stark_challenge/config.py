@@ -27,7 +27,7 @@ class Variable(NamedTuple):
     help: str
     field: str  # the Config field it fills
     parse: object  # (text) -> value; raises ValueError saying what is wrong, never quoting the value
-    check: object = None  # (values so far, by field) -> None, or raises ValueError: a cross-field rule
+    check: object = None  # (values so far by field, require_credentials) -> None, or ConfigError: a cross-field rule
 
 
 def _text(text):
@@ -85,12 +85,21 @@ def _not_empty(text):
     return text.strip()
 
 
-def _auth_pair(values):
+def _credentials(values, required):
+    if required and not (values["project_id"] and values["private_key"]):
+        missing = "STARK_PROJECT_ID" if not values["project_id"] else "STARK_PRIVATE_KEY"
+        raise ConfigError(
+            f"{missing}: not set. Set STARK_PROJECT_ID and STARK_PRIVATE_KEY "
+            "(environment or .env), or try the service with --emulator"
+        )
+
+
+def _auth_pair(values, _required):
     if bool(values["webhook_username"]) != bool(values["webhook_password"]):
         raise ConfigError("WEBHOOK_USERNAME and WEBHOOK_PASSWORD: set both or neither")
 
 
-def _round_bounds(values):
+def _round_bounds(values, _required):
     if values["invoice_min"] > values["invoice_max"]:
         raise ConfigError("INVOICE_MIN: must not be more than INVOICE_MAX")
 
@@ -105,7 +114,7 @@ VARIABLES = (
     V("STARK_PROJECT_ID", "", "Stark Bank project id (required unless --emulator)", "project_id",
       _matching(r"[0-9A-Za-z_-]{1,64}", "must be the project's id (letters, digits)")),
     V("STARK_PRIVATE_KEY", "", "the project's private key: a PEM file path or the PEM text (required unless --emulator)",
-      "private_key", lambda text: _read_private_key(text.strip())),
+      "private_key", lambda text: _read_private_key(text.strip()), _credentials),
     V("STARK_ENVIRONMENT", "sandbox", "sandbox or production", "environment", _one_of(("sandbox", "production"), "must be sandbox or production")),
     V("HOST", "0.0.0.0", "address the HTTP server listens on", "host", _text),
     V("PORT", "8000", "port the HTTP server listens on", "port", _whole(0, 65535)),
@@ -289,18 +298,7 @@ def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=T
             values[variable.field] = variable.parse(env[variable.name])
         except ValueError as e:
             raise ConfigError(f"{variable.name}: {e}") from None
-        if variable.field == "private_key":
-            _require_credentials(values, require_credentials)
         if variable.check is not None:
-            variable.check(values)
+            variable.check(values, require_credentials)
     values["database_path"] = values["database_path"] or _default_database_path(environ)
     return Config(**values)
-
-
-def _require_credentials(values, required):
-    if required and not (values["project_id"] and values["private_key"]):
-        missing = "STARK_PROJECT_ID" if not values["project_id"] else "STARK_PRIVATE_KEY"
-        raise ConfigError(
-            f"{missing}: not set. Set STARK_PROJECT_ID and STARK_PRIVATE_KEY "
-            "(environment or .env), or try the service with --emulator"
-        )

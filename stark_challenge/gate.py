@@ -101,19 +101,6 @@ _DIGITS = re.compile(rb"[0-9]+")
 _VERSION = re.compile(rb"HTTP/1\.[01]")
 
 
-class Framing(NamedTuple):
-    """What the head of a request says about its framing, or why it is refused."""
-
-    error: HTTPStatus = None  # None if the request may be read; else the status to refuse it with
-    reason: str = ""  # one line for the client and the log when refused
-    body_bytes: int = 0  # length of the body that follows the head
-    expect_continue: bool = False  # the client waits for "100 Continue" before sending the body
-
-
-def _refused(status, reason):
-    return Framing(status, reason)
-
-
 def check_head(head):
     """Return the Framing of a request head (bytes, without its closing blank line).
 

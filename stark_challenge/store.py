@@ -19,7 +19,8 @@ The tables, and the invariant each one keeps:
 ``transfer``  the transfers owed: keyed by ``external_id`` (which Stark Bank also
               refuses to repeat), at most two attempts per invoice, the second one only
               after Stark Bank reported the first ``failed``. Stark Bank's logs change a
-              row only when they carry the ``transfer_id`` recorded for it.
+              row only when they carry the ``transfer_id`` recorded for it. Its states
+              and their moves: ``transfer_states``.
 
 Every verb is a transaction of its own (``BEGIN IMMEDIATE``; ``add_event``, a single
 statement, is SQLite's implicit transaction of that statement), or joins the one a
@@ -714,25 +715,23 @@ class Store:
 
     # -- reports ----------------------------------------------------------------
 
+    def _count_and_sum(self, table, column):
+        # {value of column: {"count": rows, "amount": cents}}; table and column are this module's literals.
+        rows = self._all(f"select {column} as k, count(*) as count, coalesce(sum(amount), 0) as amount"
+                         f" from {table} group by {column}")
+        return {r["k"]: {"count": r["count"], "amount": r["amount"]} for r in rows}
+
     def summary(self):
         """Return a dict of the numbers an operator wants: rounds, invoices, credits, transfers, events."""
         with self.atomic():  # one snapshot, also on a read-only Store
             rounds = dict(tuple(r) for r in self._all("select state, count(*) from round group by state"))
-            invoices = {
-                r["status"]: {"count": r["count"], "amount": r["amount"]}
-                for r in self._all("select status, count(*) as count, coalesce(sum(amount), 0) as amount"
-                                   " from invoice group by status")
-            }
+            invoices = self._count_and_sum("invoice", "status")
             credited = self._one(
                 "select count(*) as count, coalesce(sum(amount), 0) as amount, coalesce(sum(fee), 0) as fee,"
                 " coalesce(sum(net), 0) as net from credit where state = 'queued'"
             )
             skipped = self._one("select count(*) from credit where state = 'skipped'")[0]
-            transfers = {
-                r["state"]: {"count": r["count"], "amount": r["amount"]}
-                for r in self._all("select state, count(*) as count, coalesce(sum(amount), 0) as amount"
-                                   " from transfer group by state")
-            }
+            transfers = self._count_and_sum("transfer", "state")
             events = self._one(
                 "select count(*) as received, count(*) filter (where processed_at is null) as pending,"
                 " max(received_at) filter (where source = 'webhook') as last_webhook_at,"

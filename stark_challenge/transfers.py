@@ -18,7 +18,8 @@ The protocol for one transfer, keyed by its ``external_id``:
 A crash between 1 and 2 leaves ``sending``: ``recover`` settles those by lookup at
 start-up. A transfer log that arrives while no Stark Bank id is recorded cannot be
 compared with ours (another workspace may use our external id): ``settle_by_lookup``
-finds our own transfer by tag first. Called from the worker's thread only.
+finds our own transfer by tag first. The states and the moves allowed between
+them are ``transfer_states``'s table. Called from the worker's thread only.
 """
 
 import datetime

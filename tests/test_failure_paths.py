@@ -18,13 +18,13 @@ from stark_challenge import config as config_module
 from stark_challenge.app import App
 from stark_challenge.bank import KEY_REFRESH_S, Bank, KeyCache
 from stark_challenge.errors import BankUnavailable, ConfigError, SignatureError
+from stark_challenge.events import Event
 from stark_challenge.invoicer import Invoicer
 from stark_challenge.notify import Notifier
 from stark_challenge.scheduler import Schedule
 from stark_challenge.store import Store, StoreError
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
-from stark_challenge.events import Event
 from support import Service, child_env, free_port, make_config, messages_matching, run_cli, sdk_config, wait_for
 
 # -- configuration bounds ------------------------------------------------------------

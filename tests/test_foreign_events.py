@@ -20,9 +20,9 @@ import starkbank
 
 from stark_challenge.bank import Bank
 from stark_challenge.errors import BankUnavailable
+from stark_challenge.events import Event
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import Worker
-from stark_challenge.events import Event
 
 from support import messages_matching, query, sdk_config, signed_event, status_json, wait_for
 

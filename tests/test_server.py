@@ -10,8 +10,8 @@ from http import HTTPStatus
 import pytest
 
 from stark_challenge.bank import Bank
-from stark_challenge.server import serve
 from stark_challenge.gate import Gate
+from stark_challenge.server import serve
 
 from support import sdk_config, signed_event
 

@@ -8,8 +8,8 @@ from http import HTTPStatus
 import pytest
 
 from stark_challenge.bank import Bank
-from stark_challenge.server import serve
 from stark_challenge.gate import Gate
+from stark_challenge.server import serve
 from support import sdk_config
 
 
@@ -58,3 +58,12 @@ def test_a_body_shorter_than_its_length_is_dropped_and_nothing_is_stored(server,
         sock.shutdown(socket.SHUT_WR)
         assert read_until_closed(sock) == b""
     assert store.pending_events() == []
+
+
+def test_a_method_http_server_does_not_know_is_501_in_json_and_ends_the_connection(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"BREW /webhook HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = read_until_closed(sock)  # closed after the 501: the GET behind it is not answered
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 501") and b"Connection: close" in head
+    assert json.loads(body) == {"error": "Unsupported method ('BREW')"}

@@ -7,9 +7,9 @@ from http import HTTPStatus
 import pytest
 
 from stark_challenge.bank import Bank
+from stark_challenge.gate import Gate
 from stark_challenge.logs import Throttle
 from stark_challenge.server import serve
-from stark_challenge.gate import Gate
 
 from support import make_config
 

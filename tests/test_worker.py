@@ -5,10 +5,10 @@ import random
 import pytest
 
 from stark_challenge.bank import Bank
+from stark_challenge.events import Event
 from stark_challenge.invoicer import Invoicer
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import IDLE_WAKE_S, Worker
-from stark_challenge.events import Event
 
 from support import sdk_config, wait_for
 
