@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler
 
 __all__ = ["Handler", "render"]
 
+# The HTTP transport's logger: its lines (send_error, unexpected errors) are the server's, as before the split.
 logger = logging.getLogger("stark_challenge.server")
 
 

@@ -3,7 +3,6 @@ server does not want and cannot skip ends the connection, a body cut short is no
 
 import json
 import socket
-from http import HTTPStatus
 
 import pytest
 
@@ -18,8 +17,7 @@ def server(sdk, store, clock):
     config = sdk_config(sdk)
     bank = Bank(config)
     bank.configure()
-    gate = Gate(store, bank, config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
-                report=lambda: {"report": True})
+    gate = Gate(store, bank, config, clock, report=lambda: {"report": True})  # health: "ok"
     server = serve("127.0.0.1", 0, gate, 4)
     yield server
     server.stop(timeout=2)

@@ -10,7 +10,6 @@ still sent at once.
 import http.client
 import json
 import socket
-from http import HTTPStatus
 
 import pytest
 
@@ -31,9 +30,7 @@ class _NoBank(Bank):
 @pytest.fixture
 def server(store, clock):
     config = make_config(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="secret")
-    gate = Gate(store, _NoBank(config), config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
-                report=lambda: {})
-    server = serve("127.0.0.1", 0, gate, 4)
+    server = serve("127.0.0.1", 0, Gate(store, _NoBank(config), config, clock), 4)  # health "ok", an empty report
     yield server
     server.stop(timeout=2)
 

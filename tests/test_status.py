@@ -202,7 +202,7 @@ def test_status_without_a_database_fails_with_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "missing.sqlite3")
 
 
-def test_open_read_only_refuses_a_file_that_is_not_our_database(tmp_path):
+def test_a_read_only_store_refuses_a_file_that_is_not_our_database(tmp_path):
     other = tmp_path / "other.sqlite3"
     sqlite3.connect(other).close()
     with pytest.raises(StoreError, match="cannot read the database"):

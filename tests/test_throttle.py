@@ -2,7 +2,6 @@
 
 import http.client
 import logging
-from http import HTTPStatus
 
 import pytest
 
@@ -75,9 +74,7 @@ def test_lines_below_the_level_are_neither_logged_nor_counted(caplog):
 @pytest.fixture
 def server(store, clock):
     config = make_config(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="secret")
-    gate = Gate(store, Bank(config), config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
-                report=lambda: {})
-    server = serve("127.0.0.1", 0, gate, 4)
+    server = serve("127.0.0.1", 0, Gate(store, Bank(config), config, clock), 4)  # health "ok", an empty report
     yield server
     server.stop(timeout=2)
 

@@ -47,7 +47,34 @@ __all__ = ["Emulator", "Workspace"]
 logger = logging.getLogger(__name__)
 
 
-class Emulator:
+class _LedgerView:
+    """What the tests read and register in one workspace's ledger (``self._ledger``), shared by
+    `Emulator` (its first workspace) and `Workspace` (the others)."""
+
+    def add_webhook(self, url, subscriptions=("invoice", "transfer")):
+        """Register a webhook as POST /v2/webhook would; return its id. Raise ValueError if invalid."""
+        try:
+            return self._ledger.add_webhook(url, list(subscriptions))["id"]
+        except Rejected as rejected:
+            raise ValueError(str(rejected)) from None
+
+    def _rows(self, kind):
+        return [row for _, row in self._ledger.rows(kind)]
+
+    def invoices(self):
+        """Return every invoice of the workspace (API JSON, camelCase), oldest first; copies."""
+        return self._rows("invoice")
+
+    def transfers(self):
+        """Return every transfer of the workspace (API JSON, camelCase), oldest first; copies."""
+        return self._rows("transfer")
+
+    def events(self):
+        """Return every event of the workspace (API JSON, camelCase), oldest first; copies."""
+        return self._rows("event")
+
+
+class Emulator(_LedgerView):
     """A local Stark Bank: an HTTPS proxy on 127.0.0.1 the unmodified SDK can talk to.
 
     Keyword arguments: port (0 picks a free one), host (the address to bind, default
@@ -69,9 +96,9 @@ class Emulator:
         self._faults = Faults()
         self._courier = Courier(self.knobs, self._event_key, self._webhooks_for, self._mark_delivered)
         self._ids = Ids(random.Random("ids-%s" % seed))  # shared by every workspace: ids are unique across them
-        self._bank = Ledger(self.knobs, self._timers, self._ids, random.Random(seed), publish=self._courier.publish)
+        self._ledger = Ledger(self.knobs, self._timers, self._ids, random.Random(seed), publish=self._courier.publish)
         self._workspaces = []  # the Workspaces added, each with its Ledger and Courier
-        self._api = Api(self._bank, self._projects, self._event_key, self.knobs, self._faults, self._stopping)
+        self._api = Api(self._ledger, self._projects, self._event_key, self.knobs, self._faults, self._stopping)
         self._directory = None
         self._certificates = None
         self._server = None
@@ -80,10 +107,10 @@ class Emulator:
         self._state = "new"  # new -> running -> stopped
 
     def _webhooks_for(self, subscription):
-        return self._bank.webhooks_for(subscription)
+        return self._ledger.webhooks_for(subscription)
 
     def _mark_delivered(self, event_id):
-        self._bank.mark_delivered(event_id)
+        self._ledger.mark_delivered(event_id)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -160,12 +187,12 @@ class Emulator:
     @property
     def workspace_id(self):
         """The id of the one workspace every project belongs to."""
-        return self._bank.workspace_id
+        return self._ledger.workspace_id
 
     def create_project(self):
         """Create a project with a new secp256k1 key; return (project id, private key PEM)."""
         private_pem, public_pem = new_project_key()
-        project_id = self._bank.new_id()
+        project_id = self._ledger.new_id()
         self._projects.register(project_id, public_pem)
         return project_id, private_pem
 
@@ -198,35 +225,13 @@ class Emulator:
 
     # -- state ----------------------------------------------------------------------
 
-    def add_webhook(self, url, subscriptions=("invoice", "transfer")):
-        """Register a webhook as POST /v2/webhook would; return its id. Raise ValueError if invalid."""
-        try:
-            return self._bank.add_webhook(url, list(subscriptions))["id"]
-        except Rejected as rejected:
-            raise ValueError(str(rejected)) from None
-
-    def _rows(self, kind):
-        return [row for _, row in self._bank.rows(kind)]
-
-    def invoices(self):
-        """Return every invoice (API JSON, camelCase), oldest first; copies."""
-        return self._rows("invoice")
-
-    def transfers(self):
-        """Return every transfer (API JSON, camelCase), oldest first; copies."""
-        return self._rows("transfer")
-
-    def events(self):
-        """Return every event (API JSON, camelCase), oldest first; copies."""
-        return self._rows("event")
-
     def webhooks(self):
         """Return every webhook (API JSON), oldest first; copies."""
         return self._rows("webhook")
 
     def balance(self):
         """Return the workspace balance in cents (credited invoices minus unfailed transfers)."""
-        return self._bank.balance()
+        return self._ledger.balance()
 
     def deliveries(self):
         """Return every webhook delivery try, oldest first: dicts with eventId, webhookId,
@@ -286,7 +291,7 @@ class Emulator:
 
         amount defaults to the invoice's. Raise ValueError if unknown or not payable.
         """
-        return self._bank.pay(invoice_id, amount)
+        return self._ledger.pay(invoice_id, amount)
 
     def fail_transfer(self, transfer_id, errors=None):
         """Fail a created or processing transfer now (log "failed" with errors); return it.
@@ -294,7 +299,7 @@ class Emulator:
         errors is a list of strings; a generic one by default. Raise ValueError if the
         transfer is unknown or already final.
         """
-        return self._bank.fail_transfer(transfer_id, errors)
+        return self._ledger.fail_transfer(transfer_id, errors)
 
     def release_deliveries(self):
         """Send every held delivery now; return how many were held."""
@@ -337,27 +342,27 @@ class Emulator:
         return "<Emulator %s, %s>" % (where, self._state)
 
 
-class Workspace:
+class Workspace(_LedgerView):
     """Another workspace of the emulator: the tests' handle on its projects, entities and webhooks.
 
     Made by `Emulator.add_workspace`. Thread-safe, like the Emulator.
     """
 
-    def __init__(self, emulator, bank, courier):
+    def __init__(self, emulator, ledger, courier):
         self._emulator = emulator
-        self._bank = bank
+        self._ledger = ledger
         self._courier = courier
 
     @property
     def workspace_id(self):
         """The id events of this workspace carry as workspaceId."""
-        return self._bank.workspace_id
+        return self._ledger.workspace_id
 
     def create_project(self):
         """Create a project of this workspace with a new key; return (project id, private key PEM)."""
         private_pem, public_pem = new_project_key()
-        project_id = self._bank.new_id()
-        self._emulator._projects.register(project_id, public_pem, self._bank.workspace_id)
+        project_id = self._ledger.new_id()
+        self._emulator._projects.register(project_id, public_pem, self._ledger.workspace_id)
         return project_id, private_pem
 
     def env(self, project_id=None, private_key_pem=None):
@@ -366,39 +371,17 @@ class Workspace:
             project_id, private_key_pem = self.create_project()
         return self._emulator.env(project_id, private_key_pem)
 
-    def add_webhook(self, url, subscriptions=("invoice", "transfer")):
-        """Register a webhook of this workspace; return its id. Raise ValueError if invalid."""
-        try:
-            return self._bank.add_webhook(url, list(subscriptions))["id"]
-        except Rejected as rejected:
-            raise ValueError(str(rejected)) from None
-
-    def _rows(self, kind):
-        return [row for _, row in self._bank.rows(kind)]
-
-    def invoices(self):
-        """Return this workspace's invoices (API JSON), oldest first; copies."""
-        return self._rows("invoice")
-
-    def transfers(self):
-        """Return this workspace's transfers (API JSON), oldest first; copies."""
-        return self._rows("transfer")
-
-    def events(self):
-        """Return this workspace's events (API JSON), oldest first; copies."""
-        return self._rows("event")
-
     def deliveries(self):
         """Return every webhook delivery try of this workspace's events (see `Emulator.deliveries`)."""
         return self._courier.attempts()
 
     def pay(self, invoice_id, amount=None):
         """Pay one of this workspace's invoices now; return it (see `Emulator.pay`)."""
-        return self._bank.pay(invoice_id, amount)
+        return self._ledger.pay(invoice_id, amount)
 
     def fail_transfer(self, transfer_id, errors=None):
         """Fail one of this workspace's transfers now; return it (see `Emulator.fail_transfer`)."""
-        return self._bank.fail_transfer(transfer_id, errors)
+        return self._ledger.fail_transfer(transfer_id, errors)
 
     def __repr__(self):
         return "<Workspace %s of %r>" % (self.workspace_id, self._emulator)

@@ -56,8 +56,3 @@ class Faults:
                         self._rules.remove(rule)
                     return kind, (delay_s if kind == SLOW else status)
         return None
-
-    def clear(self):
-        """Forget every pending rule."""
-        with self._lock:
-            self._rules.clear()
