@@ -17,9 +17,10 @@ connection back to the selector thread. When every handler is busy and
 
 Why not a thread per connection: a slow client would hold a thread, so
 ``max_connections`` slow clients would shut every genuine one out (a slowloris);
-here a waiting client costs a buffer and a file descriptor, not a thread. Measured (``make bench``, hostile phase, ``MAX_CONNECTIONS=8``): with 96 slow, silent
-and huge-head clients plus 6.3 MB heads and malformed requests, every genuine
-webhook was answered, p99 23 ms, peak RSS 41 MB; the hand-over to a handler costs
+here a waiting client costs a buffer and a file descriptor, not a thread. Measured
+(``make bench``, hostile phase, ``MAX_CONNECTIONS=8``): with 96 slow, silent and
+huge-head clients plus 6.3 MB heads and malformed requests, every genuine webhook was
+answered, p99 23 ms, peak RSS 41 MB; the hand-over to a handler costs
 about 0.15 ms of CPU per request, small next to a signature check (about 1.2 ms).
 
 Bounds, every one a constant or a constructor argument: a request must arrive

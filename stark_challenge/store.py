@@ -676,7 +676,8 @@ class Store:
         """Move every transfer in ``states`` back to ``pending``, due now; return their external ids."""
         with self.atomic():
             marks = ",".join("?" * len(states))
-            ids = [r["external_id"] for r in self._all(f"select external_id from transfer where state in ({marks})", states)]
+            rows = self._all(f"select external_id from transfer where state in ({marks})", states)
+            ids = [r["external_id"] for r in rows]
             self._conn.execute(
                 f"update transfer set state = 'pending', tries = 0, next_try_at = ?, updated_at = ?"
                 f" where state in ({marks})",

@@ -18,7 +18,7 @@ One pass (``run_once``) does, in order:
    pending and is asked again with backoff (bounded, with jitter); the others go on;
 3. send the transfers that are due (``transfers.Sender``).
 
-The webhook calls ``wake()`` after storing an event, so a credit is forwarded at
+``events.accept`` calls ``wake()`` after storing a new event, so a credit is forwarded at
 once; otherwise the thread sleeps until the next due transfer or pull. Errors are
 caught per pass and per item, logged with the id, and the loop carries on.
 ``recover()`` runs once before the loop: it settles what a crash left half-done.
@@ -250,7 +250,7 @@ class Worker:
     # -- the thread -------------------------------------------------------------
 
     def wake(self):
-        """Ask the thread to run a pass now (called after a webhook stored an event)."""
+        """Ask the thread to run a pass now (``events.accept`` calls it after storing a new event)."""
         self._wake.set()
 
     def start(self):
