@@ -9,8 +9,8 @@ Two verifiers give the same verdict on every input:
 
 - ``PureVerifier``: the SDK's own pure-Python ``ellipticcurve`` (about 1 ms a check);
   needs nothing beyond ``starkbank``.
-- ``NativeVerifier``: libsecp256k1 through ``coincurve`` (the ``[fast]`` extra), some
-  twenty times cheaper. libsecp256k1 accepts only low-S signatures (``s <= n/2``) while
+- ``NativeVerifier``: libsecp256k1 through ``coincurve`` (the ``[fast]`` extra), about
+  forty times cheaper. libsecp256k1 accepts only low-S signatures (``s <= n/2``) while
   Stark Bank's real ones are high-S; ``(r, s)`` and ``(r, n - s)`` verify alike, so
   the signature is normalised to low-S before the check.
 
