@@ -201,19 +201,22 @@ def http_get(port, path, headers=None, timeout=2.0):
         conn.close()
 
 
-# ``python -m stark_challenge`` with coincurve unimportable: the service falls back to the
+# Run a module or script with coincurve unimportable: the service then falls back to the
 # pure-Python verifier, as it does where the [fast] extra is not installed.
-PURE_SERVICE = ("import runpy, sys; sys.modules['coincurve'] = None; "
-                "runpy.run_module('stark_challenge', run_name='__main__', alter_sys=True)")
+BLOCK_COINCURVE = "import runpy, sys; sys.modules['coincurve'] = None; "
 
 
 def service_command(env, pure=False):
-    """Return the command that runs the service: as a user runs it (``pure``: without coincurve),
-    or under cProfile (BENCH_PROFILE)."""
+    """Return the command that runs the service: as a user runs it, or under cProfile (BENCH_PROFILE);
+    ``pure``: without coincurve."""
     if env.get("BENCH_PROFILE"):
-        return [sys.executable, os.path.join(ROOT, "bench", "profile_service.py")]
+        script = os.path.join(ROOT, "bench", "profile_service.py")
+        if pure:
+            return [sys.executable, "-c", BLOCK_COINCURVE + f"runpy.run_path({script!r}, run_name='__main__')"]
+        return [sys.executable, script]
     if pure:
-        return [sys.executable, "-c", PURE_SERVICE]
+        return [sys.executable, "-c",
+                BLOCK_COINCURVE + "runpy.run_module('stark_challenge', run_name='__main__', alter_sys=True)"]
     return [sys.executable, "-m", "stark_challenge"]
 
 
