@@ -165,7 +165,7 @@ class Bank:
     """The service's view of Stark Bank. Build one in ``__main__``, call ``configure()`` once.
 
     ``verifier`` checks webhook signatures (``verify.best_verifier()`` by default: native
-    when ``coincurve`` is importable); ``verifier_name`` says which one runs.
+    when ``coincurve`` is importable); the ``verifier`` property names the one that runs.
     """
 
     def __init__(self, config, clock=time.monotonic, verifier=None):
