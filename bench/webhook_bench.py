@@ -36,6 +36,9 @@ them all, so the next starts from an idle service):
    proxied connection): a create call often waits ~40 ms for a delayed ACK that a
    direct connection to Stark Bank (TCP_NODELAY) would not.
 
+Phases 2 to 6 run the service with the pure-Python verifier (``coincurve`` blocked in its
+process, see ``service_command``), so they compare with earlier runs whatever is installed.
+
 7. ``hostile``: the service restarted with ``MAX_CONNECTIONS=8`` and ``REQUEST_TIMEOUT=2s``;
    ``bench/hostile.py``, in its own process, keeps four times MAX_CONNECTIONS slow
    (slowloris), silent and huge-head (16 KiB, never ended) clients connected, each
@@ -43,6 +46,11 @@ them all, so the next starts from an idle service):
    smuggling requests; meanwhile genuine signed webhooks are offered at 20/s, each on a
    new connection. The genuine ones' success share (200 within 2 s), p50/p99, the
    service's peak RSS (VmHWM since that start) and the bytes it logged meanwhile.
+8. ``fast_warmup``, ``fast_saturation``, ``fast_forged_signature``: the service restarted
+   with the native verifier (``coincurve``, the ``[fast]`` extra, installed into the venv
+   at the start if missing), saturation and forged signatures again. ``verifiers`` in the
+   results puts the two side by side: ``pure`` (from phases 1, 3 and 5) and ``fast``
+   (``null`` if ``coincurve`` cannot be installed).
 
 Every phase also reports the CPU that other processes used meanwhile
 (``/proc/stat``, less the service, the load generator and this process): on a
@@ -79,6 +87,7 @@ sys.path.insert(0, ROOT)  # the checkout's service, also when the package is not
 import starkbank  # noqa: E402  (after the path)
 from ellipticcurve import Ecdsa, PrivateKey, Signature  # noqa: E402
 
+from stark_challenge import verify  # noqa: E402
 from stark_challenge.emulator import Emulator  # noqa: E402
 from stark_challenge.invoicer import build_invoices  # noqa: E402
 from stark_challenge.store import Store  # noqa: E402
@@ -88,6 +97,10 @@ LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")
 HOSTILE = os.path.join(ROOT, "bench", "hostile.py")
 RESULTS = os.path.join(ROOT, "bench", "results.json")
 
+# What the [fast] extra brings (pyproject.toml), installed into this venv if missing.
+FAST_REQUIREMENT = "coincurve>=21"
+FAST_SATURATION_S = 4.0  # seconds of closed-loop load with the native verifier
+FAST_MAX_PER_S = 2000  # requests signed for it per second of load: more than it accepts
 CONNECTIONS = 8  # keep-alive connections of the load generator; the service allows 32
 SATURATION_S = 6.0  # seconds of closed-loop load for the throughput figure
 RATE_S = 5.0  # seconds of each fixed-rate phase
@@ -189,10 +202,22 @@ def http_get(port, path, headers=None, timeout=2.0):
         conn.close()
 
 
-def service_command(env):
-    """Return the command that runs the service: as a user runs it, or under cProfile (BENCH_PROFILE)."""
+# Run a module or script with coincurve unimportable: the service then falls back to the
+# pure-Python verifier, as it does where the [fast] extra is not installed.
+BLOCK_COINCURVE = "import runpy, sys; sys.modules['coincurve'] = None; "
+
+
+def service_command(env, pure=False):
+    """Return the command that runs the service: as a user runs it, or under cProfile (BENCH_PROFILE);
+    ``pure``: without coincurve."""
     if env.get("BENCH_PROFILE"):
-        return [sys.executable, os.path.join(ROOT, "bench", "profile_service.py")]
+        script = os.path.join(ROOT, "bench", "profile_service.py")
+        if pure:
+            return [sys.executable, "-c", BLOCK_COINCURVE + f"runpy.run_path({script!r}, run_name='__main__')"]
+        return [sys.executable, script]
+    if pure:
+        return [sys.executable, "-c",
+                BLOCK_COINCURVE + "runpy.run_module('stark_challenge', run_name='__main__', alter_sys=True)"]
     return [sys.executable, "-m", "stark_challenge"]
 
 
@@ -204,6 +229,7 @@ class Service:
         self.port = int(env["PORT"])
         self.log_path = log_path
         self.proc = None
+        self.pure = True  # which verifier the next start runs: see service_command
 
     @property
     def pid(self):
@@ -213,7 +239,7 @@ class Service:
         with open(self.log_path, "a") as log:
             began = time.perf_counter()
             self.proc = subprocess.Popen(
-                service_command(self.env), env=self.env, cwd=ROOT,
+                service_command(self.env, self.pure), env=self.env, cwd=ROOT,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = began + timeout
@@ -416,6 +442,53 @@ def measure_verification(count=350):
     return min(runs), parse_ms
 
 
+def ensure_native():
+    """Make ``coincurve`` importable in this venv (pip install if missing); return True if it is."""
+    if verify.native_available():
+        return True
+    print(f"installing {FAST_REQUIREMENT} (the [fast] extra) into {sys.prefix}", flush=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", FAST_REQUIREMENT],
+                              capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"cannot install {FAST_REQUIREMENT}: {e}", flush=True)
+        return False
+    if done.returncode != 0:
+        print(f"cannot install {FAST_REQUIREMENT}: {done.stderr.strip()[-500:]}", flush=True)
+        return False
+    return True  # the service processes, started afresh, import it
+
+
+def measure_native_verification(count=7000):
+    """Return the CPU ms of one native verification (low-S normalisation included), best of 7 runs.
+
+    Runs in a child process: this one imported ``verify`` before coincurve may have been installed.
+    """
+    code = (
+        "import json, sys, time\n"
+        "from ellipticcurve import Ecdsa, PrivateKey\n"
+        "from ellipticcurve.curve import secp256k1\n"
+        "from stark_challenge import verify\n"
+        "key = PrivateKey(); body = json.dumps({'event': {'id': '1' * 16}}) + ' ' * 1450\n"
+        "signature = Ecdsa.sign(body, key); public = key.publicKey(); native = verify.NativeVerifier()\n"
+        "# ellipticcurve signs low-S; Stark Bank's signatures are high-S, so normalised at each check\n"
+        "signature.s = secp256k1.N - signature.s\n"
+        "assert native.verify(body, signature, public)\n"
+        "runs = []\n"
+        f"per = {count} // 7\n"
+        "for _ in range(7):\n"
+        "    began = time.thread_time()\n"
+        "    for _ in range(per):\n"
+        "        native.verify(body, signature, public)\n"
+        "    runs.append((time.thread_time() - began) / per * 1000)\n"
+        "print(min(runs))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"native verification failed: {done.stderr}")
+    return float(done.stdout)
+
+
 class Bench:
     """One run: owns the emulator, the service, the work directory; ``run()`` returns the results dict."""
 
@@ -529,16 +602,37 @@ class Bench:
         self.results["signature_parse_cpu_ms"] = round(parse_ms, 4)
         print(f"one ECDSA verification: {verify_ms:.3f} ms CPU "
               f"(ceiling {1000 / verify_ms:.0f}/s in one process)", flush=True)
+        self.native = ensure_native()
+        if self.native:
+            self.native_verify_ms = measure_native_verification()
+            print(f"one native ECDSA verification: {self.native_verify_ms:.4f} ms CPU", flush=True)
 
         self._start_emulator()
         self._startup()
-        for group in (self._saturation, self._rates, self._forged, self._transfers, self._hostile):
+        for group in (self._saturation, self._rates, self._forged, self._transfers, self._hostile, self._fast):
             if ONLY and group.__name__.strip("_") not in ONLY:
                 continue
             group()
         self.results.setdefault("rss_end_mb", round(rss_mb(self.service.pid), 1))  # set before hostile's restart
         self.results["service_exit_status"] = self.service.stop()
+        self.results["verifiers"] = self._verifiers()
         return self.results
+
+    def _verifiers(self):
+        """Return the pure and native verifiers' figures side by side (None for a verifier not run)."""
+        phases = self.results["phases"]
+
+        def figures(verify_ms, prefix):
+            sat, forged = phases.get(prefix + "saturation"), phases.get(prefix + "forged_signature")
+            return {
+                "verify_cpu_ms": round(verify_ms, 4),
+                "saturation_per_s": sat["stored_per_s"] if sat else None,
+                "cpu_ms_per_stored": sat["cpu_ms_per_stored"] if sat else None,
+                "forged_signature_cpu_ms": forged["cpu_ms_per_request"] if forged else None,
+            }
+
+        fast = figures(self.native_verify_ms, "fast_") if self.native else None
+        return {"pure": figures(self.results["verify_cpu_ms"], ""), "fast": fast}
 
     def _startup(self):
         times = []
@@ -684,6 +778,23 @@ class Bench:
               f"p50/p99 {summary['p50_ms']} / {summary['p99_ms']} ms  peak RSS {summary['peak_rss_mb']} MB  "
               f"log {summary['log_bytes']} B {summary['log_bytes_by_logger']}  (attack connections: {kinds})", flush=True)
 
+    def _fast(self):
+        """Saturation and forged signatures again, the service restarted with the native verifier."""
+        if not self.native:
+            return
+        self.service.stop()
+        for name in ("MAX_CONNECTIONS", "REQUEST_TIMEOUT"):  # back to the defaults, after hostile
+            self.service.env.pop(name, None)
+        self.service.pure = False
+        self.service.start()
+        self._phase("fast_warmup", self.requests.foreign(300), "closed")
+        count = int(FAST_MAX_PER_S * FAST_SATURATION_S)
+        self._phase("fast_saturation", self.requests.foreign(count), "closed", duration_s=FAST_SATURATION_S)
+        good = self.requests.foreign(FORGED_SIGNATURE + 1)
+        bad_signature = [dict(r, headers=dict(r["headers"], **{"Digital-Signature": good[i + 1]["headers"]["Digital-Signature"]}))
+                         for i, r in enumerate(good[:-1])]
+        self._phase("fast_forged_signature", bad_signature, "closed", drain=False)
+
     def close(self):
         if self.service is not None:
             self.service.stop()
@@ -771,6 +882,18 @@ def verdicts(results):
     others = max(p.get("other_processes_cpu_share", 0) for p in phases.values())
     rows.append(("other processes' CPU during a phase (max)", f"{others:.0%} of the machine",
                  "~0% for numbers to trust", None))
+    pure, fast = results["verifiers"]["pure"], results["verifiers"]["fast"]
+    if fast is None:
+        rows.append(("native verifier (coincurve)", "not installed", "", None))
+    else:
+        gain = fast["saturation_per_s"] / pure["saturation_per_s"]
+        rows.append(("accepted webhooks/s, native / pure",
+                     f"{fast['saturation_per_s']:.0f} / {pure['saturation_per_s']:.0f}/s ({gain:.2f}x)",
+                     ">= 2.5x", gain >= 2.5))
+        rows.append(("native: one verification, CPU per accepted webhook",
+                     f"{fast['verify_cpu_ms']:.4f} ms, {fast['cpu_ms_per_stored']:.3f} ms", "", None))
+        rows.append(("native: bad signature, CPU per request", f"{fast['forged_signature_cpu_ms']:.3f} ms",
+                     "<= 0.3 ms", fast["forged_signature_cpu_ms"] <= 0.3))
     rows.append(("start-up to 200 on /health", " / ".join(f"{s * 1000:.0f}" for s in startup) + " ms", "< 1 s",
                  max(startup) < 1.0))
     return rows

@@ -9,7 +9,8 @@ Every call has the configured timeout; retrying is the caller's decision.
 It also verifies webhook signatures. ``starkbank.event.parse`` verifies the body
 with the cached public key and, when that fails, fetches the key again and retries:
 so each forged request would cost an outbound call. ``verify_event`` keeps the SDK's
-checks (ECDSA over the exact body, then over the key-sorted body, with the SDK's own
+checks (ECDSA over the exact body, then over the key-sorted body: ``verify``, with
+libsecp256k1 when the ``[fast]`` extra is installed, else the SDK's own
 ``ellipticcurve``) and its key cache, but fetches the key at most once a minute.
 A test holds the two to the same verdicts.
 
@@ -17,15 +18,14 @@ Threads: calls may come from any thread; the key cache has its own lock. The SDK
 module globals are set only by ``configure``.
 """
 
-import json
 import logging
 import threading
 import time
 
 import starkbank
-from ellipticcurve import Ecdsa, PublicKey, Signature
 from starkcore.utils.api import api_json
 
+from . import verify
 from .errors import BankRejected, BankUnavailable, ConfigError, SignatureError
 
 __all__ = ["Bank", "KeyCache", "KEY_REFRESH_S"]
@@ -155,29 +155,28 @@ class KeyCache:
         self.fetches += 1
         pem = self._fetch()
         try:
-            self._key = PublicKey.fromPem(pem)
-        except Exception as e:  # ellipticcurve raises bare Exceptions on bad PEM
-            raise BankUnavailable(f"Stark Bank's public key is unreadable ({type(e).__name__})") from None
+            self._key = verify.load_key(pem)
+        except ValueError as e:
+            raise BankUnavailable(f"Stark Bank's public key is unreadable: {e}") from None
         logger.info("fetched Stark Bank's public key")
 
 
-def _signature_matches(content, signature, key):
-    """Return True if ``signature`` signs ``content`` (or its key-sorted form, as the SDK allows)."""
-    if Ecdsa.verify(message=content, signature=signature, publicKey=key):
-        return True
-    try:
-        normalized = json.dumps(json.loads(content), sort_keys=True)
-    except ValueError:
-        return False
-    return normalized != content and Ecdsa.verify(message=normalized, signature=signature, publicKey=key)
-
-
 class Bank:
-    """The service's view of Stark Bank. Build one in ``__main__``, call ``configure()`` once."""
+    """The service's view of Stark Bank. Build one in ``__main__``, call ``configure()`` once.
 
-    def __init__(self, config, clock=time.monotonic):
+    ``verifier`` checks webhook signatures (``verify.best_verifier()`` by default: native
+    when ``coincurve`` is importable); the ``verifier`` property names the one that runs.
+    """
+
+    def __init__(self, config, clock=time.monotonic, verifier=None):
         self._config = config
         self.keys = KeyCache(self._fetch_public_key, clock=clock)
+        self._verifier = verifier or verify.best_verifier()
+
+    @property
+    def verifier(self):
+        """The name of the signature verifier in use, e.g. ``"native (coincurve)"``."""
+        return self._verifier.name
 
     def configure(self):
         """Set the SDK's user and timeout from the config; raise ConfigError if the key is unusable."""
@@ -296,14 +295,16 @@ class Bank:
         match, BankUnavailable if the public key cannot be fetched. Thread-safe.
         """
         try:
-            parsed = Signature.fromBase64(signature)
-        except Exception:  # ellipticcurve raises bare Exceptions on bad DER
+            parsed = verify.parse_signature(signature)
+        except verify.MalformedSignature:
             raise SignatureError("malformed Digital-Signature") from None
         key = self.keys.get()
-        if _signature_matches(content, parsed, key):
+        if verify.signature_matches(content, parsed, key, self._verifier):
             return
         fresher = self.keys.refresh(stale=key)
-        if fresher is not None and fresher is not key and _signature_matches(content, parsed, fresher):
+        if fresher is not None and fresher is not key and verify.signature_matches(
+            content, parsed, fresher, self._verifier
+        ):
             return
         raise SignatureError("Digital-Signature does not match Stark Bank's public key")
 
