@@ -56,7 +56,7 @@ class App:
         return HTTPStatus.OK, {"status": "ok"}
 
     def details(self):
-        """Return the service's live details (version, store, scheduler, worker, key fetches) as a dict."""
+        """Return the service's live details (version, store, scheduler, worker, verifier, key fetches) as a dict."""
         store_ok = self.store.ping()
         schedule = self.schedule.state() if self.schedule is not None else {"state": "not started"}
         return {
@@ -64,6 +64,7 @@ class App:
             "store": "ok" if store_ok else "unavailable",
             "scheduler": schedule if store_ok else None,
             "worker": self.worker.state(),
+            "verifier": self.bank.verifier,
             "public_key_fetches": self.bank.keys.fetches,
         }
 
@@ -88,8 +89,8 @@ class App:
         self.server = Server((c.host, c.port), self.gate, c.max_connections, c.request_timeout_s)
         self.schedule = self._schedule()
         self.server.start()
-        logger.info("stark_challenge %s listening on %s:%d (%s, database %s)",
-                    __version__, c.host, self.server.port, c.environment, c.database_path)
+        logger.info("stark_challenge %s listening on %s:%d (%s, database %s, signatures verified by %s)",
+                    __version__, c.host, self.server.port, c.environment, c.database_path, self.bank.verifier)
         self.worker.start()
         self.worker_started.set()
         self.schedule.start()

@@ -99,6 +99,7 @@ def check(args):
           f"branch {config.transfer_branch}, account {config.transfer_account} ({config.transfer_account_type})")
     print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}")
     print(f"  database: {config.database_path} ({_database_plan(config.database_path)})")
+    print(f"  webhook signatures verified by: {bank.verifier}")
     return 0
 
 

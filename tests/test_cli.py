@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from stark_challenge import __version__
+from stark_challenge import __version__, verify
 
 from support import query, run_cli, wait_for
 
@@ -121,6 +121,7 @@ def test_check_with_good_credentials_calls_stark_bank_once_and_prints_the_plan(e
         "  credits forwarded to: Stark Bank S.A., bank 20018183, branch 0001, account 6341320293482496 (payment)",
         "  listening on 0.0.0.0:8000, basic auth OFF",
         "  database: ./stark_challenge.sqlite3 (new: the first round is issued at start)",
+        f"  webhook signatures verified by: {verify.best_verifier().name}",
     ]
 
 
@@ -177,7 +178,7 @@ def test_check_tells_that_a_start_resumes_an_existing_schedule(emulator, service
     assert service.stop() == 0
     done = cli("check", "--offline", cwd=tmp_path, env=service.env)
     assert done.returncode == 0
-    database = done.stdout.splitlines()[-1]
+    database = done.stdout.splitlines()[-2]
     assert re.fullmatch(rf"  database: {re.escape(service.env['DATABASE_PATH'])} \(resumes the schedule started "
                         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: 1 rounds issued, 1 due\)", database), database
 
