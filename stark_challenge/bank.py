@@ -243,20 +243,36 @@ class Bank:
         ``external_id`` makes the call idempotent: Stark Bank refuses a second
         transfer with it (BankRejected). Raise BankRejected / BankUnavailable.
         """
+        return self.create_transfers([(amount, external_id, tags)])[0]
+
+    def create_transfers(self, transfers):
+        """Send up to 100 transfers to the configured account in one call; return them as dicts.
+
+        ``transfers`` are (amount in cents, external id, tags) tuples. Stark Bank creates
+        all of them or none: one it refuses (a duplicate external id, say) makes the
+        whole call a BankRejected whose errors name the element ("Element 3: ...").
+        Raise BankRejected / BankUnavailable.
+        """
+        if not 1 <= len(transfers) <= MAX_PER_CALL:
+            raise ValueError(f"1 to {MAX_PER_CALL} transfers per call")
         c = self._config
-        transfer = starkbank.Transfer(
-            amount=amount,
-            name=c.transfer_name,
-            tax_id=c.transfer_tax_id,
-            bank_code=c.transfer_bank_code,
-            branch_code=c.transfer_branch,
-            account_number=c.transfer_account,
-            account_type=c.transfer_account_type,
-            external_id=external_id,
-            tags=tags,
-        )
-        created = _translate(lambda: starkbank.transfer.create([transfer]), "create transfer")
-        return _transfer_dict(created[0])
+        objects = [
+            starkbank.Transfer(
+                amount=amount,
+                name=c.transfer_name,
+                tax_id=c.transfer_tax_id,
+                bank_code=c.transfer_bank_code,
+                branch_code=c.transfer_branch,
+                account_number=c.transfer_account,
+                account_type=c.transfer_account_type,
+                external_id=external_id,
+                tags=tags,
+            )
+            for amount, external_id, tags in transfers
+        ]
+        what = "create transfer" if len(objects) == 1 else f"create {len(objects)} transfers"
+        created = _translate(lambda: starkbank.transfer.create(objects), what)
+        return [_transfer_dict(t) for t in created]
 
     def get_transfer(self, transfer_id):
         """Return our workspace's transfer ``transfer_id`` as a dict (id, amount, status, external_id, tags), or None.

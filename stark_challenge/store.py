@@ -630,6 +630,15 @@ class Store:
             )
             return cur.rowcount == 1
 
+    def claim_transfers(self, external_ids, now):
+        """Claim several pending transfers as ``claim_transfer`` does, in one transaction; return those claimed.
+
+        One commit for a batch that goes to Stark Bank in one create call: a crash
+        during the call leaves every one of them ``sending``, none of them ``pending``.
+        """
+        with self.atomic():
+            return [ext for ext in external_ids if self.claim_transfer(ext, now)]
+
     def transfer_created(self, external_id, transfer_id, status, now):
         """Record Stark Bank's id and status for a transfer it accepted.
 

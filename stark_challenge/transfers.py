@@ -15,6 +15,16 @@ The protocol for one transfer, keyed by its ``external_id``:
 5. After ``MAX_TRIES`` unanswered tries it is ``stalled``: logged loudly, shown as
    pending in the status, and tried again at the next start-up.
 
+Batches: the transfers due go out together, up to ``bank.MAX_PER_CALL`` in one create
+call, each with its own external id and tags; whatever its attempt number, a ``pending``
+row is sent the same way. All of the batch is claimed in one transaction (1.), and an
+answer is recorded in one. Stark Bank creates all of a call or none, so a refused (4xx)
+batch made nothing: its transfers are then sent one per call, which isolates the one(s)
+refused (4.) while the others go. An unanswered batch (3.) is settled transfer by
+transfer, each looked up by its tag; once a lookup goes unanswered too, the rest are
+retried without one (their external ids make that safe). When the service stops during
+that one-by-one work, what is left goes back to ``pending``.
+
 A crash between 1 and 2 leaves ``sending``: ``recover`` settles those by lookup at
 start-up. A transfer log that arrives while no Stark Bank id is recorded cannot be
 compared with ours (another workspace may use our external id): ``settle_by_lookup``
@@ -26,6 +36,7 @@ import datetime
 import logging
 import random
 
+from .bank import MAX_PER_CALL
 from .errors import BankRejected, BankUnavailable
 from .timing import backoff
 
@@ -81,15 +92,20 @@ class Sender:
         logger.info("transfer %s: found at Stark Bank as %s (%s)", transfer.external_id, found["id"], found["status"])
         return True
 
-    def send_due(self, limit=100):
-        """Send up to ``limit`` transfers that are due; return how many calls were made."""
-        sent = 0
-        for transfer in self._store.due_transfers(self._clock(), limit):
-            if not self._store.claim_transfer(transfer.external_id, self._clock()):
-                continue
-            self._send(transfer._replace(tries=transfer.tries + 1))
-            sent += 1
-        return sent
+    def send_due(self, limit=MAX_PER_CALL, stopping=lambda: False):
+        """Send up to ``limit`` due transfers in one create call; return how many were claimed.
+
+        See "Batches" in the module docstring. ``stopping()`` True ends the 400
+        fallback and the lookups early: what is left goes back to ``pending``.
+        """
+        due = self._store.due_transfers(self._clock(), limit)
+        claimed = set(self._store.claim_transfers([t.external_id for t in due], self._clock()))
+        batch = [t._replace(tries=t.tries + 1) for t in due if t.external_id in claimed]
+        if len(batch) == 1:
+            self._send(batch[0])
+        elif batch:
+            self._send_batch(batch, stopping)
+        return len(batch)
 
     def _send(self, transfer):
         tags = transfer_tags(self._tag, transfer.invoice_id, transfer.external_id)
@@ -98,6 +114,51 @@ class Sender:
         except (BankUnavailable, BankRejected) as e:
             self._settle(transfer, e)
             return
+        self._record_created(transfer, created)
+
+    def _send_batch(self, batch, stopping):
+        items = [(t.amount, t.external_id, transfer_tags(self._tag, t.invoice_id, t.external_id)) for t in batch]
+        try:
+            created = self._bank.create_transfers(items)
+        except BankRejected as e:
+            # All or none: nothing was made. One call each isolates the transfer(s) refused.
+            logger.warning("a batch of %d transfers was refused (%s); sending them one per call", len(batch), e)
+            for n, transfer in enumerate(batch):
+                if stopping():
+                    self._requeue(batch[n:], e)
+                    return
+                self._send(transfer)
+            return
+        except BankUnavailable as e:
+            self._settle_batch(batch, e, stopping)
+            return
+        by_external_id = {c["external_id"]: c for c in created}
+        missing = [t for t in batch if t.external_id not in by_external_id]
+        with self._store.atomic():  # one commit for the whole answer
+            for transfer in batch:
+                if transfer.external_id in by_external_id:
+                    self._record_created(transfer, by_external_id[transfer.external_id])
+        if missing:  # an answer without some of them: as if unanswered for those
+            self._settle_batch(missing, BankUnavailable("the create answer did not list it"), stopping)
+
+    def _settle_batch(self, batch, error, stopping):
+        """Settle each transfer of an unanswered batch by lookup; once lookups fail, retry the rest unlooked."""
+        lookups = True
+        for n, transfer in enumerate(batch):
+            if stopping():
+                self._requeue(batch[n:], error)
+                return
+            lookups = self._settle(transfer, error, lookup=lookups) and lookups
+
+    def _requeue(self, transfers, error):
+        """Put claimed transfers back to ``pending``, due now (same external ids: idempotent)."""
+        now = self._clock()
+        with self._store.atomic():
+            for transfer in transfers:
+                self._store.retry_transfer(transfer.external_id, [("", str(error))], now, now)
+        logger.info("%d transfers put back to pending, unsettled, as the service stops", len(transfers))
+
+    def _record_created(self, transfer, created):
         self._store.transfer_created(transfer.external_id, created["id"], created["status"], self._clock())
         credit = self._store.credit(transfer.invoice_id)
         logger.info(
@@ -105,18 +166,24 @@ class Sender:
             transfer.invoice_id, credit["amount"], credit["fee"], transfer.amount, transfer.external_id, created["id"],
         )
 
-    def _settle(self, transfer, error):
-        """Find out whether an unanswered or refused create call made the transfer; record the answer."""
+    def _settle(self, transfer, error, lookup=True):
+        """Find out whether an unanswered or refused create call made the transfer; record the answer.
+
+        Return False if Stark Bank did not answer the lookup. ``lookup=False`` skips
+        it (Stark Bank just failed to answer one): the transfer is then retried with
+        its external id, which Stark Bank refuses to repeat, so this stays safe.
+        """
         now = self._clock()
+        answered = True
         try:
-            found = self._bank.find_transfer(transfer.external_id)
+            found = self._bank.find_transfer(transfer.external_id) if lookup else None
         except BankUnavailable as e:
-            found = None
+            found, answered = None, False
             error = error if isinstance(error, BankUnavailable) else e
         if found is not None:
             self._store.transfer_created(transfer.external_id, found["id"], found["status"], now)
             logger.info("transfer %s: found at Stark Bank as %s (%s)", transfer.external_id, found["id"], found["status"])
-            return
+            return answered
         errors = list(error.errors) or [("", str(error))]
         if isinstance(error, BankRejected):
             self._store.reject_transfer(transfer.external_id, errors, now)
@@ -125,14 +192,15 @@ class Sender:
                 transfer.external_id, transfer.invoice_id, transfer.amount,
                 "; ".join(f"{c}: {m}" for c, m in errors),
             )
-            return
+            return answered
         if transfer.tries >= MAX_TRIES:
             self._store.stall_transfer(transfer.external_id, errors, now)
             logger.error(
                 "TRANSFER STALLED: %s (invoice %s) unanswered after %d tries, will retry at next start: %s",
                 transfer.external_id, transfer.invoice_id, transfer.tries, error,
             )
-            return
+            return answered
         delay = backoff(transfer.tries, self._base_backoff_s, MAX_BACKOFF_S, self._rng)
         self._store.retry_transfer(transfer.external_id, errors, now + datetime.timedelta(seconds=delay), now)
         logger.warning("transfer %s: try %d failed, retrying in %.1f s: %s", transfer.external_id, transfer.tries, delay, error)
+        return answered

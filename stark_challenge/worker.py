@@ -16,7 +16,7 @@ One pass (``run_once``) does, in order:
    really fail) is asked here with our own credentials and handed in as
    ``events.Facts``. An event whose question Stark Bank does not answer stays
    pending and is asked again with backoff (bounded, with jitter); the others go on;
-3. send the transfers that are due (``transfers.Sender``).
+3. send the transfers that are due (``transfers.Sender``), up to 100 in one create call.
 
 ``events.accept`` calls ``wake()`` after storing a new event, so a credit is forwarded at
 once; otherwise the thread sleeps until the next due transfer or pull. Errors are
@@ -87,8 +87,9 @@ class Worker:
         while self.process_events():
             if self._stop.is_set():
                 break
-        # One transfer at a time, so stop() waits for at most one create call.
-        while not self._stop.is_set() and self._sender.send_due(limit=1):
+        # One batch (one create call) at a time, so stop() waits for at most one call:
+        # the sender's one-by-one fallbacks also stop once it is asked to.
+        while not self._stop.is_set() and self._sender.send_due(stopping=self._stop.is_set):
             self.process_events()  # events that arrived meanwhile, e.g. a fast 'success'
         self.last_pass_at = self._clock()
         return self._seconds_to_next()
