@@ -74,7 +74,7 @@ class Sender:
         sending = self._store.transfers(states=("sending",))
         for transfer in sending:
             logger.info("transfer %s: the service stopped during its create call; settling it", transfer.external_id)
-            self._settle(transfer, BankUnavailable("interrupted by a restart"))
+        self._settle_batch(sending, BankUnavailable("interrupted by a restart"), stopping=lambda: False)
         return len(requeued) + len(sending)
 
     def settle_by_lookup(self, transfer):
@@ -142,13 +142,20 @@ class Sender:
             self._settle_batch(missing, BankUnavailable("the create answer did not list it"), stopping)
 
     def _settle_batch(self, batch, error, stopping):
-        """Settle each transfer of an unanswered batch by lookup; once lookups fail, retry the rest unlooked."""
+        """Settle each transfer of an unanswered batch by lookup; once lookups fail, retry the rest unlooked.
+
+        Those retried are due again at one time drawn for all of them, so they go out as one batch again.
+        """
+        if not batch:
+            return
+        delay = backoff(max(t.tries for t in batch), self._base_backoff_s, MAX_BACKOFF_S, self._rng)
+        retry_at = self._clock() + datetime.timedelta(seconds=delay)
         lookups = True
         for n, transfer in enumerate(batch):
             if stopping():
                 self._requeue(batch[n:], error)
                 return
-            lookups = self._settle(transfer, error, lookup=lookups) and lookups
+            lookups = self._settle(transfer, error, lookup=lookups, retry_at=retry_at) and lookups
 
     def _requeue(self, transfers, error):
         """Put claimed transfers back to ``pending``, due now (same external ids: idempotent)."""
@@ -166,12 +173,13 @@ class Sender:
             transfer.invoice_id, credit["amount"], credit["fee"], transfer.amount, transfer.external_id, created["id"],
         )
 
-    def _settle(self, transfer, error, lookup=True):
+    def _settle(self, transfer, error, lookup=True, retry_at=None):
         """Find out whether an unanswered or refused create call made the transfer; record the answer.
 
         Return False if Stark Bank did not answer the lookup. ``lookup=False`` skips
         it (Stark Bank just failed to answer one): the transfer is then retried with
         its external id, which Stark Bank refuses to repeat, so this stays safe.
+        ``retry_at``: when that retry is due (default: after a backoff drawn for its tries).
         """
         now = self._clock()
         answered = True
@@ -200,7 +208,10 @@ class Sender:
                 transfer.external_id, transfer.invoice_id, transfer.tries, error,
             )
             return answered
-        delay = backoff(transfer.tries, self._base_backoff_s, MAX_BACKOFF_S, self._rng)
-        self._store.retry_transfer(transfer.external_id, errors, now + datetime.timedelta(seconds=delay), now)
-        logger.warning("transfer %s: try %d failed, retrying in %.1f s: %s", transfer.external_id, transfer.tries, delay, error)
+        if retry_at is None:
+            retry_at = now + datetime.timedelta(seconds=backoff(transfer.tries, self._base_backoff_s, MAX_BACKOFF_S,
+                                                                self._rng))
+        self._store.retry_transfer(transfer.external_id, errors, retry_at, now)
+        logger.warning("transfer %s: try %d failed, retrying in %.1f s: %s", transfer.external_id, transfer.tries,
+                       max(0.0, (retry_at - now).total_seconds()), error)
         return answered
