@@ -248,8 +248,8 @@ class Bank:
     def create_transfers(self, transfers):
         """Send up to 100 transfers to the configured account in one call; return them as dicts.
 
-        ``transfers`` are (amount in cents, external id, tags) tuples. Stark Bank creates
-        all of them or none: one it refuses (a duplicate external id, say) makes the
+        ``transfers`` are (amount in cents, external id, tags) tuples; the answer lists
+        them in the same order. Stark Bank creates all of them or none: one it refuses (a duplicate external id, say) makes the
         whole call a BankRejected whose errors name the element ("Element 3: ...").
         Raise BankRejected / BankUnavailable.
         """
@@ -272,6 +272,8 @@ class Bank:
         ]
         what = "create transfer" if len(objects) == 1 else f"create {len(objects)} transfers"
         created = _translate(lambda: starkbank.transfer.create(objects), what)
+        if len(created) != len(objects):  # all or none: an answer listing fewer cannot be read
+            raise BankUnavailable(f"{what}: Stark Bank's answer lists {len(created)} transfers")
         return [_transfer_dict(t) for t in created]
 
     def get_transfer(self, transfer_id):

@@ -132,14 +132,9 @@ class Sender:
         except BankUnavailable as e:
             self._settle_batch(batch, e, stopping)
             return
-        by_external_id = {c["external_id"]: c for c in created}
-        missing = [t for t in batch if t.external_id not in by_external_id]
-        with self._store.atomic():  # one commit for the whole answer
-            for transfer in batch:
-                if transfer.external_id in by_external_id:
-                    self._record_created(transfer, by_external_id[transfer.external_id])
-        if missing:  # an answer without some of them: as if unanswered for those
-            self._settle_batch(missing, BankUnavailable("the create answer did not list it"), stopping)
+        with self._store.atomic():  # one commit for the whole answer, listed in the order sent
+            for transfer, made in zip(batch, created):
+                self._record_created(transfer, made)
 
     def _settle_batch(self, batch, error, stopping):
         """Settle each transfer of an unanswered batch by lookup; once lookups fail, retry the rest unlooked.

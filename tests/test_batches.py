@@ -107,6 +107,13 @@ def test_a_refused_batch_is_sent_one_per_call_so_only_the_bad_transfer_is_reject
     assert sender.send_due() == 0
 
 
+def test_a_call_takes_one_to_a_hundred_transfers(bank):
+    with pytest.raises(ValueError):
+        bank.create_transfers([])
+    with pytest.raises(ValueError):
+        bank.create_transfers([(100, f"x-{n}", []) for n in range(MAX_PER_CALL + 1)])
+
+
 def test_the_emulator_refuses_a_batch_repeating_an_external_id_within_itself(emulator, bank):
     item = (100, "stark-challenge-inv-dup", ["x"])
     with pytest.raises(BankRejected) as refused:

@@ -32,4 +32,5 @@ def test_the_start_up_line_and_status_name_the_verifier(emulator, service_factor
     wait_for(lambda: service_settled(service, emulator), message="start-up settled")
     name = verify.best_verifier().name
     assert service.request("GET", "/status")[1]["service"]["verifier"] == name
-    assert messages_matching(service, rf"listening on .*signatures verified by {re.escape(name)}\)$")
+    wait_for(lambda: messages_matching(service, rf"listening on .*signatures verified by {re.escape(name)}"),
+             message="the start-up line naming the verifier")
