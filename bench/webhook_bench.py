@@ -930,7 +930,7 @@ def verdicts(results):
     ]
     pure = results["verifiers"]["pure"]
     rows.append(("CPU per accepted webhook beyond one verification",
-                 f"{pure['cpu_ms_beyond_verify']:.3f} ms (HTTP threads {pure['cpu_ms_intake_per_stored']:.3f}, "
+                 f"{pure['cpu_ms_beyond_verify']:.3f} ms (HTTP threads {pure['cpu_ms_intake_per_stored']:.3f} with the verification, "
                  f"worker {pure['cpu_ms_worker_per_stored']:.3f})", "<= 0.45 ms", pure["cpu_ms_beyond_verify"] <= 0.45))
     rows.append(("transfers created/s at saturation", f"{results['transfers_per_s']}/s", ">= 150/s",
                  results["transfers_per_s"] >= 150))
