@@ -66,8 +66,9 @@ Two knobs, for profiling (see ``profile_service.py``): ``BENCH_PROFILE=PATH`` ru
 service under cProfile and writes its stats to PATH; ``BENCH_ONLY=saturation,forged``
 runs only those groups of phases (``rates`` needs ``saturation``; ``transfers``).
 
-Bounded: about four minutes on a 2-core machine (most of it issuing, paying and signing the credits), loopback only; every process it starts
-is stopped (SIGTERM, then SIGKILL) before it exits, and its temporary files removed.
+Bounded: about four minutes on a 2-core machine (most of it issuing, paying and signing
+the credits), loopback only; every process it starts is stopped (SIGTERM, then SIGKILL)
+before it exits, and its temporary files removed.
 """
 
 import base64
@@ -931,7 +932,8 @@ def verdicts(results):
     pure = results["verifiers"]["pure"]
     rows.append(("CPU per accepted webhook beyond one verification",
                  f"{pure['cpu_ms_beyond_verify']:.3f} ms (HTTP threads {pure['cpu_ms_intake_per_stored']:.3f} "
-                 f"with the verification, worker {pure['cpu_ms_worker_per_stored']:.3f})", "<= 0.45 ms", pure["cpu_ms_beyond_verify"] <= 0.45))
+                 f"with the verification, worker {pure['cpu_ms_worker_per_stored']:.3f})", "<= 0.45 ms",
+                 pure["cpu_ms_beyond_verify"] <= 0.45))
     rows.append(("transfers created/s at saturation", f"{results['transfers_per_s']}/s", ">= 150/s",
                  results["transfers_per_s"] >= 150))
     rows.append(("ack->transfer at saturation p50/p99",

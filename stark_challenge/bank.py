@@ -249,9 +249,9 @@ class Bank:
         """Send up to 100 transfers to the configured account in one call; return them as dicts.
 
         ``transfers`` are (amount in cents, external id, tags) tuples; the answer lists
-        them in the same order. Stark Bank creates all of them or none: one it refuses (a duplicate external id, say) makes the
-        whole call a BankRejected whose errors name the element ("Element 3: ...").
-        Raise BankRejected / BankUnavailable.
+        them in the same order. Stark Bank creates all of them or none: one it refuses
+        (a duplicate external id, say) makes the whole call a BankRejected whose errors
+        name the element ("Element 3: ..."). Raise BankRejected / BankUnavailable.
         """
         if not 1 <= len(transfers) <= MAX_PER_CALL:
             raise ValueError(f"1 to {MAX_PER_CALL} transfers per call")
