@@ -27,6 +27,7 @@ import logging
 import random
 
 from .errors import BankRejected, BankUnavailable
+from .metrics import Counters
 from .timing import backoff
 
 __all__ = ["Sender", "MAX_TRIES"]
@@ -46,13 +47,14 @@ def transfer_tags(instance_tag, invoice_id, external_id):
 class Sender:
     """Sends due transfers and settles ambiguous ones. See the module docstring."""
 
-    def __init__(self, store, bank, instance_tag, clock, rng=None, base_backoff_s=BASE_BACKOFF_S):
+    def __init__(self, store, bank, instance_tag, clock, rng=None, base_backoff_s=BASE_BACKOFF_S, counters=None):
         self._store = store
         self._bank = bank
         self._tag = instance_tag
         self._clock = clock  # () -> aware UTC datetime
         self._rng = rng or random.Random()
         self._base_backoff_s = base_backoff_s
+        self._counters = counters or Counters()  # create calls by result, for the metrics
 
     def recover(self):
         """Settle transfers left ``sending`` by a crash, and requeue ``stalled`` ones. Return how many."""
@@ -96,8 +98,11 @@ class Sender:
         try:
             created = self._bank.create_transfer(transfer.amount, transfer.external_id, tags)
         except (BankUnavailable, BankRejected) as e:
+            result = "rejected" if isinstance(e, BankRejected) else "unavailable"
+            self._counters.add("stark_challenge_transfer_api_calls_total", (("result", result),))
             self._settle(transfer, e)
             return
+        self._counters.add("stark_challenge_transfer_api_calls_total", (("result", "created"),))
         self._store.transfer_created(transfer.external_id, created["id"], created["status"], self._clock())
         credit = self._store.credit(transfer.invoice_id)
         logger.info(
