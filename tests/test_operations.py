@@ -13,7 +13,7 @@ import starkbank
 from stark_challenge import __version__
 from stark_challenge.metrics import Counters, Family, exposition
 
-from support import query, run_cli, service_settled, wait_for
+from support import free_port, query, run_cli, service_settled, wait_for
 
 AUTH = {"WEBHOOK_USERNAME": "ops", "WEBHOOK_PASSWORD": "s3cret-pass"}
 FEE = 37
@@ -221,6 +221,13 @@ def test_a_rejected_transfer_fixed_by_configuration_and_retried_moves_the_money_
     assert f"latest attempt 2 (stark-challenge-inv-{a}-2) is success" in again.stderr
     unknown = cli(service, "transfers", "retry", "123456789")
     assert unknown.returncode == 2 and "no transfer in the ledger" in unknown.stderr
+    # The service holds the store: the command must reach it, with the same credentials.
+    wrong = cli(service, "transfers", "retry", a, WEBHOOK_PASSWORD="wrong")
+    assert wrong.returncode == 1 and "the service answered 401" in wrong.stderr
+    no_auth = cli(service, "transfers", "retry", a, WEBHOOK_USERNAME="", WEBHOOK_PASSWORD="")
+    assert no_auth.returncode == 2 and "set WEBHOOK_USERNAME and WEBHOOK_PASSWORD" in no_auth.stderr
+    elsewhere = cli(service, "transfers", "retry", a, PORT=str(free_port()))
+    assert elsewhere.returncode == 1 and "does not answer" in elsewhere.stderr
     assert len(by_invoice(emulator, a)) == 1
 
     report = json.loads(cli(service, "status", "--json").stdout)
@@ -231,3 +238,24 @@ def test_a_rejected_transfer_fixed_by_configuration_and_retried_moves_the_money_
     assert listed.returncode == 0
     assert sorted(line.split()[:5:2] for line in listed.stdout.splitlines()) == sorted([
         ["rejected", a, "1"], ["success", a, "2"], ["success", b, "1"]])
+
+
+def test_transfers_on_a_fresh_or_missing_database(tmp_path):
+    from stark_challenge.store import Store
+
+    Store(str(tmp_path / "fresh.sqlite3")).close()
+    env = {"DATABASE_PATH": str(tmp_path / "fresh.sqlite3")}
+    listed = run_cli("transfers", "--state", "failed", cwd=tmp_path, env=env)
+    assert (listed.returncode, listed.stdout) == (0, "no transfers in state failed\n")
+    assert run_cli("transfers", "--json", cwd=tmp_path, env=env).stdout == "[]\n"
+    # The service is stopped: the command would do the retry itself, and needs the credentials for that.
+    done = run_cli("transfers", "retry", "1", cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "STARK_PROJECT_ID" in done.stderr, done.stderr
+    missing = {"DATABASE_PATH": str(tmp_path / "missing.sqlite3")}
+    for args in (("transfers",), ("transfers", "retry", "1")):
+        done = run_cli(*args, cwd=tmp_path, env=missing)
+        assert done.returncode == 1 and "no such database" in done.stderr, done.stderr
+    assert not (tmp_path / "missing.sqlite3").exists()
+    for args in (("transfers", "--help"), ("transfers", "retry", "--help")):
+        done = run_cli(*args, cwd=tmp_path)
+        assert done.returncode == 0 and done.stdout.startswith("usage: python -m stark_challenge " + " ".join(args[:-1]))
