@@ -5,6 +5,7 @@ compared with the emulator's own records."""
 import base64
 import concurrent.futures
 import json
+import math
 import re
 import urllib.request
 
@@ -99,11 +100,14 @@ def test_exposition_escapes_labels_and_help_and_refuses_a_counter_without_total(
     counters = Counters()
     counters.add("x_total", (("reason", 'a "quoted"\\back\nslash'),), 2)
     text = exposition([Family("x_total", "counter", "help with \\ and\nnewline", counters.samples("x_total")),
-                       Family("g", "gauge", "a float", [((), 1.5), ((("k", "v"),), float("inf"))])])
+                       Family("g", "gauge", "a float", [((), 1.5), ((("k", "v"),), float("inf")),
+                                                        ((("k", "w"),), True), ((("k", "x"),), float("nan"))])])
     assert text.splitlines()[0] == "# HELP x_total help with \\\\ and\\nnewline"
     samples = parse_exposition(text)
+    assert math.isnan(samples.pop(("g", frozenset({("k", "x")}))))
     assert samples == {("x_total", frozenset({("reason", 'a "quoted"\\back\nslash')})): 2.0,
-                       ("g", frozenset()): 1.5, ("g", frozenset({("k", "v")})): float("inf")}
+                       ("g", frozenset()): 1.5, ("g", frozenset({("k", "v")})): float("inf"),
+                       ("g", frozenset({("k", "w")})): 1.0}
     try:
         exposition([Family("x", "counter", "no suffix", [])])
     except ValueError as e:
@@ -259,3 +263,36 @@ def test_transfers_on_a_fresh_or_missing_database(tmp_path):
     for args in (("transfers", "--help"), ("transfers", "retry", "--help")):
         done = run_cli(*args, cwd=tmp_path)
         assert done.returncode == 0 and done.stdout.startswith("usage: python -m stark_challenge " + " ".join(args[:-1]))
+
+
+def test_credit_outcomes_are_counted_by_reason_class(store):
+    from stark_challenge import report
+    from stark_challenge.metrics import service_families
+    from support import FakeClock
+
+    outcomes = {
+        "credit queued": 4, "credit already recorded": 2,
+        "not issued here: Stark Bank has no such invoice in our workspace": 3,
+        "not issued here: the invoice lacks the tag 'stark-challenge'": 1,
+        "not issued here: Stark Bank reports it 'created', not paid": 1,
+        "invalid: credited invoice without a fee": 1, "invalid: fee 900 is not in 0..amount 100": 2,
+        "invalid: amount 0 is not positive": 1, "invalid: KeyError 'log'": 1,
+    }
+    families = service_families(report.build(store.summary(), FakeClock()()), outcomes, Counters(), 0, None,
+                                "1.0", "pure")
+    samples = parse_exposition(exposition(families))
+    credits = {tuple(sorted(labels)): value for (name, labels), value in samples.items()
+               if name == "stark_challenge_credits_total"}
+    assert credits == {
+        (("outcome", "queued"),): 0,  # from the store's credit rows, none here
+        (("outcome", "not_ours"), ("reason", "unknown_invoice")): 3,
+        (("outcome", "not_ours"), ("reason", "missing_tag")): 1,
+        (("outcome", "not_ours"), ("reason", "not_paid")): 1,
+        (("outcome", "invalid"), ("reason", "missing_fee")): 1,
+        (("outcome", "invalid"), ("reason", "fee_out_of_range")): 2,
+        (("outcome", "invalid"), ("reason", "amount_not_positive")): 1,
+        (("outcome", "invalid"), ("reason", "malformed")): 1,
+    }
+    # No pass yet: the timestamp gauge has no sample (absent() alerts on it), every state has one.
+    assert not any(name == "stark_challenge_worker_last_pass_timestamp_seconds" for name, _ in samples)
+    assert sum(1 for name, _ in samples if name == "stark_challenge_transfers") == 8
