@@ -265,7 +265,8 @@ def test_transfers_on_a_fresh_or_missing_database(tmp_path):
     assert not (tmp_path / "missing.sqlite3").exists()
     for args in (("transfers", "--help"), ("transfers", "retry", "--help")):
         done = run_cli(*args, cwd=tmp_path)
-        assert done.returncode == 0 and done.stdout.startswith("usage: python -m stark_challenge " + " ".join(args[:-1]))
+        usage = "usage: python -m stark_challenge " + " ".join(args[:-1])
+        assert done.returncode == 0 and done.stdout.startswith(usage)
 
 
 def test_credit_outcomes_are_counted_by_reason_class(store):
