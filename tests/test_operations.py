@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import json
 import math
+import os
 import re
 import urllib.request
 
@@ -252,9 +253,11 @@ def test_transfers_on_a_fresh_or_missing_database(tmp_path):
 
     Store(str(tmp_path / "fresh.sqlite3")).close()
     env = {"DATABASE_PATH": str(tmp_path / "fresh.sqlite3")}
+    files = sorted(os.listdir(tmp_path))
     listed = run_cli("transfers", "--state", "failed", cwd=tmp_path, env=env)
     assert (listed.returncode, listed.stdout) == (0, "no transfers in state failed\n")
     assert run_cli("transfers", "--json", cwd=tmp_path, env=env).stdout == "[]\n"
+    assert sorted(os.listdir(tmp_path)) == files  # read-only: no file created
     # The service is stopped: the command would do the retry itself, and needs the credentials for that.
     done = run_cli("transfers", "retry", "1", cwd=tmp_path, env=env)
     assert done.returncode == 2 and "STARK_PROJECT_ID" in done.stderr, done.stderr
