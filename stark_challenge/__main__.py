@@ -4,7 +4,7 @@
     python3 -m stark_challenge               # run against the Stark Bank project in the environment or .env
 
 Here: the parser, the wiring of ``run`` (``app.App``) and its signals. The other
-subcommands (``status``, ``check``, ``keygen``, ``webhook``) are in ``commands``.
+subcommands (``status``, ``transfers``, ``check``, ``keygen``, ``webhook``) are in ``commands``.
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
 
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 
-from . import __version__, commands, config as config_module, logs, report
+from . import __version__, commands, config as config_module, logs, report, transfer_states
 from .commands import fail, load_config
 from .errors import ConfigError, StarkChallengeError
 
@@ -78,6 +78,25 @@ def build_parser():
                            description="Validate every variable, load the key and, unless --offline, call "
                                        "Stark Bank once to prove the credentials work; print the plan.")
     check.add_argument("--offline", action="store_true", help="do not call Stark Bank")
+
+    transfers = sub.add_parser(
+        "transfers", help="list transfers by state, or retry a stuck one",
+        description="List every transfer attempt in the ledger (read-only, safe while the service runs), or "
+                    "with 'retry INVOICE_ID' queue one more attempt for a credit whose latest attempt is "
+                    "rejected, failed or stalled, after asking Stark Bank that no attempt of it moved money.")
+    transfers.add_argument("--state", choices=transfer_states.NAMES, help="only transfers in this state")
+    transfers.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    transfer_actions = transfers.add_subparsers(dest="action", metavar="ACTION")
+    retry = transfer_actions.add_parser(
+        "retry", help="queue one more attempt for a stuck credit",
+        description="Queue one more transfer attempt for INVOICE_ID, whose latest attempt is rejected, failed "
+                    "or stalled, under a new external id (<tag>-inv-<id>-<attempt>), unless Stark Bank shows "
+                    "an attempt of it created, processing or paid (then that is recorded and nothing is sent). "
+                    "While the service runs, it does the retry: the command asks it at POST /transfers/retry "
+                    "on HOST:PORT with WEBHOOK_USERNAME/PASSWORD; otherwise the command does it itself and the "
+                    "service sends it at its next start. Exit 0 queued or recorded, 2 refused or unknown "
+                    "invoice, 1 Stark Bank or the service unreachable.")
+    retry.add_argument("invoice_id", metavar="INVOICE_ID")
 
     keygen = sub.add_parser("keygen", help="write a new project key pair",
                             description="Write private-key.pem (mode 0600) and public-key.pem to DIR. "
@@ -218,7 +237,7 @@ def _register_emulator_webhook(bank, config, port):
 
 
 COMMANDS = {None: run, "run": run, "status": commands.status, "check": commands.check,
-            "keygen": commands.keygen, "webhook": commands.webhook}
+            "keygen": commands.keygen, "webhook": commands.webhook, "transfers": commands.transfers}
 
 
 def main(argv=None):

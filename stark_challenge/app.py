@@ -11,7 +11,7 @@ import logging
 import threading
 from http import HTTPStatus
 
-from . import __version__, report
+from . import __version__, metrics, report, resend
 from .gate import Gate
 from .invoicer import Invoicer
 from .scheduler import Schedule, open_window
@@ -31,9 +31,12 @@ class App:
 
     def __init__(self, config, bank, store):
         self.config, self.bank, self.store = config, bank, store
-        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s)
+        self.counters = metrics.Counters()  # the process's own counts, for GET /metrics
+        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters)
         self.gate = Gate(store, bank, config, clock=utcnow, on_event=self.worker.wake,
-                         health=self.health, report=self.status_page)
+                         health=self.health, report=self.status_page, counters=self.counters,
+                         metrics_page=self.metrics_page, retry=self.retry_transfer)
+        self._retry_lock = threading.Lock()  # one operator retry at a time (the store's key is the guarantee)
         self.schedule = None  # built by start(), once the service listens
         self.server = None
         self.worker_started = threading.Event()  # set by start() once the worker thread runs
@@ -75,6 +78,24 @@ class App:
     def status_page(self):
         """Return GET /status's body: the status report, and the live details under ``service``."""
         return {**self.status_report(), "service": self.details()}
+
+    def metrics_page(self):
+        """Return GET /metrics's body: the Prometheus text exposition of the store's and the process's numbers."""
+        families = metrics.service_families(
+            self.status_report(), self.store.credit_outcomes(), self.counters, self.bank.keys.fetches,
+            self.worker.last_pass_at, __version__, self.bank.verifier)
+        return metrics.exposition(families)
+
+    def retry_transfer(self, invoice_id):
+        """Queue one more transfer attempt for a stuck credit (``resend.retry``); return its Outcome.
+
+        The worker is woken to send what was queued. Raise BankUnavailable if Stark Bank does not answer.
+        """
+        with self._retry_lock:
+            outcome = resend.retry(self.store, self.bank, self.config.instance_tag, invoice_id, utcnow())
+        if outcome.code == "queued":
+            self.worker.wake()
+        return outcome
 
     def healthy(self):
         """Return True if the store answers and the worker and HTTP threads run (the watchdog's test)."""

@@ -293,6 +293,11 @@ class Bank:
         found = _translate(lambda: list(starkbank.transfer.query(tags=[tag], limit=10)), "query transfers")
         return _transfer_dict(found[0]) if found else None
 
+    def find_transfers(self, tag, limit=100):
+        """Return every transfer carrying ``tag`` (up to ``limit``) as dicts. Raise BankUnavailable on failure."""
+        found = _translate(lambda: list(starkbank.transfer.query(tags=[tag], limit=limit)), "query transfers")
+        return [_transfer_dict(t) for t in found]
+
     # -- events -----------------------------------------------------------------
 
     def undelivered_events(self, limit=500):

@@ -1,21 +1,30 @@
-"""Commands: the operator's commands besides ``run``: ``status``, ``check``, ``keygen``, ``webhook``.
+"""Commands: the operator's commands besides ``run``: ``status``, ``transfers``, ``check``, ``keygen``, ``webhook``.
 
 Each takes the parsed arguments (``__main__.build_parser``), prints what it found
 and returns the exit status: 0 success, 1 runtime failure, 2 usage or configuration
-error. ``status`` and ``check`` read the database through a read-only ``Store``,
-safe while the service runs.
+error. ``status``, ``transfers`` and ``check`` read the database through a read-only
+``Store``, safe while the service runs. ``transfers retry`` writes, and the store has
+one writer: while the service runs (it holds the store's lock), the service does the
+retry, asked at ``POST /transfers/retry`` with the webhook's basic auth; otherwise
+the command opens the store itself (taking the lock) and does it.
 """
 
+import base64
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 from urllib.parse import urlsplit
 
 from . import config as config_module, logs, report
 from .errors import BankError, BankRejected, ConfigError
 from .timing import utcnow
 
-__all__ = ["status", "check", "keygen", "webhook", "load_config", "fail"]
+__all__ = ["status", "transfers", "check", "keygen", "webhook", "load_config", "fail"]
+
+# Seconds the retry command waits for the running service's answer (it asks Stark Bank once).
+RETRY_TIMEOUT_S = 60.0
 
 
 def load_config(args, require_credentials=True, extra=None):
@@ -68,6 +77,99 @@ def status(args):
         return fail(str(e), 1)
     print(json.dumps(data, indent=2) if args.json else report.render(data))
     return 0
+
+
+def transfers(args):
+    """List the transfer attempts (read-only), or ``retry`` one stuck credit."""
+    from .store import Store, StoreError
+
+    try:
+        config = load_config(args, require_credentials=False)
+    except ConfigError as e:
+        return fail(str(e))
+    if args.action == "retry":
+        return _retry(args, config)
+    try:
+        reader = Store(config.database_path, read_only=True)
+        try:
+            rows = reader.transfers(states=(args.state,) if args.state else None)
+        finally:
+            reader.close()
+    except StoreError as e:
+        return fail(str(e), 1)
+    if args.json:
+        print(json.dumps([{**t._asdict(), "errors": [list(e) for e in t.errors]} for t in rows], indent=2))
+        return 0
+    for t in rows:
+        error = "; ".join(f"{c}: {m}" if c else m for c, m in t.errors[-1:])
+        print(f"{t.state:<10}  invoice {t.invoice_id}  attempt {t.attempt}  {report.reais(t.amount):>14}  "
+              f"{t.external_id}  {t.transfer_id or '-'}{'  ' + error if error else ''}")
+    if not rows:
+        print("no transfers" + (f" in state {args.state}" if args.state else ""))
+    return 0
+
+
+def _retry(args, config):
+    """Retry one stuck credit: through the running service, or here when it is stopped."""
+    from .store import Store, StoreError, StoreLocked
+
+    if not os.path.exists(config.database_path):
+        return fail(f"{config.database_path}: no such database (set DATABASE_PATH)", 1)
+    try:
+        store = Store(config.database_path)
+    except StoreLocked:
+        return _retry_through_service(config, args.invoice_id)
+    except StoreError as e:
+        return fail(str(e), 1)
+    try:
+        try:
+            config, bank = configured_bank(args)
+        except ConfigError as e:
+            return fail(str(e))
+        from . import resend
+
+        try:
+            outcome = resend.retry(store, bank, config.instance_tag, args.invoice_id, utcnow())
+        except BankError as e:
+            return fail(f"Stark Bank did not answer, nothing queued: {e}", 1)
+    finally:
+        store.close()
+    suffix = "; the service sends it when it starts" if outcome.code == "queued" else ""
+    return _print_outcome(outcome.code, outcome.message + suffix)
+
+
+def _print_outcome(code, message):
+    if code in ("refused", "unknown"):
+        return fail(message, 2)
+    print(message)
+    return 0
+
+
+def _retry_through_service(config, invoice_id):
+    """Ask the running service (it holds the store) to retry; return the exit status."""
+    if not config.basic_auth:
+        return fail("the service is running: set WEBHOOK_USERNAME and WEBHOOK_PASSWORD (as the service has them) "
+                    "to ask it for the retry", 2)
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}/transfers/retry"
+    token = base64.b64encode(f"{config.webhook_username}:{config.webhook_password}".encode()).decode()
+    request = urllib.request.Request(url, data=json.dumps({"invoice_id": invoice_id}).encode(), method="POST",
+                                     headers={"Authorization": "Basic " + token,
+                                              "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=RETRY_TIMEOUT_S) as answer:
+            body = json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        try:
+            body = json.loads(e.read())
+        except ValueError:
+            body = {}
+        if e.code in (409, 404):
+            return _print_outcome(body.get("outcome", "refused"), body.get("message", f"HTTP {e.code}"))
+        return fail(f"the service answered {e.code}: {body.get('error', e.reason)}", 1)
+    except (OSError, ValueError) as e:
+        return fail(f"the service holds the database but does not answer at {url}: {e}", 1)
+    return _print_outcome(body["outcome"], body["message"])
 
 
 def check(args):

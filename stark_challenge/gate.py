@@ -6,8 +6,11 @@ and its answer can be read, and tested, in this one module.
 
 The routes (``ROUTES``, the one routing table): ``POST /webhook``, Stark Bank's events;
 ``GET /health``, the status word only, for probes; ``GET /status``, the money summary
-and the service's details, behind the webhook's basic auth. Any other path is 404,
-another method on a known path 405 (with ``Allow``). Every answer is JSON.
+and the service's details, and ``GET /metrics``, the same numbers for Prometheus (text),
+both behind the webhook's basic auth; ``POST /transfers/retry`` (``{"invoice_id": ...}``),
+an operator's retry of a stuck transfer (``resend``), only when basic auth is
+configured (403 otherwise: it moves money). Any other path is 404, another method on a
+known path 405 (with ``Allow``). Every answer is JSON, except the metrics.
 
 The checks of a webhook, cheapest first, and the answer each failure gets:
 
@@ -49,7 +52,7 @@ import re
 from http import HTTPStatus
 from typing import NamedTuple
 
-from . import events
+from . import events, metrics
 from .errors import BankUnavailable, SignatureError, StarkChallengeError
 from .logs import Throttle
 
@@ -68,14 +71,19 @@ ROUTES = {
     "/webhook": {"POST": "webhook"},
     "/health": {"GET": "health", "HEAD": "health"},
     "/status": {"GET": "status", "HEAD": "status"},
+    "/metrics": {"GET": "metrics", "HEAD": "metrics"},
+    "/transfers/retry": {"POST": "retry"},
 }
+
+# The longest invoice id a retry request may name (Stark Bank's ids are about 16 digits).
+MAX_INVOICE_ID = 64
 
 
 class Reply(NamedTuple):
     """What to answer: an HTTP status, a JSON-able body, and extra headers."""
 
     status: HTTPStatus
-    body: dict
+    body: object  # a JSON-able dict, or text (str) sent as it is with the Content-Type in headers
     headers: tuple = ()
 
 
@@ -174,12 +182,16 @@ class Gate:
 
     ``health`` is ``() -> (HTTPStatus, dict)`` for ``GET /health``; ``report`` is
     ``() -> dict`` for ``GET /status``; ``on_event`` is called after a new event is stored.
+    ``counters`` (``metrics.Counters``) counts webhooks by outcome and signature verdicts;
+    ``metrics_page`` is ``() -> str`` for ``GET /metrics``; ``retry`` is
+    ``(invoice_id) -> resend.Outcome`` for ``POST /transfers/retry``.
     """
 
     # A hook: overridable to add a realm per deployment.
     realm = "stark_challenge"
 
-    def __init__(self, store, bank, config, clock, on_event=None, health=None, report=None):
+    def __init__(self, store, bank, config, clock, on_event=None, health=None, report=None, counters=None,
+                 metrics_page=None, retry=None):
         self._store = store
         self._bank = bank
         self._username = config.webhook_username
@@ -188,6 +200,9 @@ class Gate:
         self._on_event = on_event
         self._health = health or (lambda: (HTTPStatus.OK, {"status": "ok"}))
         self._report = report or dict
+        self.counters = counters or metrics.Counters()
+        self._metrics_page = metrics_page or str
+        self._retry = retry
         self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
 
     def refuse(self, status, reason, what, client, headers=()):
@@ -218,15 +233,56 @@ class Gate:
             return denied
         return Reply(HTTPStatus.OK, self._report())
 
+    def metrics(self, headers, body, client):
+        """GET /metrics: the Prometheus text exposition, behind basic auth."""
+        denied = self.authorize(headers)
+        if denied is not None:
+            self.refusals.log(logger, logging.WARNING, "metrics refused: bad or missing basic auth from %s", client)
+            return denied
+        return Reply(HTTPStatus.OK, self._metrics_page(), (("Content-Type", metrics.CONTENT_TYPE),))
+
+    def retry(self, headers, body, client):
+        """POST /transfers/retry: ``{"invoice_id": "..."}``, an operator's retry (``resend.retry``), behind basic auth.
+
+        200 queued or recorded, 409 refused (the state is named), 404 no transfer for
+        that invoice, 400 a malformed body, 403 without basic auth configured, 503 if
+        Stark Bank does not answer.
+        """
+        if not (self._username and self._password) or self._retry is None:
+            return _error(HTTPStatus.FORBIDDEN, "retries over HTTP need WEBHOOK_USERNAME and WEBHOOK_PASSWORD set")
+        denied = self.authorize(headers)
+        if denied is not None:
+            self.refusals.log(logger, logging.WARNING, "retry refused: bad or missing basic auth from %s", client)
+            return denied
+        try:
+            invoice_id = json.loads(body or b"")["invoice_id"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            invoice_id = None
+        if not (isinstance(invoice_id, str) and 0 < len(invoice_id) <= MAX_INVOICE_ID and invoice_id.isascii()
+                and invoice_id.isdigit()):  # Stark Bank's ids are digits
+            return _error(HTTPStatus.BAD_REQUEST, 'expected {"invoice_id": "<digits>"}')
+        try:
+            outcome = self._retry(invoice_id)
+        except BankUnavailable as e:
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"Stark Bank did not answer, nothing queued: {e}")
+        status = {"refused": HTTPStatus.CONFLICT, "unknown": HTTPStatus.NOT_FOUND}.get(outcome.code, HTTPStatus.OK)
+        return Reply(status, {"outcome": outcome.code, "message": outcome.message})
+
     def webhook(self, headers, body, client):
         """POST /webhook: basic auth, a Content-Length, then ``receive``."""
         denied = self.authorize(headers)
         if denied is not None:
             self.refusals.log(logger, logging.WARNING, "webhook refused: bad or missing basic auth from %s", client)
+            self._count_webhook("refused", "auth")
             return denied
         if body is None:
+            self._count_webhook("refused", "length_required")
             return self.refuse(HTTPStatus.LENGTH_REQUIRED, "Content-Length required", "POST /webhook", client)
         return self.receive(headers, body)
+
+    def _count_webhook(self, outcome, reason=""):
+        labels = (("outcome", outcome), ("reason", reason)) if reason else (("outcome", outcome),)
+        self.counters.add("stark_challenge_webhooks_total", labels)
 
     def authorize(self, headers):
         """Return None if the request may proceed, or the 401 Reply if basic auth fails."""
@@ -244,33 +300,43 @@ class Gate:
         signature = headers.get("Digital-Signature")
         if not signature:
             self.refusals.log(logger, logging.WARNING, "webhook refused: no Digital-Signature header")
+            self._count_webhook("refused", "no_signature")
             return _error(HTTPStatus.UNAUTHORIZED, "missing Digital-Signature header")
         try:
             content = body.decode("utf-8")
         except UnicodeDecodeError:
             self.refusals.log(logger, logging.WARNING, "webhook refused: body is not UTF-8")
+            self._count_webhook("refused", "not_utf8")
             return _error(HTTPStatus.BAD_REQUEST, "body is not UTF-8")
         try:
             self._bank.verify_event(content, signature)
         except SignatureError as e:
             self.refusals.log(logger, logging.WARNING, "webhook refused: %s", e, kind=str(e))
+            self.counters.add("stark_challenge_signature_verifications_total", (("verdict", "invalid"),))
+            self._count_webhook("refused", "bad_signature")
             return _error(HTTPStatus.UNAUTHORIZED, "invalid Digital-Signature")
         except BankUnavailable as e:
             self.refusals.log(logger, logging.WARNING,
                               "webhook not verified, Stark Bank's key is unavailable (%s); answering 503", e)
+            self._count_webhook("unavailable", "public_key")
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot verify the signature now; deliver again later")
+        self.counters.add("stark_challenge_signature_verifications_total", (("verdict", "valid"),))
         try:
             event = events.check_shape(json.loads(content))
         except ValueError as e:  # json.JSONDecodeError is a ValueError; so is an int of too many digits
             self.refusals.log(logger, logging.WARNING, "webhook refused: signed but malformed (%s)", e,
                               kind="malformed")
+            self._count_webhook("refused", "malformed")
             return _error(HTTPStatus.BAD_REQUEST, f"malformed event: {e}")
         except RecursionError:  # json's C scanner recurses once per nested [ or {
             self.refusals.log(logger, logging.WARNING, "webhook refused: signed but nested too deeply")
+            self._count_webhook("refused", "malformed")
             return _error(HTTPStatus.BAD_REQUEST, "malformed event: nested too deeply")
         try:
             new = events.accept(self._store, event, "webhook", self._clock(), self._on_event)
         except StarkChallengeError as e:
             logger.error("webhook %s not stored: %s; answering 503", event.id, e)
+            self._count_webhook("unavailable", "store")
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot store the event now; deliver again later")
+        self._count_webhook("stored" if new else "duplicate")
         return Reply(HTTPStatus.OK, {"status": "stored" if new else "duplicate", "event": event.id})

@@ -85,9 +85,12 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _reply(self, status, body, headers=(), close=False):
-        payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        if isinstance(body, str):  # text (the metrics), its Content-Type among the Reply's headers
+            payload = body.encode("utf-8")
+        else:
+            payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+            headers = (("Content-Type", "application/json"), *headers)
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")
         for name, value in headers:

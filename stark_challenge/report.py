@@ -69,6 +69,10 @@ def render(report):
     p, f = report["transfers_pending"], report["transfers_failed"]
     lines.append(("pending", f"{p['count']} transfers, {reais(p['amount'])}"))
     lines.append(("failed", f"{f['count']} transfers, {reais(f['amount'])}"))
+    attempts = report.get("attempts") or {}
+    if attempts.get("retried") or attempts.get("stuck"):
+        lines.append(("  attempts", f"{attempts.get('retried', 0)} credits needed more than one, "
+                                    f"{attempts.get('stuck', 0)} stuck (see: transfers retry)"))
     e = report["events"]
     lines.append(("last webhook", e["last_webhook_at"] or "never"))
     lines.append(("events", f"{e['received']} received, {e['pending']} waiting to be processed"))

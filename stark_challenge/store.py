@@ -17,8 +17,11 @@ The tables, and the invariant each one keeps:
               written in the same transaction, so a credit is queued for payment
               exactly once, whatever the redeliveries.
 ``transfer``  the transfers owed: keyed by ``external_id`` (which Stark Bank also
-              refuses to repeat), at most two attempts per invoice, the second one only
-              after Stark Bank reported the first ``failed``. Stark Bank's logs change a
+              refuses to repeat), one row per attempt, unique by (invoice, attempt):
+              attempt 2 is queued automatically after Stark Bank confirmed the first
+              ``failed``; any later one only by an operator (``queue_attempt``) once
+              the latest attempt is ``rejected``, ``failed`` or ``stalled``. Every
+              attempt stays in the table. Stark Bank's logs change a
               row only when they carry the ``transfer_id`` recorded for it. Its states
               and their moves: ``transfer_states``.
 
@@ -156,7 +159,7 @@ class Transfer(NamedTuple):
 
     external_id: str  # our idempotency key at Stark Bank
     invoice_id: str
-    attempt: int  # 1, or 2 after Stark Bank failed the first
+    attempt: int  # 1; 2 after Stark Bank failed the first; more only by an operator's retry
     amount: int  # cents
     state: str
     transfer_id: Optional[str]  # Stark Bank's id, once known
@@ -682,17 +685,58 @@ class Store:
             )
 
     def requeue_transfers(self, states, now):
-        """Move every transfer in ``states`` back to ``pending``, due now; return their external ids."""
+        """Move every transfer in ``states`` back to ``pending``, due now; return their external ids.
+
+        Only the latest attempt of an invoice: one an operator superseded by a later
+        attempt (``queue_attempt``) stays as it is, or the invoice would be paid twice.
+        """
+        latest = ("not exists (select 1 from transfer later where later.invoice_id = transfer.invoice_id"
+                  " and later.attempt > transfer.attempt)")
         with self.atomic():
             marks = ",".join("?" * len(states))
-            rows = self._all(f"select external_id from transfer where state in ({marks})", states)
+            rows = self._all(f"select external_id from transfer where state in ({marks}) and {latest}", states)
             ids = [r["external_id"] for r in rows]
             self._conn.execute(
                 f"update transfer set state = 'pending', tries = 0, next_try_at = ?, updated_at = ?"
-                f" where state in ({marks})",
+                f" where state in ({marks}) and {latest}",
                 (_iso(now), _iso(now), *states),
             )
             return ids
+
+    def attempts(self, invoice_id):
+        """Return every Transfer attempt of an invoice, by attempt number (empty if it has none)."""
+        with self._lock:
+            rows = self._all(f"select {_TRANSFER_COLUMNS} from transfer where invoice_id = ? order by attempt",
+                             (invoice_id,))
+        return [_transfer_of(r) for r in rows]
+
+    def queue_attempt(self, invoice_id, after_attempt, external_id, now):
+        """Queue attempt ``after_attempt + 1`` of an invoice's transfer, ``pending``; return True if queued.
+
+        Only while attempt ``after_attempt`` is still the latest and its state is one
+        ``transfer_states.RETRYABLE`` names, checked in the same transaction as the
+        insert; the unique (invoice, attempt) key makes two concurrent calls insert one
+        row. False: another attempt came first, or the state moved meanwhile.
+        """
+        with self.atomic():
+            row = self._one("select attempt, state, amount from transfer where invoice_id = ?"
+                            " order by attempt desc limit 1", (invoice_id,))
+            if row is None or row["attempt"] != after_attempt or row["state"] not in transfer_states.RETRYABLE:
+                return False
+            cur = self._conn.execute(
+                "insert or ignore into transfer"
+                " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
+                " values (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                (external_id, invoice_id, after_attempt + 1, row["amount"], _iso(now), _iso(now), _iso(now)),
+            )
+            return cur.rowcount == 1
+
+    def credit_outcomes(self):
+        """Return {outcome: events} of the processed ``credited`` invoice events (for the metrics)."""
+        with self._lock:
+            rows = self._all("select outcome, count(*) as n from event where subscription = 'invoice'"
+                             " and log_type = 'credited' and processed_at is not null group by outcome")
+        return {r["outcome"]: r["n"] for r in rows}
 
     def apply_transfer_status(self, external_id, transfer_id, status, errors, now, retry_external_id=None,
                               confirmed_failed=False):
@@ -751,7 +795,13 @@ class Store:
                 " count(*) filter (where outcome like 'invalid%') as invalid from event"
             )
             schedule = self._one("select started_at, interval_s, duration_s from schedule")
+            latest = self._all(
+                "select t.state, t.attempt from transfer t where t.attempt = (select max(attempt)"
+                " from transfer l where l.invoice_id = t.invoice_id)")
         return {
+            # credits that needed more than one attempt, and those whose latest attempt is stuck
+            "attempts": {"retried": sum(1 for r in latest if r["attempt"] > 1),
+                         "stuck": sum(1 for r in latest if r["state"] in transfer_states.RETRYABLE)},
             "schedule": dict(schedule) if schedule else None,
             "rounds": {state: rounds.get(state, 0) for state in ("issued", "issuing", "failed")},
             "invoices": invoices,

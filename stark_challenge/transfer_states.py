@@ -29,12 +29,16 @@ Rules the store keeps with this table:
   attempt queues the second one, once.
 
 ``open`` states are money not yet seen to move (the report's "pending"); ``failed``
-states are money that never will.
+states are money that never will. ``RETRYABLE``: when the latest attempt of a credit
+is in one of these, an operator may queue one more attempt (``transfers retry``):
+``rejected`` and ``failed`` will never move the money, ``stalled`` is unanswered
+after its bounded tries. The attempt it supersedes keeps its state (and a superseded
+``stalled`` one is no longer requeued at start-up).
 """
 
 from typing import NamedTuple
 
-__all__ = ["TransferState", "TRANSFER_STATES", "NAMES", "OPEN", "FAILED", "REPORTED", "rank", "moves"]
+__all__ = ["TransferState", "TRANSFER_STATES", "NAMES", "OPEN", "FAILED", "REPORTED", "RETRYABLE", "rank", "moves"]
 
 
 class TransferState(NamedTuple):
@@ -69,6 +73,7 @@ NAMES = tuple(_BY_NAME)
 OPEN = tuple(s.name for s in TRANSFER_STATES if s.open)
 FAILED = tuple(s.name for s in TRANSFER_STATES if s.failed)
 REPORTED = tuple(_FOUND.split())  # the statuses a create answer or a lookup records
+RETRYABLE = ("rejected", "failed", "stalled")  # an operator may queue one more attempt after these
 
 
 def rank(name):

@@ -38,6 +38,7 @@ import random
 
 from .bank import MAX_PER_CALL
 from .errors import BankRejected, BankUnavailable
+from .metrics import Counters
 from .timing import backoff
 
 __all__ = ["Sender", "MAX_TRIES"]
@@ -57,13 +58,14 @@ def transfer_tags(instance_tag, invoice_id, external_id):
 class Sender:
     """Sends due transfers and settles ambiguous ones. See the module docstring."""
 
-    def __init__(self, store, bank, instance_tag, clock, rng=None, base_backoff_s=BASE_BACKOFF_S):
+    def __init__(self, store, bank, instance_tag, clock, rng=None, base_backoff_s=BASE_BACKOFF_S, counters=None):
         self._store = store
         self._bank = bank
         self._tag = instance_tag
         self._clock = clock  # () -> aware UTC datetime
         self._rng = rng or random.Random()
         self._base_backoff_s = base_backoff_s
+        self._counters = counters or Counters()  # create calls by result, for the metrics
 
     def recover(self):
         """Settle transfers left ``sending`` by a crash, and requeue ``stalled`` ones. Return how many."""
@@ -112,8 +114,10 @@ class Sender:
         try:
             created = self._bank.create_transfer(transfer.amount, transfer.external_id, tags)
         except (BankUnavailable, BankRejected) as e:
+            self._count("rejected" if isinstance(e, BankRejected) else "unavailable")
             self._settle(transfer, e)
             return
+        self._count("created")
         self._record_created(transfer, created)
 
     def _send_batch(self, batch, stopping):
@@ -121,6 +125,7 @@ class Sender:
         try:
             created = self._bank.create_transfers(items)
         except BankRejected as e:
+            self._count("rejected")
             # All or none: nothing was made. One call each isolates the transfer(s) refused.
             logger.warning("a batch of %d transfers was refused (%s); sending them one per call", len(batch), e)
             for n, transfer in enumerate(batch):
@@ -130,8 +135,10 @@ class Sender:
                 self._send(transfer)
             return
         except BankUnavailable as e:
+            self._count("unavailable")
             self._settle_batch(batch, e, stopping)
             return
+        self._count("created")
         with self._store.atomic():  # one commit for the whole answer, listed in the order sent
             for transfer, made in zip(batch, created):
                 self._record_created(transfer, made)
@@ -159,6 +166,10 @@ class Sender:
             for transfer in transfers:
                 self._store.retry_transfer(transfer.external_id, [("", str(error))], now, now)
         logger.info("%d transfers put back to pending, unsettled, as the service stops", len(transfers))
+
+    def _count(self, result):
+        """Count one create call (of one transfer or a batch) by its result, for the metrics."""
+        self._counters.add("stark_challenge_transfer_api_calls_total", (("result", result),))
 
     def _record_created(self, transfer, created):
         self._store.transfer_created(transfer.external_id, created["id"], created["status"], self._clock())

@@ -32,6 +32,7 @@ import threading
 from . import events
 from .errors import BankError
 from .timing import backoff, utcnow
+from .metrics import Counters
 from .transfers import Sender
 
 __all__ = ["Worker"]
@@ -49,13 +50,15 @@ ASK_RETRY_MAX_S = 300.0
 class Worker:
     """Processes stored events and sends transfers, in one thread. See the module docstring."""
 
-    def __init__(self, store, bank, instance_tag, poll_interval_s, clock=utcnow, sender=None, rng=None):
+    def __init__(self, store, bank, instance_tag, poll_interval_s, clock=utcnow, sender=None, rng=None,
+                 counters=None):
         self._store = store
         self._bank = bank
         self._tag = instance_tag
         self._poll_interval_s = poll_interval_s  # 0 = pull only at start-up
         self._clock = clock
-        self._sender = sender or Sender(store, bank, instance_tag, clock)
+        self.counters = counters or Counters()  # event pulls and their failures (and the sender's calls)
+        self._sender = sender or Sender(store, bank, instance_tag, clock, counters=self.counters)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
@@ -211,9 +214,11 @@ class Worker:
         tried again with backoff (see the module docstring).
         """
         now = self._clock()
+        self.counters.add("stark_challenge_event_pulls_total")
         try:
             found = self._bank.undelivered_events()
         except BankError as e:
+            self.counters.add("stark_challenge_event_pull_failures_total")
             self._pull_failures += 1
             cap = min(PULL_RETRY_MAX_S, self._poll_interval_s or PULL_RETRY_MAX_S)  # never later than the next pull
             delay = backoff(self._pull_failures, PULL_RETRY_BASE_S, cap, self._rng)

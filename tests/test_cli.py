@@ -12,7 +12,7 @@ import pytest
 
 from stark_challenge import __version__, verify
 
-from support import query, run_cli, wait_for
+from support import run_cli, wait_for
 
 PASSWORD = "p@ss/w:rd-Secret"
 HELP = [[], ["run"], ["status"], ["check"], ["keygen"], ["webhook"],

@@ -233,11 +233,19 @@ def test_keygen_reports_a_directory_it_cannot_write(tmp_path):
     assert done.stderr.startswith("stark_challenge: cannot write the keys to a-file/keys: ")
 
 
+def _sigint_as_in_a_terminal():
+    # A shell without job control starts a background job with SIGINT ignored, and a child
+    # inherits that (Python then installs no KeyboardInterrupt handler): give the command
+    # the default disposition it has when an operator presses Ctrl-C in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_a_command_exits_130_without_a_traceback(emulator, emulator_project, tmp_path):
     emulator.answer_late("GET", "/v2/invoice", 20.0)
     proc = subprocess.Popen([sys.executable, "-m", "stark_challenge", "check"], cwd=tmp_path,
                             env=child_env(tmp_path, **emulator_project.env), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         wait_for(lambda: emulator.requests_in_flight, message="the credentials call held")
         proc.send_signal(signal.SIGINT)

@@ -1,0 +1,190 @@
+"""Metrics: the service's numbers in Prometheus's text exposition format (0.0.4), with the stdlib only.
+
+Two kinds of number, and where each comes from:
+
+- counts the store already knows (rounds, invoices, credits, transfers by state and
+  amount, pending events) are read from it at each scrape, so they survive a restart;
+- counts only this process sees (webhooks by outcome, signature verdicts, event
+  pulls, transfer API calls) live in one ``Counters`` object, built in ``app`` and
+  handed to the gate, the worker and the sender. They start at zero with the
+  process, as Prometheus expects of a counter (``rate`` and ``increase`` handle the
+  reset).
+
+``exposition`` writes families as text: ``# HELP`` and ``# TYPE`` lines, then one
+sample a line, label values escaped (backslash, double quote, newline). Counters'
+names end in ``_total``. Not a client library: no registry, no global state.
+
+Threads: ``Counters.add`` takes one lock for a dict update, cheap enough for the
+webhook path; ``snapshot`` copies under the same lock.
+"""
+
+import math
+import threading
+from typing import NamedTuple
+
+from . import transfer_states
+
+__all__ = ["Counters", "Family", "exposition", "service_families", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Counters:
+    """Process-local counters keyed by (metric name, labels); thread-safe.
+
+    ``labels`` is a tuple of (name, value) pairs, in the order they are to be written.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values = {}  # (name, labels) -> int, guarded by _lock
+
+    def add(self, name, labels=(), amount=1):
+        """Add ``amount`` (default 1) to the counter ``name`` with ``labels``."""
+        key = (name, labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + amount
+
+    def value(self, name, labels=()):
+        """Return the current value of one counter (0 if never added to)."""
+        with self._lock:
+            return self._values.get((name, labels), 0)
+
+    def samples(self, name):
+        """Return [(labels, value)] of every counter called ``name``, in a stable order."""
+        with self._lock:
+            found = [(labels, value) for (n, labels), value in self._values.items() if n == name]
+        return sorted(found)
+
+
+class Family(NamedTuple):
+    """One metric family: its name, type (``counter`` or ``gauge``), help text and samples."""
+
+    name: str
+    type: str
+    help: str
+    samples: list  # [(labels: tuple of (name, value) pairs, value: int or float)]
+
+
+def _escape_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text):
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value):
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def exposition(families):
+    """Return the families as Prometheus text (version 0.0.4), ending with a newline.
+
+    A family without samples still gets its HELP and TYPE lines. Raise ValueError if a
+    counter's name does not end in ``_total``.
+    """
+    lines = []
+    for family in families:
+        if family.type == "counter" and not family.name.endswith("_total"):
+            raise ValueError(f"counter {family.name} must end in _total")
+        lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
+        lines.append(f"# TYPE {family.name} {family.type}")
+        for labels, value in family.samples:
+            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+            lines.append(f"{family.name}{{{text}}} {_number(value)}" if text else f"{family.name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# (prefix of an event outcome, outcome label, reason class): see events.process.
+_CREDIT_CLASSES = (
+    ("not issued here: Stark Bank has no such invoice", "not_ours", "unknown_invoice"),
+    ("not issued here: the invoice lacks the tag", "not_ours", "missing_tag"),
+    ("not issued here: Stark Bank reports it", "not_ours", "not_paid"),
+    ("not issued here", "not_ours", "other"),
+    ("invalid: credited invoice without a fee", "invalid", "missing_fee"),
+    ("invalid: credited invoice without integer", "invalid", "not_integer"),
+    ("invalid: amount", "invalid", "amount_not_positive"),
+    ("invalid: fee", "invalid", "fee_out_of_range"),
+    ("invalid", "invalid", "malformed"),
+)
+
+
+def _credit_samples(queued, outcomes):
+    """Return the samples of stark_challenge_credits_total: queued credits, then refused ones by class."""
+    counts = {}
+    for outcome, n in outcomes.items():
+        for prefix, label, reason in _CREDIT_CLASSES:
+            if (outcome or "").startswith(prefix):
+                key = (("outcome", label), ("reason", reason))
+                counts[key] = counts.get(key, 0) + n
+                break
+    return [((("outcome", "queued"),), queued)] + sorted(counts.items())
+
+
+def service_families(report, credit_outcomes, counters, public_key_fetches, last_pass_at, version, verifier):
+    """Return the service's metric families.
+
+    ``report`` is ``report.build``'s dict (the store's numbers), ``credit_outcomes`` the
+    store's ``credit_outcomes()``, ``counters`` the process's Counters, ``last_pass_at``
+    the worker's last complete pass (aware datetime or None). Every transfer state gets
+    a sample, 0 if none.
+    """
+    rounds, transfers, events = report["rounds"], report["transfers"], report["events"]
+    zero = {"count": 0, "amount": 0}
+    by_state = [(s, transfers.get(s, zero)) for s in transfer_states.NAMES]
+    invoices = report["invoices"].values()
+    last_pass = [((), last_pass_at.timestamp())] if last_pass_at is not None else []
+    return [
+        Family("stark_challenge_build_info", "gauge", "Version and signature verifier of the running service.",
+               [((("version", version), ("verifier", verifier)), 1)]),
+        Family("stark_challenge_webhooks_total", "counter",
+               "POST /webhook answers by outcome: stored, duplicate, refused (by reason), unavailable (503).",
+               counters.samples("stark_challenge_webhooks_total")),
+        Family("stark_challenge_signature_verifications_total", "counter",
+               "Digital-Signature checks by verdict.",
+               counters.samples("stark_challenge_signature_verifications_total")),
+        Family("stark_challenge_public_key_fetches_total", "counter", "Fetches of Stark Bank's public key.",
+               [((), public_key_fetches)]),
+        Family("stark_challenge_events_pending", "gauge", "Stored events not processed yet.",
+               [((), events["pending"])]),
+        Family("stark_challenge_event_pulls_total", "counter", "Pulls of undelivered events from Stark Bank.",
+               [((), counters.value("stark_challenge_event_pulls_total"))]),
+        Family("stark_challenge_event_pull_failures_total", "counter", "Pulls of undelivered events that failed.",
+               [((), counters.value("stark_challenge_event_pull_failures_total"))]),
+        Family("stark_challenge_rounds_issued_total", "counter", "Rounds of invoices issued.",
+               [((), rounds["issued"])]),
+        Family("stark_challenge_rounds_failed_total", "counter", "Rounds given up after bounded retries.",
+               [((), rounds["failed"])]),
+        Family("stark_challenge_rounds_due", "gauge", "Rounds due so far in the schedule's window.",
+               [((), rounds["due"])]),
+        Family("stark_challenge_invoices_issued_total", "counter", "Invoices issued by our rounds.",
+               [((), sum(v["count"] for v in invoices))]),
+        Family("stark_challenge_invoices_issued_cents_total", "counter", "Amount of the invoices issued, in cents.",
+               [((), sum(v["amount"] for v in invoices))]),
+        Family("stark_challenge_credits_total", "counter",
+               "Credited invoice events by outcome: queued for transfer, not_ours or invalid (by reason class).",
+               _credit_samples(report["credits"]["count"], credit_outcomes)),
+        Family("stark_challenge_credits_retried", "gauge", "Credits whose transfer needed more than one attempt.",
+               [((), report["attempts"]["retried"])]),
+        Family("stark_challenge_credits_stuck", "gauge",
+               "Credits whose latest transfer attempt is rejected, failed or stalled (transfers retry).",
+               [((), report["attempts"]["stuck"])]),
+        Family("stark_challenge_transfers", "gauge", "Transfer attempts in the ledger by state.",
+               [((("state", s),), v["count"]) for s, v in by_state]),
+        Family("stark_challenge_transfers_cents", "gauge", "Amount of the transfer attempts by state, in cents.",
+               [((("state", s),), v["amount"]) for s, v in by_state]),
+        Family("stark_challenge_transfer_api_calls_total", "counter",
+               "Transfer create calls by result: created, rejected (4xx), unavailable (no answer, 5xx).",
+               counters.samples("stark_challenge_transfer_api_calls_total")),
+        Family("stark_challenge_worker_last_pass_timestamp_seconds", "gauge",
+               "Unix time of the worker's last complete pass.", last_pass),
+    ]

@@ -1,0 +1,120 @@
+"""An operator's retry of a stuck transfer (``resend.retry``) and its door, ``POST /transfers/retry``:
+the real store, the real SDK against the emulator."""
+
+import base64
+import datetime
+import json
+from http import HTTPStatus
+
+import pytest
+
+from stark_challenge import resend
+from stark_challenge.bank import Bank
+from stark_challenge.errors import BankUnavailable
+from stark_challenge.events import external_id
+from stark_challenge.gate import Gate
+
+from support import sdk_config
+
+TAG = "stark-challenge"
+NOW = datetime.datetime(2026, 11, 28, 12, 0, tzinfo=datetime.timezone.utc)
+
+
+@pytest.fixture
+def bank(sdk):
+    bank = Bank(sdk_config(sdk))
+    bank.configure()
+    return bank
+
+
+def credit(store, invoice_id="5000000000000001", amount=10_000, fee=50):
+    store.add_credit(invoice_id, "ev-" + invoice_id, amount, fee, external_id(TAG, invoice_id, 1), NOW)
+    return store.attempts(invoice_id)[0]
+
+
+def rows(store, invoice_id="5000000000000001"):
+    return [(t.attempt, t.external_id, t.state) for t in store.attempts(invoice_id)]
+
+
+def test_the_automatic_second_attempt_and_an_operator_retry_cannot_both_queue_one(store, bank):
+    first = credit(store)
+    store.claim_transfer(first.external_id, NOW)
+    store.transfer_created(first.external_id, "7000000000000001", "created", NOW)
+    store.apply_transfer_status(first.external_id, "7000000000000001", "failed", [("", "closed")], NOW,
+                                retry_external_id=external_id(TAG, first.invoice_id, 2), confirmed_failed=True)
+    assert rows(store) == [(1, first.external_id, "failed"), (2, first.external_id + "-2", "pending")]
+
+    outcome = resend.retry(store, bank, TAG, first.invoice_id, NOW)
+    assert outcome.code == "refused" and "latest attempt 2" in outcome.message and "is pending" in outcome.message
+    assert not store.queue_attempt(first.invoice_id, 1, first.external_id + "-2", NOW)
+    assert rows(store) == [(1, first.external_id, "failed"), (2, first.external_id + "-2", "pending")]
+
+
+def test_a_superseded_stalled_attempt_is_not_requeued_at_start_up(store, bank):
+    first = credit(store)
+    store.claim_transfer(first.external_id, NOW)
+    store.stall_transfer(first.external_id, [("", "no answer")], NOW)
+
+    outcome = resend.retry(store, bank, TAG, first.invoice_id, NOW)
+    assert outcome == ("queued", f"invoice {first.invoice_id}: attempt 2 queued as {first.external_id}-2, "
+                                 f"9950 cents (attempt 1 was stalled)")
+    assert store.requeue_transfers(("stalled",), NOW) == []
+    assert rows(store) == [(1, first.external_id, "stalled"), (2, first.external_id + "-2", "pending")]
+    # The latest attempt stalls too: that one is requeued, as any stalled transfer.
+    store.claim_transfer(first.external_id + "-2", NOW)
+    store.stall_transfer(first.external_id + "-2", [("", "no answer")], NOW)
+    assert store.requeue_transfers(("stalled",), NOW) == [first.external_id + "-2"]
+
+
+def test_nothing_is_queued_while_stark_bank_does_not_answer(store, bank, emulator):
+    first = credit(store)
+    store.claim_transfer(first.external_id, NOW)
+    store.reject_transfer(first.external_id, [("invalidBranchCode", "bad")], NOW)
+    emulator.fail_next("GET", "/v2/transfer", count=1, status=500)
+    with pytest.raises(BankUnavailable):
+        resend.retry(store, bank, TAG, first.invoice_id, NOW)
+    assert rows(store) == [(1, first.external_id, "rejected")]
+
+
+def _gate(store, bank, config, calls):
+    def retry(invoice_id):
+        calls.append(invoice_id)
+        return resend.retry(store, bank, TAG, invoice_id, NOW)
+    return Gate(store, bank, config, lambda: NOW, retry=retry)
+
+
+def _post(gate, body, user="ops", password="pw"):
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return gate.answer("POST", "/transfers/retry", {"Authorization": "Basic " + token}, body, "127.0.0.1")
+
+
+def test_the_retry_door_answers_each_case_with_its_status(store, bank, sdk, emulator):
+    calls = []
+    config = sdk_config(sdk, WEBHOOK_USERNAME="ops", WEBHOOK_PASSWORD="pw")
+    gate = _gate(store, bank, config, calls)
+    first = credit(store)
+
+    assert _post(gate, b'{"invoice_id": "1"}', password="wrong").status == HTTPStatus.UNAUTHORIZED
+    for body in (None, b"", b"[]", b'{"invoice_id": 5}', b'{"invoice_id": "../x"}', b"{" * 100_000):
+        assert _post(gate, body).status == HTTPStatus.BAD_REQUEST, body
+    assert calls == []
+    answer = _post(gate, b'{"invoice_id": "999"}')
+    assert (answer.status, answer.body["outcome"]) == (HTTPStatus.NOT_FOUND, "unknown")
+    answer = _post(gate, json.dumps({"invoice_id": first.invoice_id}).encode())
+    assert (answer.status, answer.body["outcome"]) == (HTTPStatus.CONFLICT, "refused")
+    assert "is pending" in answer.body["message"]
+
+    store.claim_transfer(first.external_id, NOW)
+    store.reject_transfer(first.external_id, [("invalidBranchCode", "bad")], NOW)
+    emulator.fail_next("GET", "/v2/transfer", count=1, status=500)
+    answer = _post(gate, json.dumps({"invoice_id": first.invoice_id}).encode())
+    assert answer.status == HTTPStatus.SERVICE_UNAVAILABLE and "nothing queued" in answer.body["error"]
+    answer = _post(gate, json.dumps({"invoice_id": first.invoice_id}).encode())
+    assert (answer.status, answer.body["outcome"]) == (HTTPStatus.OK, "queued")
+    assert rows(store) == [(1, first.external_id, "rejected"), (2, first.external_id + "-2", "pending")]
+
+    # Without basic auth configured, the door is shut: it would let anyone queue money.
+    open_gate = _gate(store, bank, sdk_config(sdk), calls)
+    before = list(calls)
+    assert _post(open_gate, json.dumps({"invoice_id": first.invoice_id}).encode()).status == HTTPStatus.FORBIDDEN
+    assert calls == before
