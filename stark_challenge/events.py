@@ -29,8 +29,8 @@ our own credentials (whose ``get`` answers only for our workspace):
   another workspace can copy ours). While we have recorded none (the create call
   got no answer), the worker settles the transfer by our own lookup first. A
   ``failed`` log counts only once Stark Bank, asked with ``transfer.get`` for our
-  id, reports it failed; then one more attempt is queued under a derived external
-  id. A log for a transfer we don't know is ``transfer not ours``.
+  id, reports it failed and no other transfer of the invoice moves money (the
+  worker's answer); then one more attempt is queued under a derived external id. A log for a transfer we don't know is ``transfer not ours``.
 - anything else is kept as received and marked processed.
 
 Nothing here calls Stark Bank: ``question`` says what the worker must ask before

@@ -26,13 +26,9 @@ from typing import NamedTuple
 
 from . import events, transfer_states
 
-__all__ = ["Outcome", "retry", "MOVING"]
+__all__ = ["Outcome", "retry"]
 
 logger = logging.getLogger(__name__)
-
-# Stark Bank's statuses of a transfer whose money moved or may still move.
-MOVING = ("created", "processing", "success")
-
 
 class Outcome(NamedTuple):
     """What a retry did: ``code`` is 'queued', 'recorded' (Stark Bank already moves it: nothing sent),
@@ -54,7 +50,7 @@ def retry(store, bank, instance_tag, invoice_id, now):
     latest = attempts[-1]
     if latest.state not in transfer_states.RETRYABLE:
         return _refused(invoice_id, latest)
-    moving = [t for t in bank.find_transfers(f"invoice-{invoice_id}") if t["status"] in MOVING]
+    moving = [t for t in bank.find_transfers(f"invoice-{invoice_id}") if t["status"] in transfer_states.MOVING]
     if moving:
         return _record(store, invoice_id, attempts, moving, now)
     external_id = events.external_id(instance_tag, invoice_id, latest.attempt + 1)

@@ -25,8 +25,8 @@ Rules the store keeps with this table:
 - a transfer log changes a transfer only when it carries the Stark Bank id we
   recorded for it (external ids are unique per workspace only);
 - ``failed`` counts only when confirmed (Stark Bank, asked with ``transfer.get`` for
-  our id, reports it failed); then it is final, even after ``success``, and a first
-  attempt queues the second one, once.
+  our id, reports it failed, and no other transfer of the invoice is ``MOVING``); then
+  it is final, even after ``success``, and a first attempt queues the second one, once.
 
 ``open`` states are money not yet seen to move (the report's "pending"); ``failed``
 states are money that never will. ``RETRYABLE``: when the latest attempt of a credit
@@ -38,7 +38,8 @@ after its bounded tries. The attempt it supersedes keeps its state (and a supers
 
 from typing import NamedTuple
 
-__all__ = ["TransferState", "TRANSFER_STATES", "NAMES", "OPEN", "FAILED", "REPORTED", "RETRYABLE", "rank", "moves"]
+__all__ = ["TransferState", "TRANSFER_STATES", "NAMES", "OPEN", "FAILED", "REPORTED", "RETRYABLE", "MOVING", "rank",
+           "moves"]
 
 
 class TransferState(NamedTuple):
@@ -74,6 +75,8 @@ OPEN = tuple(s.name for s in TRANSFER_STATES if s.open)
 FAILED = tuple(s.name for s in TRANSFER_STATES if s.failed)
 REPORTED = tuple(_FOUND.split())  # the statuses a create answer or a lookup records
 RETRYABLE = ("rejected", "failed", "stalled")  # an operator may queue one more attempt after these
+# Stark Bank's statuses of a transfer whose money moved or may still move.
+MOVING = ("created", "processing", "success")
 
 
 def rank(name):

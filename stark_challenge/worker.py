@@ -29,7 +29,7 @@ import logging
 import random
 import threading
 
-from . import events
+from . import events, transfer_states
 from .errors import BankError
 from .timing import backoff, utcnow
 from .metrics import Counters
@@ -201,11 +201,37 @@ class Worker:
             invoices[asked.key] = self._bank.get_invoice(asked.key)
         elif asked.kind == "transfer":
             found = self._bank.get_transfer(asked.key)
-            transfers[asked.key] = found["status"] if found else None
+            status = found["status"] if found else None
+            transfers[asked.key] = self._failed_or_moving(found) if status == "failed" else status
         elif asked.kind == "lookup":
             transfer = self._store.transfer(asked.key)
             if transfer is not None and transfer.transfer_id is None and not self._sender.settle_by_lookup(transfer):
                 not_created.add(asked.key)
+
+    def _failed_or_moving(self, failed):
+        """Return 'failed' if no transfer of the failed one's invoice moves money, else that one's status.
+
+        A create call retried after no answer can make a second transfer under the same
+        external id, which Stark Bank then fails as a duplicate while the first one goes
+        through; the answer to the retry recorded the second one's id. So before a
+        failure is one to send again, every transfer of the invoice (by its tag, our
+        workspace only) is asked for: one that is created, processing or paid becomes
+        the transfer our row follows, and nothing is sent again.
+        """
+        # Our row is the one that recorded this id, under its external id (also one of its tags).
+        names = [failed.get("external_id"), *(failed.get("tags") or [])]
+        rows = [self._store.transfer(name) for name in names if isinstance(name, str) and name]
+        ours = next((row for row in rows if row is not None and row.transfer_id == failed["id"]), None)
+        if ours is None:
+            return "failed"
+        for other in self._bank.find_transfers(f"invoice-{ours.invoice_id}"):
+            if other["id"] != failed["id"] and other["status"] in transfer_states.MOVING:
+                if other["external_id"] == ours.external_id:
+                    self._store.transfer_created(ours.external_id, other["id"], other["status"], self._clock())
+                logger.warning("transfer %s: %s failed, but transfer %s of invoice %s is %s; not sent again",
+                               ours.external_id, failed["id"], other["id"], ours.invoice_id, other["status"])
+                return other["status"]
+        return "failed"
 
     def pull_events(self):
         """Fetch undelivered events from Stark Bank, store and process them, mark them delivered.

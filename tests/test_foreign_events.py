@@ -347,3 +347,48 @@ def test_a_transfer_log_waits_for_our_own_lookup_while_no_stark_bank_id_is_recor
     assert not store.pending_events() and emulator.transfers()[0]["externalId"] == ext
     assert store.transfer(ext)[4:6] == ("created", emulator.transfers()[0]["id"]) and len(emulator.transfers()) == 1
     assert store.summary()["events"]["not_ours"] == 1
+
+
+def test_a_failed_duplicate_of_our_transfer_that_went_through_is_not_sent_again(emulator, bank, store, clock):
+    # A create call retried after no answer can make a second transfer under our external id that
+    # Stark Bank then fails (a duplicate) while the first one goes through, and the retry's answer
+    # recorded the second one's id. Its confirmed failure must not queue another attempt.
+    ext, tags = f"{TAG}-inv-1234", [TAG, "invoice-1234", f"{TAG}-inv-1234"]
+    store.add_credit("1234", "ev-1", 10000, FEE, ext, clock())
+    (first,) = starkbank.transfer.create([starkbank.Transfer(amount=10000 - FEE, external_id=ext, tags=tags,
+                                                             **RECEIVER)])
+    emulator.set(transfer_fail_ratio=1.0)  # drawn when a transfer is created
+    (second,) = starkbank.transfer.create([starkbank.Transfer(amount=10000 - FEE, external_id=ext + "-again",
+                                                              tags=tags, **RECEIVER)])
+    emulator.set(transfer_fail_ratio=0.0)
+    store.transfer_created(ext, second.id, "created", clock())
+    failed = wait_for(lambda: [e for e in emulator.events() if e["log"]["type"] == "failed"
+                               and e["log"]["transfer"]["id"] == second.id], message="the second one failed")[0]
+    wait_for(lambda: {t["id"]: t["status"] for t in emulator.transfers()} == {first.id: "success", second.id: "failed"},
+             message="the first one through")
+
+    # The emulator keeps external ids unique, so the second one got its own; a real duplicate's log
+    # carries ours, as here.
+    failed["log"]["transfer"]["externalId"] = ext
+    store.add_event(Event(failed["id"], "transfer", "failed", second.id, failed), "webhook", clock())
+    worker = Worker(store, bank, TAG, poll_interval_s=0, clock=clock, rng=random.Random(1))
+    assert worker.process_events() == 1
+    # Our row follows the transfer that went through; no second attempt is queued.
+    assert [(t.attempt, t.state, t.transfer_id) for t in store.transfers()] == [(1, "success", first.id)]
+    assert len(emulator.transfers()) == 2
+
+
+def test_a_failed_transfer_with_no_other_of_its_invoice_moving_is_sent_again(emulator, bank, store, clock):
+    ext, tags = f"{TAG}-inv-1234", [TAG, "invoice-1234", f"{TAG}-inv-1234"]
+    store.add_credit("1234", "ev-1", 10000, FEE, ext, clock())
+    emulator.set(transfer_fail_ratio=1.0)
+    (only,) = starkbank.transfer.create([starkbank.Transfer(amount=10000 - FEE, external_id=ext, tags=tags,
+                                                            **RECEIVER)])
+    emulator.set(transfer_fail_ratio=0.0)
+    store.transfer_created(ext, only.id, "created", clock())
+    failed = wait_for(lambda: [e for e in emulator.events() if e["log"]["type"] == "failed"], message="failed")[0]
+
+    store.add_event(Event(failed["id"], "transfer", "failed", only.id, failed), "webhook", clock())
+    worker = Worker(store, bank, TAG, poll_interval_s=0, clock=clock, rng=random.Random(1))
+    assert worker.process_events() == 1
+    assert [(t.attempt, t.state) for t in store.transfers()] == [(1, "failed"), (2, "pending")]
