@@ -711,13 +711,7 @@ class Bench:
 
         self._wait(issued, f"round 0 of {count} invoices", timeout=120, interval=0.2)
         self._wait(lambda: b'"ok"' in http_get(self.service.port, "/health")[1], "the first pass")
-        ids = {i["id"] for i in self.emulator.invoices()} - before
-        for invoice_id in ids:
-            self.emulator.pay(invoice_id)
-        events = [e for e in self.emulator.events()
-                  if e["subscription"] == "invoice" and e["log"]["type"] == "credited"
-                  and e["log"]["invoice"]["id"] in ids]
-        assert len(events) == count, (len(events), count)
+        events = self._pay({i["id"] for i in self.emulator.invoices()} - before, count)
         self._drain()
         print(f"  {count} invoices issued by the service and paid ({time.perf_counter() - began:.1f} s)", flush=True)
         return Pool(events, [self.requests.signed(event) for event in events])
@@ -773,7 +767,10 @@ class Bench:
                 starkbank.Invoice(amount=i["amount"], name=i["name"], tax_id=i["tax_id"], due=i["due"],
                                   expiration=i["expiration_s"], tags=i["tags"]) for i in chunk
             ])
-        ids = {invoice.id for invoice in made}
+        return self._pay({invoice.id for invoice in made}, count)
+
+    def _pay(self, ids, count):
+        """Have the emulator pay the invoices ``ids``; return their ``count`` credited events."""
         for invoice_id in ids:
             self.emulator.pay(invoice_id)
         events = [e for e in self.emulator.events()
