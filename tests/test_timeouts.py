@@ -83,6 +83,7 @@ def test_a_webhook_is_answered_while_a_transfer_call_is_held(emulator, service_f
     assert (status, reply["status"]) == (200, "stored")
     assert in_flight(emulator, "POST", "/v2/transfer")  # answered without waiting for Stark Bank
     assert query(service, "select state from transfer") == [("sending",)]
+    emulator.answer_held_calls()  # the call completes now, so the service stops without waiting it out
 
 
 def test_the_emulator_carries_out_a_call_answered_after_the_clients_timeout(emulator, sdk):
