@@ -51,10 +51,22 @@ def store(tmp_path):
     s.close()
 
 
+def _started_emulator():
+    emu = Emulator(pay_ratio=0.0, pay_delay_s=0.05, transfer_delay_s=0.05, delivery_backoff_s=0.05, seed=7)
+    return emu.start()
+
+
 @pytest.fixture
 def emulator():
-    emu = Emulator(pay_ratio=0.0, pay_delay_s=0.05, transfer_delay_s=0.05, delivery_backoff_s=0.05, seed=7)
-    emu.start()
+    emu = _started_emulator()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture(scope="module")
+def module_emulator():
+    """An emulator shared by the tests of one module, for a run they all only read."""
+    emu = _started_emulator()
     yield emu
     emu.stop()
 
@@ -100,9 +112,25 @@ def service_factory(emulator, tmp_path):
     project, a free port, short intervals, JSON logs, and a webhook registered at the emulator
     for it. Every process started is stopped (SIGTERM, then kill -9) at teardown."""
     made = []
+    yield _service_maker(emulator, tmp_path, made)
+    for service in made:
+        service.close()
+
+
+@pytest.fixture(scope="module")
+def module_service_factory(module_emulator, tmp_path_factory):
+    """service_factory on module_emulator, for a service shared by the tests of one module."""
+    made = []
+    yield _service_maker(module_emulator, tmp_path_factory.mktemp("services"), made)
+    for service in made:
+        service.close()
+
+
+def _service_maker(emulator, directory, made):
+    """Return service_factory's ``make``, making services in directory and appending them to made."""
 
     def make(webhook=True, **values):
-        home = tmp_path / f"service{len(made)}"
+        home = directory / f"service{len(made)}"
         home.mkdir()
         project_id, private_key = emulator.create_project()
         env = child_env(home, **emulator.env(project_id, private_key), **{
@@ -124,6 +152,4 @@ def service_factory(emulator, tmp_path):
         made.append(service)
         return service
 
-    yield make
-    for service in made:
-        service.close()
+    return make

@@ -310,6 +310,9 @@ def test_a_closed_store_refuses_reads_and_writes(store, clock):
         store.add_event(Event("ev-1", "invoice", "created", "inv-1", {}), "webhook", clock())
     with pytest.raises(StoreError, match="the database is closed"):
         store.schedule()
+    with pytest.raises(StoreError, match="the database is closed"):  # a transaction too
+        with store.atomic():
+            pass
     assert not store.ping()
 
 

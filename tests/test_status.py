@@ -65,6 +65,16 @@ def _actual(data):
 @pytest.fixture
 def filled(emulator, service_factory, tmp_path):
     """A service that ran two rounds, every invoice paid and forwarded; still running."""
+    return _fill(emulator, service_factory, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_filled(module_emulator, module_service_factory, tmp_path_factory):
+    """filled, made once for the tests of this module that only read it (on module_emulator)."""
+    return _fill(module_emulator, module_service_factory, tmp_path_factory.mktemp("status"))
+
+
+def _fill(emulator, service_factory, tmp_path):
     emulator.set(pay_ratio=1.0, invoice_fee=41)
     service = service_factory(WEBHOOK_USERNAME="ops", WEBHOOK_PASSWORD=PASSWORD, INVOICE_INTERVAL="1s",
                               INVOICE_DURATION="2s", INVOICE_MIN=5, INVOICE_MAX=7)
@@ -85,9 +95,9 @@ def filled(emulator, service_factory, tmp_path):
     return service
 
 
-def test_status_json_matches_the_emulators_records(emulator, filled, tmp_path):
-    data = status_json(filled.env["DATABASE_PATH"], tmp_path)
-    expected = _expected(emulator)
+def test_status_json_matches_the_emulators_records(module_emulator, shared_filled, tmp_path):
+    data = status_json(shared_filled.env["DATABASE_PATH"], tmp_path)
+    expected = _expected(module_emulator)
 
     assert _actual(data) == expected
     assert expected["credited"] - expected["fees"] == data["credits"]["net"] == data["transferred"]
@@ -98,14 +108,14 @@ def test_status_json_matches_the_emulators_records(emulator, filled, tmp_path):
     assert data["transfers_failed"] == {"count": 0, "amount": 0}
     assert data["transfers"] == {"success": {"count": expected["credits"], "amount": expected["transferred"]}}
     assert data["events"]["pending"] == 0
-    assert data["events"]["received"] == len(emulator.events())
+    assert data["events"]["received"] == len(module_emulator.events())
     assert data["events"]["last_webhook_at"] is not None
 
 
-def test_status_table_shows_the_figures_in_reais(emulator, filled, tmp_path):
-    done = cli("status", cwd=tmp_path, DATABASE_PATH=filled.env["DATABASE_PATH"])
+def test_status_table_shows_the_figures_in_reais(module_emulator, shared_filled, tmp_path):
+    done = cli("status", cwd=tmp_path, DATABASE_PATH=shared_filled.env["DATABASE_PATH"])
     assert done.returncode == 0 and done.stderr == ""
-    expected = _expected(emulator)
+    expected = _expected(module_emulator)
     credited, fees = _reais(expected["credited"]), _reais(expected["fees"])
     total, transferred = _reais(expected["invoice_total"]), _reais(expected["transferred"])
     n = expected["invoice_count"]
@@ -122,17 +132,17 @@ def test_status_table_shows_the_figures_in_reais(emulator, filled, tmp_path):
         f"transferred   {transferred} confirmed by Stark Bank",
         "pending       0 transfers, R$ 0.00",
         "failed        0 transfers, R$ 0.00",
-        f"events        {len(emulator.events())} received, 0 waiting to be processed",
+        f"events        {len(module_emulator.events())} received, 0 waiting to be processed",
     ]
 
 
-def test_get_status_needs_basic_auth_and_equals_the_cli(emulator, filled, tmp_path):
-    status, body = filled.request("GET", "/status")
+def test_get_status_needs_basic_auth_and_equals_the_cli(module_emulator, shared_filled, tmp_path):
+    status, body = shared_filled.request("GET", "/status")
     assert (status, body) == (401, {"error": "authentication required"})
-    assert filled.request("GET", "/status", headers=_basic("ops", "wrong"))[0] == 401
+    assert shared_filled.request("GET", "/status", headers=_basic("ops", "wrong"))[0] == 401
 
-    status, served = filled.request("GET", "/status", headers=_basic("ops", PASSWORD))
-    printed = status_json(filled.env["DATABASE_PATH"], tmp_path)
+    status, served = shared_filled.request("GET", "/status", headers=_basic("ops", PASSWORD))
+    printed = status_json(shared_filled.env["DATABASE_PATH"], tmp_path)
     assert status == 200
     served.pop("generated_at"), printed.pop("generated_at")
     details = served.pop("service")  # the live details only the running service knows

@@ -83,6 +83,7 @@ def test_a_webhook_is_answered_while_a_transfer_call_is_held(emulator, service_f
     assert (status, reply["status"]) == (200, "stored")
     assert in_flight(emulator, "POST", "/v2/transfer")  # answered without waiting for Stark Bank
     assert query(service, "select state from transfer") == [("sending",)]
+    emulator.answer_held_calls()  # the call completes now, so the service stops without waiting it out
 
 
 def test_the_emulator_carries_out_a_call_answered_after_the_clients_timeout(emulator, sdk):
@@ -97,3 +98,16 @@ def test_the_emulator_carries_out_a_call_answered_after_the_clients_timeout(emul
     wait_for(lambda: not emulator.requests_in_flight, message="the late answer sent")
     assert [i["tags"] for i in emulator.invoices()] == [["late"]]
     assert len(list(starkbank.invoice.query(tags=["late"]))) == 1
+
+
+def test_the_emulator_answers_a_held_call_at_once_when_told_to(emulator, sdk):
+    # answer_held_calls, which the tests above use to end a hold they no longer need.
+    starkbank.timeout = 0.5
+    emulator.answer_late("POST", "/v2/invoice", 600.0)  # far beyond wait_for's deadline
+    invoice = starkbank.Invoice(amount=1000, name="Arya Stark", tax_id="012.345.678-90", tags=["held"])
+    with pytest.raises(starkbank.error.UnknownError):
+        starkbank.invoice.create([invoice])
+    assert in_flight(emulator, "POST", "/v2/invoice") and not emulator.invoices()
+    emulator.answer_held_calls()
+    wait_for(lambda: not emulator.requests_in_flight, message="the held call answered")
+    assert [i["tags"] for i in emulator.invoices()] == [["held"]]

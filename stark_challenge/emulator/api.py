@@ -137,6 +137,7 @@ class Api:
         self._lock = threading.Lock()
         self._calls = []  # {"method", "path", "query", "status"[, "dropped"]}
         self._in_flight = []  # {"method", "path", "query"} of calls received, not yet answered
+        self._held = []  # one threading.Event per call held by answer_late; set to release it
         self._public_key_fetches = 0
         # (method, path pattern, handler, needs authentication); first match wins.
         self._routes = [(method, re.compile(pattern + "$"), handler, signed) for method, pattern, handler, signed in (
@@ -209,12 +210,30 @@ class Api:
             with self._lock:
                 self._in_flight.remove(arrived)
 
+    def _hold(self, delay_s):
+        """Wait delay_s, or less if the emulator stops or release_held is called."""
+        released = threading.Event()
+        with self._lock:
+            self._held.append(released)
+        try:
+            if not self._stopping.is_set():  # checked after registering: release_held cannot miss it
+                released.wait(delay_s)
+        finally:
+            with self._lock:
+                self._held.remove(released)
+
+    def release_held(self):
+        """End the waits of the calls held by answer_late now: they are performed and answered."""
+        with self._lock:
+            for released in self._held:
+                released.set()
+
     def _handle(self, method, parts, path, query, headers, body):
         if self._knobs.latency_s:
             self._stopping.wait(self._knobs.latency_s)
         fault = self._faults.take(method, path)
         if fault is not None and fault[0] == SLOW:
-            self._stopping.wait(fault[1])
+            self._hold(fault[1])
             fault = None
         drop = False
         if fault is not None and fault[0] != DROP:

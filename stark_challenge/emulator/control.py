@@ -149,6 +149,7 @@ class Emulator(_LedgerView):
                 return
             self._state = "stopped"
         self._stopping.set()
+        self._api.release_held()
         self._timers.stop()
         if self._server is not None:
             if self._serve_thread is not None:
@@ -330,6 +331,11 @@ class Emulator(_LedgerView):
         as usual: with delay_s above the client's timeout, the client gives up while the
         call still takes effect (shown in requests_in_flight meanwhile)."""
         self._faults.add(SLOW, method, path_prefix, count, delay_s=delay_s)
+
+    def answer_held_calls(self):
+        """End the delay of every call answer_late holds now: each is performed and answered
+        at once, as if its delay were over (the rules still pending stay)."""
+        self._api.release_held()
 
     # -- signing --------------------------------------------------------------------
 
