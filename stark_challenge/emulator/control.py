@@ -49,7 +49,20 @@ logger = logging.getLogger(__name__)
 
 class _LedgerView:
     """What the tests read and register in one workspace's ledger (``self._ledger``), shared by
-    `Emulator` (its first workspace) and `Workspace` (the others)."""
+    `Emulator` (its first workspace) and `Workspace` (the others). Projects are registered in
+    ``self._projects`` under ``self._projects_key``: None for the first workspace, else its id."""
+
+    @property
+    def workspace_id(self):
+        """The id events of this workspace carry as workspaceId."""
+        return self._ledger.workspace_id
+
+    def create_project(self):
+        """Create a project of this workspace with a new secp256k1 key; return (project id, private key PEM)."""
+        private_pem, public_pem = new_project_key()
+        project_id = self._ledger.new_id()
+        self._projects.register(project_id, public_pem, self._projects_key)
+        return project_id, private_pem
 
     def add_webhook(self, url, subscriptions=("invoice", "transfer")):
         """Register a webhook as POST /v2/webhook would; return its id. Raise ValueError if invalid."""
@@ -93,6 +106,7 @@ class Emulator(_LedgerView):
         self._timers = Timers()
         self._event_key = EventKey()
         self._projects = Projects()
+        self._projects_key = None  # the first workspace's projects are registered under None
         self._faults = Faults()
         self._courier = Courier(self.knobs, self._event_key, self._webhooks_for, self._mark_delivered)
         self._ids = Ids(random.Random("ids-%s" % seed))  # shared by every workspace: ids are unique across them
@@ -184,18 +198,6 @@ class Emulator(_LedgerView):
     def ca_path(self):
         """Path of the CA certificate (PEM) clients must trust: the value for REQUESTS_CA_BUNDLE."""
         return self._certificates.ca_path
-
-    @property
-    def workspace_id(self):
-        """The id of the one workspace every project belongs to."""
-        return self._ledger.workspace_id
-
-    def create_project(self):
-        """Create a project with a new secp256k1 key; return (project id, private key PEM)."""
-        private_pem, public_pem = new_project_key()
-        project_id = self._ledger.new_id()
-        self._projects.register(project_id, public_pem)
-        return project_id, private_pem
 
     def register_project(self, project_id, public_key_pem):
         """Accept requests signed by public_key_pem's private key as project project_id."""
@@ -358,18 +360,8 @@ class Workspace(_LedgerView):
         self._emulator = emulator
         self._ledger = ledger
         self._courier = courier
-
-    @property
-    def workspace_id(self):
-        """The id events of this workspace carry as workspaceId."""
-        return self._ledger.workspace_id
-
-    def create_project(self):
-        """Create a project of this workspace with a new key; return (project id, private key PEM)."""
-        private_pem, public_pem = new_project_key()
-        project_id = self._ledger.new_id()
-        self._emulator._projects.register(project_id, public_pem, self._ledger.workspace_id)
-        return project_id, private_pem
+        self._projects = emulator._projects
+        self._projects_key = ledger.workspace_id
 
     def env(self, project_id=None, private_key_pem=None):
         """Return the environment for a client of this workspace (see `Emulator.env`)."""
