@@ -1,11 +1,13 @@
 """Configurations and Stark Bank-shaped data for in-process tests: a Config from variable
-names, one for an emulator project, and webhook bodies signed with the emulator's key."""
+names, one for an emulator project, webhook bodies signed with the emulator's key, and the
+service's verdict on a signature."""
 
 import json
 
 from stark_challenge import config as config_module
+from stark_challenge.errors import SignatureError
 
-__all__ = ["make_config", "sdk_config", "signed_event"]
+__all__ = ["make_config", "sdk_config", "signed_event", "verifies"]
 
 DUMMY_KEY = "-----BEGIN EC PRIVATE KEY-----\nx\n-----END EC PRIVATE KEY-----"
 
@@ -37,3 +39,12 @@ def signed_event(emulator, event_id, entity, log_type="credited", subscription="
         }
     }, separators=(",", ":")).encode()
     return body, {"Digital-Signature": emulator.sign(body), "Content-Type": "application/json"}
+
+
+def verifies(bank, content, signature):
+    """Return True if ``bank.verify_event`` accepts ``signature`` over ``content``, False if it refuses it."""
+    try:
+        bank.verify_event(content, signature)
+        return True
+    except SignatureError:
+        return False
