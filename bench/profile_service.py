@@ -13,11 +13,16 @@ HTTP connection threads and the worker, so a profiler is enabled in each new thr
 (for a lock, the GIL, a socket, an fsync) do not count: the profile shows what the
 CPU did. The profiler's own overhead grows with the number of calls: read the
 shares, not the absolute times.
+
+``SIGUSR1`` clears every thread's profile so far: ``webhook_bench.py`` sends it just
+before its saturation phase, so the stats show that phase (and the drain after it),
+not the start-up and the round of invoices issued before.
 """
 
 import cProfile
 import os
 import pstats
+import signal
 import sys
 import threading
 import time
@@ -34,9 +39,16 @@ def _start_in_thread(frame, event, arg):
     profile.enable()
 
 
+def _clear(signum, frame):
+    with LOCK:
+        for profile in PROFILES:
+            profile.clear()
+
+
 def main():
     path = os.environ["BENCH_PROFILE"]
     threading.setprofile(_start_in_thread)
+    signal.signal(signal.SIGUSR1, _clear)
     from stark_challenge.__main__ import main as service_main
 
     first = cProfile.Profile(time.thread_time)

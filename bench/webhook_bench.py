@@ -721,12 +721,18 @@ class Bench:
         self._phase("warmup", self.own.take(300)[1], "closed")
         ceiling = 1000 / self.results["verify_cpu_ms"]
         events, requests = self.own.take(int(ceiling * SATURATION_S * 1.2))
+        self._profile_from_here()
         summary, result = self._phase("saturation", requests, "closed", duration_s=SATURATION_S)
         self.saturation_per_s = summary["stored_per_s"]
         self._transfer_figures(summary, events, result)
         self.results["transfers_per_s"] = summary["transfers_per_s"]
         self.results["ack_to_transfer_p50_ms"] = summary["ack_to_transfer_p50_ms"]
         self.results["ack_to_transfer_p99_ms"] = summary["ack_to_transfer_p99_ms"]
+
+    def _profile_from_here(self):
+        """Under BENCH_PROFILE, have the service's profiler forget what it saw so far (SIGUSR1)."""
+        if self.service.env.get("BENCH_PROFILE"):
+            os.kill(self.service.pid, signal.SIGUSR1)
 
     def _transfer_figures(self, summary, events, result):
         """Add the ack->transfer latencies and transfers/s of a phase's credits to its summary."""
@@ -866,6 +872,7 @@ class Bench:
         self._phase("fast_warmup", own.take(300)[1], "closed")
         count = int(FAST_MAX_PER_S * FAST_SATURATION_S)
         events, requests = own.take(count)
+        self._profile_from_here()
         summary, result = self._phase("fast_saturation", requests, "closed", duration_s=FAST_SATURATION_S)
         self._transfer_figures(summary, events, result)
         good = self.requests.foreign(FORGED_SIGNATURE + 1)
