@@ -25,9 +25,11 @@ The tables, and the invariant each one keeps:
               row only when they carry the ``transfer_id`` recorded for it. Its states
               and their moves: ``transfer_states``.
 
-Every verb is a transaction of its own (``BEGIN IMMEDIATE``; ``add_event``, a single
-statement, is SQLite's implicit transaction of that statement), or joins the one a
-caller opened with ``atomic()``. Deduplication is a unique key and an insert that may
+Every verb is a transaction of its own (``BEGIN IMMEDIATE``), or joins the one a
+caller opened with ``atomic()``. ``add_event`` commits in groups: the events that
+concurrent callers hand in while a commit is under way go to disk together in the
+next one (one fsync for all of them), and each call still returns only once its own
+event is committed. Deduplication is a unique key and an insert that may
 fail, answered as a boolean, never a check followed by an insert.
 
 ``Store(path, read_only=True)`` has the same verbs for reading, takes no lock, runs
@@ -242,6 +244,18 @@ def _narrow(fd):
         os.fchmod(fd, 0o600)
 
 
+class _Waiting:
+    """An event row handed to ``Store.add_event``, until the commit that holds it is done."""
+
+    __slots__ = ("row", "new", "error", "done")
+
+    def __init__(self, row):
+        self.row = row
+        self.new = False  # True once inserted as a new event
+        self.error = None  # the StoreError of a commit that failed
+        self.done = False  # set, under the store's lock, once its commit succeeded or failed
+
+
 class Store:
     """The SQLite state of one deployment. See the module docstring for the tables."""
 
@@ -257,6 +271,8 @@ class Store:
         self.read_only = read_only
         self._lock = threading.RLock()
         self._depth = 0  # nesting of atomic() blocks, guarded by _lock
+        self._waiting = []  # events handed to add_event and not yet committed (_Waiting)
+        self._waiting_lock = threading.Lock()  # guards _waiting; taken inside _lock, never around it
         self._lock_file = None
         self._conn = None
         if read_only:
@@ -481,20 +497,51 @@ class Store:
         """Store an event received from Stark Bank (an ``events.Event``); return True if new, False if already stored.
 
         ``source`` is 'webhook' or 'pull'. Idempotent and thread-safe: of two concurrent
-        deliveries of one event, exactly one gets True.
+        deliveries of one event, exactly one gets True. Returns once the event is
+        committed to disk (a group commit, see the module docstring); inside a
+        caller's ``atomic()`` it joins that transaction instead.
         """
         body = json.dumps(event.body, separators=(",", ":"))
-        row = (event.id, event.subscription, event.log_type, event.entity_id, body, source, _iso(now))
-        # One statement is its own (implicit) transaction, committed and synced like any
-        # other: BEGIN and COMMIT around it would only add two statements per webhook.
-        # Inside a caller's atomic() it joins that transaction.
+        waiting = _Waiting((event.id, event.subscription, event.log_type, event.entity_id, body, source, _iso(now)))
+        with self._waiting_lock:
+            self._waiting.append(waiting)
         with self._lock:
-            cur = self._execute(
-                "insert into event (id, subscription, log_type, entity_id, body, source, received_at)"
-                " values (?, ?, ?, ?, ?, ?, ?) on conflict (id) do nothing",
-                row,
-            )
-            return cur.rowcount == 1
+            if not waiting.done:
+                if self._depth:  # this thread's own transaction: the event joins it, alone
+                    with self._waiting_lock:
+                        self._waiting.remove(waiting)
+                    return self._insert_event(waiting.row)
+                # The lock is ours and no transaction is open: commit every event waiting.
+                with self._waiting_lock:
+                    group, self._waiting = self._waiting, []
+                self._commit_events(group)
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.new
+
+    def _insert_event(self, row):
+        cur = self._execute(
+            "insert into event (id, subscription, log_type, entity_id, body, source, received_at)"
+            " values (?, ?, ?, ?, ?, ?, ?) on conflict (id) do nothing",
+            row,
+        )
+        return cur.rowcount == 1
+
+    def _commit_events(self, group):
+        """Insert the events of ``group`` (``_Waiting``) in one transaction; mark each done, with its result or the error."""
+        error = None
+        try:
+            with self.atomic():
+                for waiting in group:
+                    waiting.new = self._insert_event(waiting.row)
+        except StoreError as e:
+            error = e
+        except BaseException as e:  # no caller may wait for an answer that never comes
+            error = StoreError(f"{self.path}: events not stored ({type(e).__name__})")
+            raise
+        finally:
+            for waiting in group:
+                waiting.error, waiting.done = error, True
 
     def pending_events(self, limit=100):
         """Return up to ``limit`` stored events not yet processed, oldest first."""

@@ -1,0 +1,98 @@
+"""store.add_event: events handed in together go to disk in one commit, each call answered after its own."""
+
+import datetime
+import sqlite3
+import threading
+
+import pytest
+from support import wait_for
+
+from stark_challenge.events import Event
+from stark_challenge.store import StoreError
+
+UTC = datetime.timezone.utc
+NOW = datetime.datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+def event(n):
+    return Event(f"ev-{n}", "invoice", "created", f"inv-{n}", {"id": f"ev-{n}"})
+
+
+def stored_ids(store):
+    """The event ids another connection sees: what is committed, not what is in a transaction."""
+    conn = sqlite3.connect(store.path)
+    try:
+        return sorted(r[0] for r in conn.execute("select id from event"))
+    finally:
+        conn.close()
+
+
+def deliver_while_busy(store, events):
+    """Hand ``events`` to add_event from one thread each while the store is busy in a transaction.
+
+    Return (results by event id, the SQL statements run, the busy transaction's own first).
+    """
+    results, statements = {}, []
+
+    def deliver(e):
+        try:
+            results[e.id] = store.add_event(e, "webhook", NOW)
+        except StoreError as error:
+            results[e.id] = error
+
+    threads = [threading.Thread(target=deliver, args=(e,)) for e in events]
+    store._conn.set_trace_callback(statements.append)
+    with store.atomic():  # the worker's transaction, say: every delivery waits for it
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(store._waiting) == len(events), message="every delivery waiting")
+    for t in threads:
+        t.join(10)
+    store._conn.set_trace_callback(None)
+    return results, statements
+
+
+def test_events_delivered_while_a_transaction_runs_are_committed_together(store):
+    results, statements = deliver_while_busy(store, [event(n) for n in range(6)])
+
+    assert results == {f"ev-{n}": True for n in range(6)}
+    assert stored_ids(store) == [f"ev-{n}" for n in range(6)]
+    kinds = [s.split()[0] for s in statements]
+    assert kinds == ["begin", "commit"] + ["begin"] + ["insert"] * 6 + ["commit"]
+
+
+def test_of_two_copies_in_one_group_exactly_one_is_new(store):
+    results, _ = deliver_while_busy(store, [event(1), event(2)])
+    again, _ = deliver_while_busy(store, [event(1), event(3)])
+
+    assert results == {"ev-1": True, "ev-2": True}
+    assert again == {"ev-1": False, "ev-3": True}
+    assert stored_ids(store) == ["ev-1", "ev-2", "ev-3"]
+
+
+def test_when_a_group_commit_fails_every_event_of_it_is_refused_and_none_is_stored(store):
+    # A trigger stands in for a disk that refuses the write of one of them.
+    conn = sqlite3.connect(store.path)
+    conn.execute("create trigger refuse before insert on event when new.id = 'ev-2'"
+                 " begin select raise(abort, 'disk refused'); end")
+    conn.commit()
+    conn.close()
+
+    results, _ = deliver_while_busy(store, [event(n) for n in range(4)])
+
+    assert sorted(results) == [f"ev-{n}" for n in range(4)]
+    assert all(isinstance(r, StoreError) and "disk refused" in str(r) for r in results.values())
+    assert stored_ids(store) == []
+    assert store.add_event(event(1), "webhook", NOW) is True  # delivered again later: stored
+
+
+def test_inside_a_callers_transaction_the_event_joins_it(store):
+    with pytest.raises(RuntimeError):
+        with store.atomic():
+            assert store.add_event(event(1), "pull", NOW) is True
+            raise RuntimeError("the caller's block fails")
+
+    assert stored_ids(store) == []
+    with store.atomic():
+        assert store.add_event(event(1), "pull", NOW) is True
+    assert stored_ids(store) == ["ev-1"]
