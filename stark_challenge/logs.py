@@ -29,31 +29,50 @@ from .taxid import mask_tax_id
 
 __all__ = ["setup", "redact", "TextFormatter", "JsonFormatter", "Throttle"]
 
+# (pattern, replacement, a lowercase word every match contains): the word is looked for
+# first, so the patterns run only on the rare lines that may hold a secret.
 _SECRETS = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
-     "[private key redacted]"),
+     "[private key redacted]", "private key"),
     # "Authorization: Basic x", and the dict repr "'Authorization': 'Basic x'" of a headers object.
     (re.compile(r"""(?i)(authorization['"]?\s*[:=]\s*['"]?\s*(?:(?:basic|bearer|digest)\s+)?"""
                 r"""|authorization\s+(?:basic|bearer|digest)\s+)[^\s'",}]+"""),
-     r"\1[redacted]"),
-    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@"), r"\1[redacted]@"),
+     r"\1[redacted]", "authorization"),
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@/\s]+@"), r"\1[redacted]@", "@"),
 )
-# A CPF (11 digits) or CNPJ (14), formatted or bare, standing on its own (not inside a
-# longer number such as a 16-digit Stark Bank id).
-_TAX_ID = re.compile(
-    r"(?<![\d./-])(?:\d{3}\.\d{3}\.\d{3}-\d{2}|\d{2}\.\d{3}\.\d{3}/\d{4}-\d{2}|\d{11}|\d{14})(?![\d./-]?\d)"
-)
+# A CPF (11 digits) or CNPJ (14), formatted or bare, standing on its own: a whole run
+# of digits, dots, slashes and dashes begins with it, and no digit follows it, right
+# after or past one separator (so a 16-digit Stark Bank id is not one). Tried in this
+# order, on runs of 11 characters or more (the shortest form's length).
+_NUMBER_RUN = re.compile(r"[\d./-]{11,}")
+_TAX_ID_FORMS = tuple(re.compile(form) for form in (
+    r"\d{3}\.\d{3}\.\d{3}-\d{2}", r"\d{2}\.\d{3}\.\d{3}/\d{4}-\d{2}", r"\d{11}", r"\d{14}"))
 
 
 def redact(text):
     """Return ``text`` with private keys, Authorization values, URL passwords and tax ids hidden.
 
     Tax ids are masked as ``taxid.mask_tax_id`` does (``***.456.789-**``), so a line
-    still tells two payers apart.
+    still tells two payers apart. Runs on every log line: cheap checks first.
     """
-    for pattern, replacement in _SECRETS:
-        text = pattern.sub(replacement, text)
-    return _TAX_ID.sub(lambda m: mask_tax_id(m.group(0)), text)
+    lowered = text.lower()
+    for pattern, replacement, word in _SECRETS:
+        if word in lowered:
+            text = pattern.sub(replacement, text)
+    return _NUMBER_RUN.sub(_mask_run, text)
+
+
+def _mask_run(match):
+    """Return a run of digits and separators with the tax id it begins with masked (see _TAX_ID_FORMS)."""
+    run = match.group(0)
+    for form in _TAX_ID_FORMS:
+        found = form.match(run)
+        if found is None:
+            continue
+        rest = run[found.end():]
+        if not rest or (rest[0] in "./-" and not rest[1:2].isdigit()):
+            return mask_tax_id(found.group(0)) + rest
+    return run
 
 
 def _utc(record):
