@@ -110,3 +110,23 @@ def test_an_event_that_fails_in_a_batch_stays_pending_and_the_others_are_process
     assert store.credit("inv-1")["state"] == store.credit("inv-3")["state"] == "queued"
     assert store.credit("inv-2") is None  # rolled back with its event, not half-applied
     assert "event ev-2: processing failed; will retry" in caplog.text
+
+
+def test_credits_arriving_while_a_pass_runs_are_forwarded_together_in_the_next(emulator, sdk, store, clock):
+    bank = Bank(sdk_config(sdk))
+    bank.configure()
+    worker = Worker(store, bank, "stark-challenge", poll_interval_s=600, clock=clock,
+                    sender=Sender(store, bank, "stark-challenge", clock, rng=random.Random(4)), gather_s=1.0)
+    creates = lambda: [r for r in emulator.requests if r["method"] == "POST" and r["path"] == "/v2/transfer"]  # noqa: E731
+    worker.start()
+    try:
+        store.add_credit("inv-1", "ev-1", 5000, 10, "stark-challenge-inv-inv-1", clock())
+        worker.wake()
+        wait_for(lambda: len(emulator.transfers()) == 1, message="the first transfer")
+        for n in range(2, 7):  # within a second of the pass that sent the first
+            store.add_credit(f"inv-{n}", f"ev-{n}", 5000, 10, f"stark-challenge-inv-inv-{n}", clock())
+            worker.wake()
+        wait_for(lambda: len(emulator.transfers()) == 6, message="the five others")
+    finally:
+        worker.stop(timeout=5)
+    assert len(creates()) == 2  # one pass, one create call, for the five
