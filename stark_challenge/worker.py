@@ -72,6 +72,7 @@ class Worker:
         self._pulled_once = False  # a pull succeeded
         self._pull_failures = 0  # failed pulls in a row
         self._waiting = {}  # event id -> (when to ask again, failures in a row): questions Stark Bank left unanswered
+        self._page_full = False  # the last process_events took a full batch: more may be pending
         self._gather_s = gather_s  # the least time between the starts of two passes of the thread
         self.last_pass_at = None  # for /health
         self.last_error = None
@@ -93,9 +94,11 @@ class Worker:
         """Do one pass (pull if due, process events, send transfers); return seconds until the next."""
         if self._pull_due():
             self.pull_events()
-        while self.process_events():
-            if self._stop.is_set():
-                break
+        # Another batch at once only while batches come full: events that trickle in
+        # meanwhile wake the thread and are gathered for the next pass.
+        self.process_events()
+        while self._page_full and not self._stop.is_set():
+            self.process_events()
         # One batch (one create call) at a time, so stop() waits for at most one call:
         # the sender's one-by-one fallbacks also stop once it is asked to.
         while not self._stop.is_set() and self._sender.send_due(stopping=self._stop.is_set):
@@ -134,6 +137,7 @@ class Worker:
         now = self._clock()
         later = {event_id for event_id, (at, _) in self._waiting.items() if at > now}
         pending = [e for e in self._store.pending_events(limit + len(later)) if e.id not in later][:limit]
+        self._page_full = len(pending) == limit  # more may be waiting
         if not pending:
             return 0
         facts, unanswered = self._ask_bank(pending)

@@ -130,3 +130,14 @@ def test_credits_arriving_while_a_pass_runs_are_forwarded_together_in_the_next(e
     finally:
         worker.stop(timeout=5)
     assert len(creates()) == 2  # one pass, one create call, for the five
+
+
+def test_one_pass_processes_every_stored_event_a_full_batch_at_a_time(emulator, parts, store, clock):
+    _, worker = parts
+    for n in range(250):  # two full batches of 100, then 50
+        body = {"id": f"ev-{n}", "subscription": "invoice", "log": {"type": "paid", "invoice": {"id": f"inv-{n}"}}}
+        store.add_event(Event(f"ev-{n}", "invoice", "paid", f"inv-{n}", body), "webhook", clock())
+
+    worker.run_once()
+
+    assert store.pending_events() == []
