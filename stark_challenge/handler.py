@@ -54,9 +54,10 @@ def render(status, body, headers=(), close=False, date=None, with_body=True):
 def send_all(sock, data, timeout_s, clock=time.monotonic):
     """Send ``data`` whole on a non-blocking socket, waiting at most ``timeout_s`` for room; return True if sent.
 
-    Return False if the client has not taken it all in time, or the connection
-    failed: the caller closes it. An answer fits the socket's buffer unless the client
-    stops reading, so the first ``send`` nearly always takes it all and nothing waits.
+    Return False if the client has not taken it all in time; raise OSError if the
+    connection failed. Either way the caller closes it. An answer fits the socket's
+    buffer unless the client stops reading, so the first ``send`` nearly always takes
+    it all and nothing waits.
     """
     view, deadline, poller = memoryview(data), None, None
     while view:
@@ -65,8 +66,6 @@ def send_all(sock, data, timeout_s, clock=time.monotonic):
             continue
         except (BlockingIOError, InterruptedError):
             pass
-        except OSError:
-            return False
         if deadline is None:
             deadline = clock() + timeout_s
             poller = select.poll()  # not select.select: a descriptor may be numbered past FD_SETSIZE
@@ -176,8 +175,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def finish(self):
         answer = self.wfile.getvalue()
-        if answer and not send_all(self.connection, answer, self.server.request_timeout_s):
+        if not answer:
+            return
+        try:
+            if send_all(self.connection, answer, self.server.request_timeout_s):
+                return
+        except OSError:  # the client is gone: nothing to tell it, nor the log
             self.close_connection = True
+            return
+        self.close_connection = True
+        self.server.gate.refusals.log(logger, logging.WARNING,
+                                          "answer to %s not read within %g s; connection closed",
+                                          self.client_address[0], self.server.request_timeout_s,
+                                          kind="unread answer")
 
     def _reply(self, status, body, headers=(), close=False):
         if close:
