@@ -18,7 +18,7 @@ The checks of a webhook, cheapest first, and the answer each failure gets:
 ====================================================  ========================
 check                                                 failure
 ====================================================  ========================
-framing (``check_head``): head at most 16 KiB and 64  400 / 431 / 413 and the
+framing (``read_head``): head at most 16 KiB and 64   400 / 431 / 413 and the
 lines, one Content-Length of ASCII digits (at most    connection closed, before
 ``MAX_BODY_BYTES``), no Transfer-Encoding, a          the body is read
 well-formed request line
