@@ -37,7 +37,7 @@ CLIENT = r'''
 import http.client, sys, threading
 port, conns, per = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 headers = {"Authorization": "Basic c3Rhcms6c2VjcmV0", "Content-Type": "application/json",
-           "Digital-Signature": "MEUCIQDfbb7NiA0zJrY4WAtGoF6Yl6/d1RHbqmNdy4ZYDPXS1QIgU0F8vNTf6e3pe9BuYgUK2yUyBe/2T2uq8fm"}
+           "Digital-Signature": "MEUCIQDfbb7NiA0zJrY4WAtGoF6Yl6/d1RHbqmNdy4ZYDPXS1QIgU0F8vNTf6e3pe9BuYgUK2yUy"}
 def run():
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     for _ in range(per):

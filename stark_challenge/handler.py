@@ -27,12 +27,13 @@ __all__ = ["Handler", "HttpDate", "render", "send_all"]
 logger = logging.getLogger("stark_challenge.server")
 
 
-def render(status, body, headers=(), close=False, date=None, with_body=True):
+def render(status, body, headers=(), close=False, *, date, with_body=True):
     """Return a whole answer as bytes: status line, headers, body, in one piece for one write.
 
     ``body`` is JSON-able, or text (str) sent as it is, its Content-Type among
-    ``headers``. ``date`` is the Date header's value (none without it); ``with_body``
-    False leaves the body out (HEAD) and keeps its Content-Length.
+    ``headers``. ``date`` is the Date header's value (``HttpDate``); ``with_body``
+    False leaves the body out (HEAD) and keeps its Content-Length. The Server header
+    says what answers, not which Python does (http.server would add it).
     """
     if isinstance(body, str):
         payload = body.encode("utf-8")
@@ -40,10 +41,8 @@ def render(status, body, headers=(), close=False, date=None, with_body=True):
         payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
         headers = (("Content-Type", "application/json"), *headers)
     status = HTTPStatus(status)
-    lines = [f"HTTP/1.1 {status.value} {status.phrase}", "Server: stark_challenge"]
-    if date:
-        lines.append(f"Date: {date}")
-    lines += [f"Content-Length: {len(payload)}", "Cache-Control: no-store"]
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}", "Server: stark_challenge", f"Date: {date}",
+             f"Content-Length: {len(payload)}", "Cache-Control: no-store"]
     lines += [f"{name}: {value}" for name, value in headers]
     if close:
         lines.append("Connection: close")
@@ -114,13 +113,11 @@ class Handler(BaseHTTPRequestHandler):
     (buffers instead of the socket's files), ``handle`` (one request, not a loop: the
     selector thread brings the next), ``parse_request`` (the head is read already),
     ``send_error`` (JSON, throttled log, close), ``date_time_string`` (formatted once a
-    second), ``version_string`` (no Python version), ``log_message`` (DEBUG only).
+    second), ``log_message`` (DEBUG only); ``render`` writes the status line and headers
+    that ``send_response`` would.
     Routing and every check are the Gate's: this class only parses and writes.
     """
 
-    # The Server header says what answers, not which Python does (http.server adds it).
-    server_version = "stark_challenge"
-    sys_version = ""
     # HTTP/1.1 keeps connections open for Stark Bank's (and the benchmark's) next request.
     protocol_version = "HTTP/1.1"
 
@@ -128,9 +125,6 @@ class Handler(BaseHTTPRequestHandler):
         self._head = head  # gate.Head, its framing accepted
         self._body = body  # bytes: the body, whole
         super().__init__(connection, server.peer_of(connection), server)
-
-    def version_string(self):
-        return self.server_version
 
     def date_time_string(self, timestamp=None):
         return self.server.http_date() if timestamp is None else super().date_time_string(timestamp)
@@ -143,8 +137,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle(self):
         # handle_one_request without its reading: one request, dispatched as http.server does.
         self.close_connection = True
-        if not self.parse_request():
-            return
+        self.parse_request()  # True: the head was checked when it arrived
         method = getattr(self, "do_" + self.command, None)
         if method is None:
             self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
@@ -174,11 +167,8 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def finish(self):
-        answer = self.wfile.getvalue()
-        if not answer:
-            return
         try:
-            if send_all(self.connection, answer, self.server.request_timeout_s):
+            if send_all(self.connection, self.wfile.getvalue(), self.server.request_timeout_s):
                 return
         except OSError:  # the client is gone: nothing to tell it, nor the log
             self.close_connection = True
@@ -192,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
     def _reply(self, status, body, headers=(), close=False):
         if close:
             self.close_connection = True
-        answer = render(status, body, headers, close, self.date_time_string(), self.command != "HEAD")
+        answer = render(status, body, headers, close, date=self.date_time_string(), with_body=self.command != "HEAD")
         if logger.isEnabledFor(logging.DEBUG):
             self.log_request(HTTPStatus(status))
         self.wfile.write(answer)

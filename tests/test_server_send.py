@@ -10,8 +10,8 @@ from http import HTTPStatus
 import pytest
 
 from stark_challenge.bank import Bank
-from stark_challenge.gate import Gate
-from stark_challenge.handler import send_all
+from stark_challenge.gate import Gate, read_head
+from stark_challenge.handler import Handler, send_all
 from stark_challenge.server import Server
 
 from support import make_config, wait_for
@@ -60,6 +60,23 @@ def test_a_connection_the_client_closed_raises_for_the_caller_to_close(pair):
     receiver.close()
     with pytest.raises(OSError):
         send_all(sender, b"HTTP/1.1 200 OK\r\n\r\n", timeout_s=5)
+
+
+def test_an_answer_to_a_client_that_has_gone_is_dropped_quietly_and_its_connection_closed(store, clock, caplog):
+    config = make_config()
+    gate = Gate(store, Bank(config), config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}))
+    server = Server(("127.0.0.1", 0), gate)  # not started: a handler needs only its gate and bounds
+    ours, client = socket.socketpair()
+    ours.setblocking(False)
+    client.close()
+    caplog.set_level(logging.DEBUG, logger="stark_challenge.server")
+    try:
+        handler = Handler(ours, read_head(b"GET /health HTTP/1.1\r\nHost: x"), b"", server)
+        assert handler.close_connection is True  # a keep-alive request, but nothing more can come
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        ours.close()
+        server.stop(timeout=2)
 
 
 def read_until_closed(sock):
