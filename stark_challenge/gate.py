@@ -1,7 +1,8 @@
 """Gate: every decision at the HTTP front door, and the status each one answers; no sockets here.
 
-``server`` only transports: it hands the head of each request to ``check_head`` and
-a complete request to ``Gate.answer``, and writes the ``Reply`` back. So every check
+``server`` only transports: it hands the head of each request to ``read_head`` (its
+framing, request line and fields, read once) and a complete request to
+``Gate.answer``, and writes the ``Reply`` back. So every check
 and its answer can be read, and tested, in this one module.
 
 The routes (``ROUTES``, the one routing table): ``POST /webhook``, Stark Bank's events;
@@ -17,7 +18,7 @@ The checks of a webhook, cheapest first, and the answer each failure gets:
 ====================================================  ========================
 check                                                 failure
 ====================================================  ========================
-framing (``check_head``): head at most 16 KiB and 64  400 / 431 / 413 and the
+framing (``read_head``): head at most 16 KiB and 64   400 / 431 / 413 and the
 lines, one Content-Length of ASCII digits (at most    connection closed, before
 ``MAX_BODY_BYTES``), no Transfer-Encoding, a          the body is read
 well-formed request line
@@ -56,8 +57,8 @@ from . import events, metrics
 from .errors import BankUnavailable, SignatureError, StarkChallengeError
 from .logs import Throttle
 
-__all__ = ["Gate", "Reply", "Framing", "check_head", "head_end", "check_basic_auth", "ROUTES",
-           "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_HEADER_LINES"]
+__all__ = ["Gate", "Reply", "Framing", "Head", "Headers", "check_head", "read_head", "head_end", "check_basic_auth",
+           "ROUTES", "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_HEADER_LINES"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,43 +110,103 @@ _DIGITS = re.compile(rb"[0-9]+")
 _VERSION = re.compile(rb"HTTP/1\.[01]")
 
 
+class Headers:
+    """A request's header fields, read once by ``read_head``: ``get(name)`` in any case of ``name``.
+
+    What the Gate and the handler need of ``http.client.HTTPMessage`` (which
+    ``http.server`` would build with the ``email`` package, the dearest part of a
+    request after the signature check): ``get`` and ``[]`` give the value of the first
+    field of that name, or None; ``in``, ``len`` and ``items()`` (every field, in order,
+    names as sent). Values are decoded as Latin-1, as ``http.client`` decodes them, and
+    stripped of the spaces and tabs around them (RFC 9110, 5.5). Read-only; thread-safe.
+    """
+
+    __slots__ = ("_fields", "_first")
+
+    def __init__(self, fields=()):
+        self._fields = tuple(fields)  # (name, value) pairs, as sent
+        self._first = {}  # lower-case name -> the value of its first field
+        for name, value in self._fields:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name, default=None):
+        """Return the value of the first field named ``name`` (any case), or ``default``."""
+        return self._first.get(name.lower(), default)
+
+    def __getitem__(self, name):
+        return self._first.get(name.lower())  # None when absent, as email.message.Message answers
+
+    def __contains__(self, name):
+        return name.lower() in self._first
+
+    def __len__(self):
+        return len(self._fields)
+
+    def items(self):
+        """Return every (name, value) field, in the order sent."""
+        return list(self._fields)
+
+
+class Head(NamedTuple):
+    """A request head read by ``read_head``: its framing and, when not refused, its request line and fields."""
+
+    framing: Framing  # framing.error is None if the request may be read
+    method: str = ""  # the request line's first word, as sent (a token)
+    target: str = ""  # its second word: the path and query, Latin-1 decoded
+    version: str = ""  # "HTTP/1.0" or "HTTP/1.1"
+    headers: Headers = Headers()  # the header fields; empty when refused
+
+
 def check_head(head):
     """Return the Framing of a request head (bytes, without its closing blank line).
 
+    The framing part of ``read_head``: see there. Pure; thread-safe.
+    """
+    return read_head(head).framing
+
+
+def read_head(head):
+    """Return the Head of a request head (bytes, without its closing blank line): framing, request line, fields.
+
+    Every line is read once, here, so a request that passes needs no other parser.
     Strict where leniency lets two parsers disagree (request smuggling): the request
     line is ``METHOD target HTTP/1.x``; every header line is ``name: value`` (no folding,
     no space before the colon); ``Content-Length`` is ASCII digits, and its copies, if
     any, agree; ``Transfer-Encoding`` is refused whatever its value (Stark Bank sends a
-    Content-Length). Pure; thread-safe.
+    Content-Length). A refused head gives its Framing only. Pure; thread-safe.
     """
     lines = head.split(b"\n")
     if len(lines) - 1 > MAX_HEADER_LINES:
-        return _refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {MAX_HEADER_LINES} header lines")
+        return Head(_refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"more than {MAX_HEADER_LINES} header lines"))
     parts = lines[0].rstrip(b"\r").split(b" ")
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1] or not _VERSION.fullmatch(parts[2]):
-        return _refused(HTTPStatus.BAD_REQUEST, "malformed request line")
-    lengths, expect_continue = set(), False
+        return Head(_refused(HTTPStatus.BAD_REQUEST, "malformed request line"))
+    lengths, expect_continue, fields = set(), False, []
     for raw in lines[1:]:
         line = raw.rstrip(b"\r")
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
-            return _refused(HTTPStatus.BAD_REQUEST, "malformed header line")
-        name, value = name.lower(), value.strip(b" \t")
+            return Head(_refused(HTTPStatus.BAD_REQUEST, "malformed header line"))
+        value = value.strip(b" \t")
+        fields.append((name.decode("ascii"), value.decode("latin-1")))  # a token is ASCII
+        name = name.lower()
         if name == b"transfer-encoding":
-            return _refused(HTTPStatus.BAD_REQUEST, "Transfer-Encoding is not accepted; send a Content-Length")
+            return Head(_refused(HTTPStatus.BAD_REQUEST, "Transfer-Encoding is not accepted; send a Content-Length"))
         if name == b"content-length":
             if not _DIGITS.fullmatch(value):
-                return _refused(HTTPStatus.BAD_REQUEST, "Content-Length must be ASCII digits")
+                return Head(_refused(HTTPStatus.BAD_REQUEST, "Content-Length must be ASCII digits"))
             lengths.add(value.lstrip(b"0") or b"0")
         elif name == b"expect":
             expect_continue = value.lower() == b"100-continue"
     if len(lengths) > 1:
-        return _refused(HTTPStatus.BAD_REQUEST, "conflicting Content-Length headers")
+        return Head(_refused(HTTPStatus.BAD_REQUEST, "conflicting Content-Length headers"))
     length = lengths.pop() if lengths else b"0"
     # Digits are counted before int(): a length of thousands of digits is refused unparsed.
     if len(length) > 9 or int(length) > MAX_BODY_BYTES:
-        return _refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
-    return Framing(body_bytes=int(length), expect_continue=expect_continue and parts[2] == b"HTTP/1.1")
+        return Head(_refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes"))
+    version = parts[2].decode("ascii")
+    framing = Framing(body_bytes=int(length), expect_continue=expect_continue and version == "HTTP/1.1")
+    return Head(framing, parts[0].decode("ascii"), parts[1].decode("latin-1"), version, Headers(fields))
 
 
 def head_end(buffer):

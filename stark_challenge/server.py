@@ -1,17 +1,20 @@
 """Server: the HTTP transport: one selector thread reads requests, a bounded pool answers them.
 
 It only moves bytes: what a request may be and what it gets is decided by
-``gate.Gate`` (the head's framing with ``gate.check_head``, everything else with
-``Gate.answer``), and ``handler.Handler`` parses and writes the answer.
+``gate.Gate`` (the head's framing with ``gate.read_head``, everything else with
+``Gate.answer``), and ``handler.Handler`` dispatches the request and writes the answer.
 
 How a request travels. One thread (``http``) owns the listening socket and every
 connection that is waiting for a request, all non-blocking, multiplexed with
 ``selectors``. It accepts at once, reads what arrives, and has the head checked the
-moment it is complete: a refused request is answered from that thread and its
-connection closed. Only a complete request, head and body, is handed to the pool of
-``max_connections`` handler threads (started and joined here: no
+moment it is complete, reading its request line and fields in the same pass (the
+only parse of a head): a refused request is answered from that thread and its
+connection closed. Only a complete request, its read head and its body, is handed
+to the pool of ``max_connections`` handler threads (started and joined here: no
 ``socketserver`` mixin), which answer it in one write and give a keep-alive
-connection back to the selector thread. When every handler is busy and
+connection back to the selector thread. Sockets stay non-blocking throughout: the
+answer's write waits for room (``handler.send_all``) only if the client stops
+reading, and then at most ``request_timeout_s``. When every handler is busy and
 ``max_connections`` more requests are queued, the next complete request gets 503
 (Stark Bank delivers again later; the worker's event pull catches up).
 
@@ -20,8 +23,12 @@ Why not a thread per connection: a slow client would hold a thread, so
 here a waiting client costs a buffer and a file descriptor, not a thread. Measured
 (``make bench``, hostile phase, ``MAX_CONNECTIONS=8``): with 96 slow, silent and
 huge-head clients plus 6.3 MB heads and malformed requests, every genuine webhook was
-answered, p99 23 ms, peak RSS 41 MB; the hand-over to a handler costs
-about 0.15 ms of CPU per request, small next to a signature check (about 1.2 ms).
+answered, p99 23 ms, peak RSS 41 MB. The transport's own CPU per request (reading,
+the head, hand-over and back, the answer; a request with a trivial answer, 8
+keep-alive clients in another process) is about 0.06-0.12 ms, small next to a
+signature check (about 1.2 ms): per request one ``recv``, one ``send``, the
+selector's unregister and register, and at most one wake-up byte however many
+connections come back at once.
 
 Bounds, every one a constant or a constructor argument: a request must arrive
 whole within ``request_timeout_s`` of its first byte, and an idle connection is
@@ -51,8 +58,8 @@ import threading
 import time
 from http import HTTPStatus
 
-from .gate import MAX_HEAD_BYTES, check_head, head_end
-from .handler import Handler, render
+from .gate import MAX_HEAD_BYTES, head_end, read_head
+from .handler import Handler, HttpDate, render
 from .logs import Throttle
 
 __all__ = ["Server", "serve"]
@@ -96,14 +103,15 @@ def _name_native_thread(name):
 class _Connection:
     """A client connection and what it has sent so far. Owned by one thread at a time."""
 
-    __slots__ = ("sock", "address", "buffer", "deadline", "framing", "body_at", "closing")
+    __slots__ = ("sock", "address", "buffer", "deadline", "head", "framing", "body_at", "closing")
 
     def __init__(self, sock, address, deadline):
         self.sock = sock
         self.address = address  # (host, port) of the client
         self.buffer = bytearray()  # bytes received and not yet handed on
         self.deadline = deadline  # monotonic time by which the current request must be whole
-        self.framing = None  # Framing of the current request once its head is complete
+        self.head = None  # gate.Head of the current request once its head is complete
+        self.framing = None  # and its Framing
         self.body_at = 0  # offset of the current request's body in buffer
         self.closing = False  # refused: draining what the client still sends, then closed
 
@@ -115,7 +123,8 @@ class Server:
     queue; ``max_open`` connections may be held while they send. Thread-safe:
     the selector thread alone touches the selector and the connections it holds; a
     connection in a handler's hands is not in the selector, and comes back through
-    ``_returned`` (a deque) and a wake-up socket.
+    ``_returned`` (a deque) and a wake-up socket (one byte for any number of
+    connections handed back before the selector thread takes them).
     """
 
     def __init__(self, address, gate, max_connections=32, request_timeout_s=REQUEST_TIMEOUT_S, max_open=None,
@@ -137,13 +146,15 @@ class Server:
         self._held = {}  # socket -> _Connection, the connections the selector thread holds
         self._peers = {}  # socket -> client address, for every open connection (handlers read it)
         self._returned = collections.deque()  # connections handed back by handlers
-        self._work = queue.Queue()  # complete requests for the handlers, bounded by _in_flight
+        self._wake_pending = False  # a wake-up byte is sent and _returned not yet taken: no other is needed
+        self._work = queue.SimpleQueue()  # complete requests for the handlers, bounded by _in_flight
         self._in_flight = 0  # requests handed on and not yet answered: at most 2 * max_connections
         self._in_flight_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stop_deadline = None  # clock time by which stop() gives up on requests in flight
         self._accepting = False  # the listener is registered with the selector
         self._threads = []
+        self.http_date = HttpDate()  # () -> the Date header's value, formatted once a second
 
     # -- life ------------------------------------------------------------------
 
@@ -323,31 +334,32 @@ class Server:
                     self._refuse(conn, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                                  f"request head over {MAX_HEAD_BYTES} bytes")
                 return
-            framing = check_head(bytes(conn.buffer[:ends[0]]))
+            head = read_head(bytes(conn.buffer[:ends[0]]))
+            framing = head.framing
             if framing.error is not None:
                 self._refuse(conn, framing.error, framing.reason)
                 return
-            conn.framing, conn.body_at = framing, ends[1]
+            conn.head, conn.framing, conn.body_at = head, framing, ends[1]
             if framing.expect_continue and len(conn.buffer) < ends[1] + framing.body_bytes:
                 self._send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
         end = conn.body_at + conn.framing.body_bytes
         if len(conn.buffer) < end:
             return
-        data = bytes(conn.buffer[:end])
+        head, body = conn.head, bytes(conn.buffer[conn.body_at:end])
         del conn.buffer[:end]
-        conn.framing = None
+        conn.head = conn.framing = None
         self._release(conn)
         with self._in_flight_lock:
             full = self._in_flight >= 2 * self._max  # every handler busy, and as many waiting
             if not full:
                 self._in_flight += 1
         if not full:
-            self._work.put((conn, data))
+            self._work.put((conn, head, body))
         else:
             self.refusals.log(logger, logging.WARNING, "all %d handlers busy and %d requests queued; 503 to %s",
                               self._max, self._max, conn.address[0], kind="busy")
             self._send_quietly(conn.sock, render(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "busy, try again"},
-                                                 (("Retry-After", "1"),), close=True))
+                                                 (("Retry-After", "1"),), close=True, date=self.http_date()))
             self._peers.pop(conn.sock, None)
             self._close_quietly(conn.sock)
 
@@ -355,7 +367,7 @@ class Server:
         """Answer a request refused from its head, and close its connection after a short drain."""
         self.refusals.log(logger, logging.WARNING, "request refused (%d): %s from %s",
                           status, reason, conn.address[0], kind=reason)
-        self._send_quietly(conn.sock, render(status, {"error": reason}, close=True))
+        self._send_quietly(conn.sock, render(status, {"error": reason}, close=True, date=self.http_date()))
         # Closing with unread bytes would reset the connection and could destroy the
         # answer before the client reads it: stop reading requests, drain a little, close.
         conn.closing, conn.framing, conn.body_at = True, None, 0
@@ -372,12 +384,23 @@ class Server:
         except (BlockingIOError, OSError):
             pass  # a wake-up is already pending, or the server is closed: either way nothing is lost
 
+    def _hand_back(self, conn):
+        """Give a keep-alive connection back to the selector thread (from a handler thread)."""
+        self._returned.append(conn)
+        # Appended before the flag is read: a handler that finds a wake-up pending knows
+        # the selector thread has not yet cleared it, so it takes this connection too.
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake()
+
     def _take_back(self):
         try:
-            while self._wake_sock.recv(4096):
-                pass
+            self._wake_sock.recv(4096)  # more than that pending, the selector calls again
         except (BlockingIOError, InterruptedError):
             pass
+        # Cleared after the read and before the deque is emptied: a hand-back that still
+        # saw the flag set is in the deque already; a later one sends a byte no read has taken.
+        self._wake_pending = False
         while self._returned:
             conn = self._returned.popleft()
             conn.deadline = self._clock() + self.request_timeout_s  # idle, or a pipelined request began
@@ -393,11 +416,11 @@ class Server:
             item = self._work.get()
             if item is None:
                 return
-            conn, data = item
+            conn, head, body = item
             keep = False
             try:
-                conn.sock.settimeout(self.request_timeout_s)  # the answer's write is bounded too
-                keep = not Handler(conn.sock, data, self).close_connection
+                # The socket stays non-blocking: send_all bounds the answer's write by request_timeout_s.
+                keep = not Handler(conn.sock, head, body, self).close_connection
             except Exception:
                 if not self.tracebacks.log(logger, logging.ERROR, "request from %s failed", conn.address[0],
                                            exc_info=True, kind="traceback"):
@@ -406,9 +429,7 @@ class Server:
                 with self._in_flight_lock:
                     self._in_flight -= 1
             if keep and not self._stopping.is_set():
-                conn.sock.setblocking(False)
-                self._returned.append(conn)
-                self._wake()
+                self._hand_back(conn)
             else:
                 self._peers.pop(conn.sock, None)
                 self._close_quietly(conn.sock)
