@@ -25,6 +25,7 @@ import threading
 import time
 
 import starkbank
+from ellipticcurve import PrivateKey
 from starkcore.utils.api import api_json
 
 from . import verify
@@ -147,6 +148,23 @@ def _transfer_dict(transfer):
     }
 
 
+class _Project(starkbank.Project):
+    """A ``starkbank.Project`` whose private key is parsed once, here (a bad PEM raises now).
+
+    The SDK's ``private_key()`` parses the PEM again, deriving the public key from it
+    (about 2.6 ms of pure-Python curve arithmetic, five times the signature itself), for
+    every request it signs. A parsed key is never modified, so one serves every call
+    and thread.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._private_key = PrivateKey.fromPem(self.pem)
+
+    def private_key(self):
+        return self._private_key
+
+
 class KeyCache:
     """Stark Bank's public key, fetched through the SDK and refreshed at most once a minute.
 
@@ -221,12 +239,11 @@ class Bank:
     def configure(self):
         """Set the SDK's user and timeout from the config; raise ConfigError if the key is unusable."""
         try:
-            user = starkbank.Project(
+            user = _Project(
                 environment=self._config.environment,
                 id=self._config.project_id,
                 private_key=self._config.private_key,
             )
-            user.private_key()  # parse it now, not on the first call
         except Exception:  # the SDK raises bare Exceptions for a bad PEM
             raise ConfigError("STARK_PRIVATE_KEY: not a valid secp256k1 private key in PEM format") from None
         starkbank.user = user

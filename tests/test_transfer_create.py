@@ -7,6 +7,8 @@ import logging
 import random
 
 import pytest
+import starkbank
+from ellipticcurve import PrivateKey
 
 from stark_challenge import bank as bank_module
 from stark_challenge.bank import Bank
@@ -159,3 +161,12 @@ def test_credits_are_read_for_several_invoices_at_once(store, clock):
     credit(store, clock, ["51", "52"])
     assert store.credits(["51", "52", "53"]) == {"51": store.credit("51"), "52": store.credit("52")}
     assert store.credits([]) == {}
+
+
+def test_the_private_key_is_parsed_once_and_signs_every_call(emulator, bank, sdk):
+    key = starkbank.user.private_key()
+    assert starkbank.user.private_key() is key
+    assert key.toPem().strip() == PrivateKey.fromPem(sdk["private_key"]).toPem().strip()
+    bank.create_transfers(items(1))
+    bank.create_transfers(items(2))
+    assert [c["status"] for c in emulator.requests if c["path"] == "/v2/transfer"] == [200, 200]
