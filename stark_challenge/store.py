@@ -678,14 +678,14 @@ class Store:
             found = self._all(f"select external_id, state from transfer where external_id in ({marks})",
                               [ext for ext, _, _ in answers])
             states = {r["external_id"]: r["state"] for r in found}
-            rows = []
+            at, rows = _iso(now), []
             for external_id, transfer_id, status in answers:
                 if external_id not in states:
                     continue
                 status = status if status in transfer_states.REPORTED else "created"
                 current = states[external_id]
                 keep = status == "created" and transfer_states.rank(current) > transfer_states.rank("created")
-                rows.append((transfer_id, current if keep else status, _iso(now), external_id))
+                rows.append((transfer_id, current if keep else status, at, external_id))
             self._conn.executemany(
                 "update transfer set transfer_id = ?, state = ?, updated_at = ? where external_id = ?", rows
             )
