@@ -625,6 +625,19 @@ class Store:
             return None
         return dict(row)
 
+    def credits(self, invoice_ids):
+        """Return {invoice id: credit dict (as ``credit`` returns it)} for those of ``invoice_ids`` credited; one read."""
+        invoice_ids = list(invoice_ids)
+        if not invoice_ids:
+            return {}
+        with self._lock:
+            rows = self._all(
+                "select invoice_id, amount, fee, net, state, reason, event_id from credit"
+                f" where invoice_id in ({','.join('?' * len(invoice_ids))})",
+                invoice_ids,
+            )
+        return {r["invoice_id"]: {k: r[k] for k in r.keys() if k != "invoice_id"} for r in rows}
+
     def _insert_transfer(self, external_id, invoice_id, attempt, amount, now):
         # "or ignore": the attempt number is unique per invoice, so a repeat queues nothing.
         self._conn.execute(
@@ -695,15 +708,33 @@ class Store:
         A bare ``created`` does not move a transfer back from a state ranked higher
         (say ``success`` from an event that beat the create answer): see ``transfer_states``.
         """
-        status = status if status in transfer_states.REPORTED else "created"
+        self.transfers_created([(external_id, transfer_id, status)], now)
+
+    def transfers_created(self, answers, now):
+        """Record several create answers as ``transfer_created`` does, in one transaction.
+
+        ``answers`` are (external id, Stark Bank id, status) tuples, external ids
+        distinct; one we do not hold is skipped. Two statements whatever their number,
+        for the answer to a batch.
+        """
+        answers = list(answers)
+        if not answers:
+            return
         with self.atomic():
-            row = self._one("select state from transfer where external_id = ?", (external_id,))
-            if row is None:
-                return
-            keep = status == "created" and transfer_states.rank(row["state"]) > transfer_states.rank("created")
-            self._conn.execute(
-                "update transfer set transfer_id = ?, state = ?, updated_at = ? where external_id = ?",
-                (transfer_id, row["state"] if keep else status, _iso(now), external_id),
+            marks = ",".join("?" * len(answers))
+            found = self._all(f"select external_id, state from transfer where external_id in ({marks})",
+                              [ext for ext, _, _ in answers])
+            states = {r["external_id"]: r["state"] for r in found}
+            at, rows = _iso(now), []
+            for external_id, transfer_id, status in answers:
+                if external_id not in states:
+                    continue
+                status = status if status in transfer_states.REPORTED else "created"
+                current = states[external_id]
+                keep = status == "created" and transfer_states.rank(current) > transfer_states.rank("created")
+                rows.append((transfer_id, current if keep else status, at, external_id))
+            self._conn.executemany(
+                "update transfer set transfer_id = ?, state = ?, updated_at = ? where external_id = ?", rows
             )
 
     def retry_transfer(self, external_id, errors, next_try_at, now):

@@ -118,7 +118,7 @@ class Sender:
             self._settle(transfer, e)
             return
         self._count("created")
-        self._record_created(transfer, created)
+        self._record_created([transfer], [created])
 
     def _send_batch(self, batch, stopping):
         items = [(t.amount, t.external_id, transfer_tags(self._tag, t.invoice_id, t.external_id)) for t in batch]
@@ -139,9 +139,7 @@ class Sender:
             self._settle_batch(batch, e, stopping)
             return
         self._count("created")
-        with self._store.atomic():  # one commit for the whole answer, listed in the order sent
-            for transfer, made in zip(batch, created):
-                self._record_created(transfer, made)
+        self._record_created(batch, created)
 
     def _settle_batch(self, batch, error, stopping):
         """Settle each transfer of an unanswered batch by lookup; once lookups fail, retry the rest unlooked.
@@ -171,13 +169,22 @@ class Sender:
         """Count one create call (of one transfer or a batch) by its result, for the metrics."""
         self._counters.add("stark_challenge_transfer_api_calls_total", (("result", result),))
 
-    def _record_created(self, transfer, created):
-        self._store.transfer_created(transfer.external_id, created["id"], created["status"], self._clock())
-        credit = self._store.credit(transfer.invoice_id)
-        logger.info(
-            "transfer sent: invoice %s, amount %d, fee %d, transfer %d cents, external id %s, Stark Bank id %s",
-            transfer.invoice_id, credit["amount"], credit["fee"], transfer.amount, transfer.external_id, created["id"],
+    def _record_created(self, transfers, created):
+        """Record a create answer (``created``: dicts listed in the order of ``transfers``) in one commit.
+
+        Then log one line per transfer, with the credit it forwards (the credits of
+        the whole answer read at once).
+        """
+        self._store.transfers_created(
+            [(t.external_id, made["id"], made["status"]) for t, made in zip(transfers, created)], self._clock()
         )
+        credits = self._store.credits({t.invoice_id for t in transfers})
+        for transfer, made in zip(transfers, created):
+            credit = credits[transfer.invoice_id]
+            logger.info(
+                "transfer sent: invoice %s, amount %d, fee %d, transfer %d cents, external id %s, Stark Bank id %s",
+                transfer.invoice_id, credit["amount"], credit["fee"], transfer.amount, transfer.external_id, made["id"],
+            )
 
     def _settle(self, transfer, error, lookup=True, retry_at=None):
         """Find out whether an unanswered or refused create call made the transfer; record the answer.

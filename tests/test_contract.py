@@ -8,8 +8,9 @@ real SDK against one backend or the other.
       STARK_SANDBOX_TEST=1 STARK_PROJECT_ID=... STARK_PRIVATE_KEY=path/to/key.pem \\
           .venv/bin/python -m pytest -q tests/test_contract.py
 
-  It creates a few invoices (small amounts, due in a week), two transfer attempts of 1 real
-  sandbox cent to Stark Bank S.A., and marks at most one undelivered event delivered.
+  It creates a few invoices (small amounts, due in a week), four transfers of 1 real sandbox
+  cent to Stark Bank S.A. (two attempts under one external id, then a batch of two), and marks
+  at most one undelivered event delivered.
   Skipped, with the reason, when not requested or without credentials.
 
 Each test asserts only what both must do; the emulator's own details are in test_emulator.py.
@@ -108,6 +109,22 @@ def test_a_transfer_with_a_used_external_id_is_refused_or_fails(backend):
                  message="the duplicate failed")
     assert [t.id for t in starkbank.transfer.query(tags=["contract"], limit=100)
             if t.external_id == external_id and t.status != "failed"] == [first.id]
+
+
+def test_a_raw_create_answer_lists_each_transfer_sent_in_its_place(backend):
+    # bank.create_transfers posts the JSON itself and reads the answer's JSON: it relies on each
+    # transfer coming back at its place with its id, status, amount, tags and external id.
+    sent = [{"amount": 1, "externalId": f"contract-{secrets.token_hex(8)}", "tags": ["contract", f"raw-{n}"],
+             "name": RECEIVER["name"], "taxId": RECEIVER["tax_id"], "bankCode": RECEIVER["bank_code"],
+             "branchCode": RECEIVER["branch_code"], "accountNumber": RECEIVER["account_number"],
+             "accountType": RECEIVER["account_type"]} for n in range(2)]
+    response = starkbank.request.post("transfer", body={"transfers": sent})
+    assert response.status == 200
+    answered = response.json()["transfers"]
+    assert [t["externalId"] for t in answered] == [t["externalId"] for t in sent]
+    for made, item in zip(answered, sent):
+        assert isinstance(made["id"], str) and made["id"] and made["status"] == "created"
+        assert made["amount"] == 1 and isinstance(made["amount"], int) and made["tags"] == item["tags"]
 
 
 def test_undelivered_events_are_queried_and_marked_delivered(backend):
