@@ -103,14 +103,15 @@ def check_shape(document):
     return Event(event["id"], event["subscription"], log["type"], entity_id, event)
 
 
-def accept(store, event, source, now, on_new=None):
+def accept(store, event, source, now, on_new=None, coming=0):
     """Store an Event received from Stark Bank (``source``: 'webhook' or 'pull'); return True if new.
 
     The one way an event enters the store: same deduplication (by event id), same
     log line, and ``on_new()`` (the worker's wake-up) after a new one is committed.
-    Raise StoreError if the store cannot write.
+    ``coming``: how many other events are about to be accepted, whose commit this one
+    may share (``Store.add_event``). Raise StoreError if the store cannot write.
     """
-    new = store.add_event(event, source, now)
+    new = store.add_event(event, source, now, coming)
     if new:
         logger.info("%s accepted: event %s, %s %s %s", source, event.id, event.subscription, event.log_type,
                     event.entity_id)

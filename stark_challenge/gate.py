@@ -50,6 +50,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 from http import HTTPStatus
 from typing import NamedTuple
 
@@ -265,6 +266,8 @@ class Gate:
         self._metrics_page = metrics_page or str
         self._retry = retry
         self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
+        self._receiving = 0  # webhooks in receive(): each may be an event about to be stored
+        self._receiving_lock = threading.Lock()
 
     def refuse(self, status, reason, what, client, headers=()):
         """Log a refusal (throttled) and return its Reply."""
@@ -357,7 +360,20 @@ class Gate:
         )
 
     def receive(self, headers, body):
-        """Check a webhook whose basic auth already passed; store its event; return the Reply."""
+        """Check a webhook whose basic auth already passed; store its event; return the Reply.
+
+        Counts the webhooks being received at once: an event's commit waits briefly for
+        theirs (``Store.add_event``), so concurrent webhooks share one fsync.
+        """
+        with self._receiving_lock:
+            self._receiving += 1
+        try:
+            return self._receive(headers, body)
+        finally:
+            with self._receiving_lock:
+                self._receiving -= 1
+
+    def _receive(self, headers, body):
         signature = headers.get("Digital-Signature")
         if not signature:
             self.refusals.log(logger, logging.WARNING, "webhook refused: no Digital-Signature header")
@@ -394,7 +410,8 @@ class Gate:
             self._count_webhook("refused", "malformed")
             return _error(HTTPStatus.BAD_REQUEST, "malformed event: nested too deeply")
         try:
-            new = events.accept(self._store, event, "webhook", self._clock(), self._on_event)
+            new = events.accept(self._store, event, "webhook", self._clock(), self._on_event,
+                                coming=self._receiving - 1)
         except StarkChallengeError as e:
             logger.error("webhook %s not stored: %s; answering 503", event.id, e)
             self._count_webhook("unavailable", "store")

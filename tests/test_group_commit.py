@@ -3,10 +3,12 @@
 import datetime
 import sqlite3
 import threading
+import time
 
 import pytest
 from support import wait_for
 
+from stark_challenge import store as store_module
 from stark_challenge.events import Event
 from stark_challenge.store import StoreError
 
@@ -95,4 +97,34 @@ def test_inside_a_callers_transaction_the_event_joins_it(store):
     assert stored_ids(store) == []
     with store.atomic():
         assert store.add_event(event(1), "pull", NOW) is True
+    assert stored_ids(store) == ["ev-1"]
+
+
+def test_an_event_waits_for_those_its_caller_says_are_coming_and_shares_their_commit(store, monkeypatch):
+    monkeypatch.setattr(store_module, "GROUP_WAIT_S", 30.0)  # only a broken wait would ever reach it
+    statements, results = [], {}
+    store._conn.set_trace_callback(statements.append)
+    first = threading.Thread(target=lambda: results.update(first=store.add_event(event(1), "webhook", NOW, coming=1)))
+    first.start()
+    wait_for(lambda: len(store._waiting) == 1, message="the first event handed in")
+
+    results["second"] = store.add_event(event(2), "webhook", NOW)
+    first.join(10)
+
+    store._conn.set_trace_callback(None)
+    assert results == {"first": True, "second": True}
+    assert [s.split()[0] for s in statements] == ["begin", "insert", "insert", "commit"]
+
+
+def test_an_event_with_nothing_coming_is_committed_without_waiting(store, monkeypatch):
+    monkeypatch.setattr(store_module, "GROUP_WAIT_S", 30.0)
+    began = time.monotonic()
+    assert store.add_event(event(1), "webhook", NOW) is True
+    assert time.monotonic() - began < 10  # not the 30 s a wait would take
+    assert stored_ids(store) == ["ev-1"]
+
+
+def test_events_said_to_be_coming_that_never_come_delay_the_commit_only_briefly(store, monkeypatch):
+    monkeypatch.setattr(store_module, "GROUP_WAIT_S", 0.05)
+    assert store.add_event(event(1), "webhook", NOW, coming=3) is True  # the three were forged, say
     assert stored_ids(store) == ["ev-1"]
