@@ -10,8 +10,9 @@ connection that is waiting for a request, all non-blocking, multiplexed with
 moment it is complete, reading its request line and fields in the same pass (the
 only parse of a head): a refused request is answered from that thread and its
 connection closed. Only a complete request, its read head and its body, is handed
-to the pool of ``max_connections`` handler threads (started and joined here: no
-``socketserver`` mixin), which answer it in one write and give a keep-alive
+to the pool of at most ``max_connections`` handler threads (started and joined here: no
+``socketserver`` mixin; a thread is started when a request finds none free, so an
+idle service holds only the threads it has needed), which answer it in one write and give a keep-alive
 connection back to the selector thread. Sockets stay non-blocking throughout: the
 answer's write waits for room (``handler.send_all``) only if the client stops
 reading, and then at most ``request_timeout_s``. When every handler is busy and
@@ -150,6 +151,9 @@ class Server:
         self._work = queue.SimpleQueue()  # complete requests for the handlers, bounded by _in_flight
         self._in_flight = 0  # requests handed on and not yet answered: at most 2 * max_connections
         self._in_flight_lock = threading.Lock()
+        # Handler threads free for the next request, less the requests queued for them (guarded
+        # by _in_flight_lock): the pool grows, up to max_connections, when it goes below zero.
+        self._idle = 0
         self._stopping = threading.Event()
         self._stop_deadline = None  # clock time by which stop() gives up on requests in flight
         self._accepting = False  # the listener is registered with the selector
@@ -164,16 +168,13 @@ class Server:
         return self.server_address[1]
 
     def start(self):
-        """Start the selector thread and the handler threads; return self."""
+        """Start the selector thread; return self. Handler threads start as requests need them."""
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
         self._accepting = True
         self._selector.register(self._wake_sock, selectors.EVENT_READ, "wake")
         reader = threading.Thread(target=self._run, name="http", daemon=True)
         self._threads.append(reader)
-        for n in range(self._max):
-            self._threads.append(threading.Thread(target=self._handle_loop, name=f"http-{n}", daemon=True))
-        for thread in self._threads:
-            thread.start()
+        reader.start()
         return self
 
     def stop(self, timeout=5.0):
@@ -353,8 +354,12 @@ class Server:
             full = self._in_flight >= 2 * self._max  # every handler busy, and as many waiting
             if not full:
                 self._in_flight += 1
+                self._idle -= 1  # below zero: no thread is free for this request
+                grow = self._idle < 0 and len(self._threads) - 1 < self._max
         if not full:
             self._work.put((conn, head, body))
+            if grow:
+                self._start_handler()
         else:
             self.refusals.log(logger, logging.WARNING, "all %d handlers busy and %d requests queued; 503 to %s",
                               self._max, self._max, conn.address[0], kind="busy")
@@ -410,9 +415,17 @@ class Server:
 
     # -- the handler threads -----------------------------------------------------
 
+    def _start_handler(self):
+        """Start one more handler thread (the selector thread calls it; at most ``max_connections``)."""
+        thread = threading.Thread(target=self._handle_loop, name=f"http-{len(self._threads) - 1}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
     def _handle_loop(self):
         _name_native_thread(threading.current_thread().name)
         while True:
+            with self._in_flight_lock:
+                self._idle += 1
             item = self._work.get()
             if item is None:
                 return

@@ -1,6 +1,7 @@
 """server: answers leave on non-blocking sockets (``handler.send_all``): whole when the
 client reads, given up after the request timeout when it does not, and never holding a
-handler thread past that bound."""
+handler thread past that bound; handler threads start as requests need them, up to
+``max_connections``."""
 
 import logging
 import socket
@@ -111,3 +112,34 @@ def test_a_client_that_stops_reading_its_answers_does_not_hold_the_only_handler(
             assert read_until_closed(stuck).count(b"HTTP/1.1 200 OK") < 1000  # cut, not answered in full
     finally:
         server.stop(timeout=2)
+
+
+def test_handler_threads_start_as_requests_need_them_and_never_beyond_max_connections(store, clock):
+    config = make_config()
+    release = threading.Event()
+
+    def held_health():
+        release.wait(30)
+        return HTTPStatus.OK, {"status": "ok"}
+
+    gate = Gate(store, Bank(config), config, clock, health=held_health)
+    server = Server(("127.0.0.1", 0), gate, max_connections=3).start()
+    handlers = lambda: [t for t in server._threads[1:] if t.is_alive()]  # noqa: E731
+    clients = []
+    try:
+        assert handlers() == []  # idle: only the selector thread
+        for _ in range(5):  # three are answered at once, two wait for a free handler
+            client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            clients.append(client)
+        wait_for(lambda: len(handlers()) == 3, message="three handler threads")
+        release.set()
+        answers = [read_until_closed(client) for client in clients]
+        assert all(a.startswith(b"HTTP/1.1 200 OK") for a in answers)
+        assert len(server._threads) - 1 == 3  # none started beyond max_connections
+    finally:
+        release.set()
+        for client in clients:
+            client.close()
+        server.stop(timeout=2)
+
