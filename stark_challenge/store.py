@@ -586,15 +586,13 @@ class Store:
         logs can arrive in any order.
         """
         with self.atomic():
-            row = self._one("select status from invoice where id = ?", (invoice_id,))
-            if row is None:
-                return False
-            if not (row["status"] == "credited" and status == "paid"):
-                self._conn.execute(
-                    "update invoice set status = ?, fee = coalesce(?, fee), updated_at = ? where id = ?",
-                    (status, fee, _iso(now), invoice_id),
-                )
-            return True
+            cur = self._conn.execute(
+                "update invoice set status = ?, fee = coalesce(?, fee), updated_at = ?"
+                " where id = ? and not (status = 'credited' and ? = 'paid')",
+                (status, fee, _iso(now), invoice_id, status),
+            )
+            # No row changed: not ours, or a late 'paid' after 'credited' (ours, left as it is).
+            return cur.rowcount == 1 or self._one("select 1 from invoice where id = ?", (invoice_id,)) is not None
 
     def has_invoice(self, invoice_id):
         """Return True if a round of ours issued the invoice (it is in the invoice table)."""

@@ -163,8 +163,8 @@ def test_a_confirmed_failure_after_success_counts_and_queues_the_second_attempt(
 def test_paid_after_credited_keeps_the_invoice_credited(store):
     store.claim_round(0, at(), 1, at())
     store.record_invoices(0, 0, [{"id": "i1", "amount": 500, "name": "A B", "tax_id": "x", "status": "created"}], at())
-    store.update_invoice("i1", "credited", at(1), fee=50)
-    store.update_invoice("i1", "paid", at(2))
+    assert store.update_invoice("i1", "credited", at(1), fee=50) is True
+    assert store.update_invoice("i1", "paid", at(2)) is True  # ours, left credited
     assert rows(store, "select status, fee from invoice") == [("credited", 50)]
     assert store.update_invoice("not-ours", "paid", at()) is False
 
