@@ -230,6 +230,10 @@ class Bank:
         self._config = config
         self.keys = KeyCache(self._fetch_public_key, clock=clock)
         self._verifier = verifier or verify.best_verifier()
+        # One signature check at a time. A pure-Python check holds the GIL throughout, and
+        # the native one gives it up and takes it back at each call into libsecp256k1:
+        # checks side by side only take turns, handing the GIL to each other on the way.
+        self._checking = threading.Lock()
 
     @property
     def verifier(self):
@@ -393,13 +397,14 @@ class Bank:
         except verify.MalformedSignature:
             raise SignatureError("malformed Digital-Signature") from None
         key = self.keys.get()
-        if verify.signature_matches(content, parsed, key, self._verifier):
-            return
+        with self._checking:
+            if verify.signature_matches(content, parsed, key, self._verifier):
+                return
         fresher = self.keys.refresh(stale=key)
-        if fresher is not None and fresher is not key and verify.signature_matches(
-            content, parsed, fresher, self._verifier
-        ):
-            return
+        if fresher is not None and fresher is not key:
+            with self._checking:
+                if verify.signature_matches(content, parsed, fresher, self._verifier):
+                    return
         raise SignatureError("Digital-Signature does not match Stark Bank's public key")
 
     def _fetch_public_key(self):

@@ -51,6 +51,7 @@ import json
 import logging
 import re
 import threading
+import time
 from http import HTTPStatus
 from typing import NamedTuple
 
@@ -344,6 +345,12 @@ class Gate:
             return self.refuse(HTTPStatus.LENGTH_REQUIRED, "Content-Length required", "POST /webhook", client)
         return self.receive(headers, body)
 
+    def _count_check(self, verdict, began):
+        """Count a signature check by verdict, and the CPU it took this thread since ``began`` (thread time)."""
+        labels = (("verdict", verdict),)
+        self.counters.add("stark_challenge_signature_verifications_total", labels)
+        self.counters.add("stark_challenge_signature_check_cpu_seconds_total", labels, time.thread_time() - began)
+
     def _count_webhook(self, outcome, reason=""):
         labels = (("outcome", outcome), ("reason", reason)) if reason else (("outcome", outcome),)
         self.counters.add("stark_challenge_webhooks_total", labels)
@@ -385,11 +392,12 @@ class Gate:
             self.refusals.log(logger, logging.WARNING, "webhook refused: body is not UTF-8")
             self._count_webhook("refused", "not_utf8")
             return _error(HTTPStatus.BAD_REQUEST, "body is not UTF-8")
+        began = time.thread_time()
         try:
             self._bank.verify_event(content, signature)
         except SignatureError as e:
+            self._count_check("invalid", began)
             self.refusals.log(logger, logging.WARNING, "webhook refused: %s", e, kind=str(e))
-            self.counters.add("stark_challenge_signature_verifications_total", (("verdict", "invalid"),))
             self._count_webhook("refused", "bad_signature")
             return _error(HTTPStatus.UNAUTHORIZED, "invalid Digital-Signature")
         except BankUnavailable as e:
@@ -397,7 +405,7 @@ class Gate:
                               "webhook not verified, Stark Bank's key is unavailable (%s); answering 503", e)
             self._count_webhook("unavailable", "public_key")
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot verify the signature now; deliver again later")
-        self.counters.add("stark_challenge_signature_verifications_total", (("verdict", "valid"),))
+        self._count_check("valid", began)
         try:
             event = events.check_shape(json.loads(content))
         except ValueError as e:  # json.JSONDecodeError is a ValueError; so is an int of too many digits

@@ -2,15 +2,17 @@
 the same verdicts as the SDK's own ``starkbank.event.parse`` while fetching the key at most once a minute."""
 
 import json
+import threading
 
 import pytest
 import starkbank
 from ellipticcurve import Ecdsa, PrivateKey
 
+from stark_challenge import verify
 from stark_challenge.bank import Bank, KeyCache
 from stark_challenge.errors import BankRejected, BankUnavailable, ConfigError, SignatureError
 
-from support import sdk_config, signed_event, verifies
+from support import sdk_config, signed_event, verifies, wait_for
 
 
 @pytest.fixture
@@ -139,3 +141,52 @@ def test_a_bad_private_key_is_a_config_error(sdk):
     bank = Bank(sdk_config(sdk, STARK_PRIVATE_KEY="-----BEGIN EC PRIVATE KEY-----\nnope\n-----END EC PRIVATE KEY-----"))
     with pytest.raises(ConfigError, match="STARK_PRIVATE_KEY"):
         bank.configure()
+
+
+class WatchedVerifier:
+    """The pure verifier, counting the checks that run at once; the first one waits for company."""
+
+    name = "watched"
+
+    def __init__(self, parsed):
+        self._inner = verify.PureVerifier()
+        self._lock = threading.Lock()
+        self._parsed = parsed  # signatures parsed so far: one per caller that reached the check
+        self.running = self.most = 0
+        self._held_one = False  # the first check was held
+        self.company = threading.Event()  # a second check started while the first ran
+
+    def verify(self, message, signature, key):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            first, self._held_one = not self._held_one, True
+            if self.running > 1:
+                self.company.set()
+        try:
+            if first:  # hold the first check while the others arrive: any that overlaps it shows
+                wait_for(lambda: len(self._parsed) == 3, message="every caller at the check")
+                self.company.wait(0.5)
+            return self._inner.verify(message, signature, key)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_signature_checks_run_one_at_a_time(emulator, sdk, monkeypatch):
+    parsed = []
+    real_parse = verify.parse_signature
+    monkeypatch.setattr(verify, "parse_signature", lambda text: parsed.append(text) or real_parse(text))
+    watched = WatchedVerifier(parsed)
+    bank = Bank(sdk_config(sdk), verifier=watched)
+    bank.configure()
+    body, headers = signed_event(emulator, "1", {"id": "9"})
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(verifies(bank, body.decode(), headers["Digital-Signature"])))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [True, True, True]
+    assert watched.most == 1  # each check waited for the one before it

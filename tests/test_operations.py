@@ -164,6 +164,8 @@ def test_metrics_need_auth_and_equal_the_emulators_records(emulator, service_fac
     assert metric(samples, "stark_challenge_webhooks_total", outcome="refused", reason="bad_signature") == 1
     assert metric(samples, "stark_challenge_signature_verifications_total", verdict="valid") == len(delivered)
     assert metric(samples, "stark_challenge_signature_verifications_total", verdict="invalid") == 1
+    for verdict in ("valid", "invalid"):  # the CPU the checks took: some for each verdict
+        assert metric(samples, "stark_challenge_signature_check_cpu_seconds_total", verdict=verdict) > 0
     assert metric(samples, "stark_challenge_public_key_fetches_total") == emulator.public_key_fetches
     assert metric(samples, "stark_challenge_event_pulls_total") >= 1
     assert metric(samples, "stark_challenge_events_pending") == 0
