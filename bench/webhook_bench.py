@@ -574,8 +574,17 @@ class Bench:
         self._wait(lambda: self._pending_events() == 0, "the worker to process every event", interval=0.05)
         return time.perf_counter() - began
 
+    def _check_cpu_s(self):
+        """Return the CPU seconds the service has spent on signature checks (its /metrics counter)."""
+        status, body = http_get(self.service.port, "/metrics", {"Authorization": self.auth}, timeout=10)
+        if status != 200:
+            raise RuntimeError(f"GET /metrics answered {status}")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                   if line.startswith("stark_challenge_signature_check_cpu_seconds_total{"))
+
     def _phase(self, name, requests, mode, rate=None, duration_s=None, drain=True):
         """Run one loadgen phase; return its summary with the service's CPU over it."""
+        checks0 = self._check_cpu_s()
         pid = self.service.pid
         fetches = self.emulator.public_key_fetches
         user0, system0 = cpu_times(pid)
@@ -598,6 +607,7 @@ class Bench:
         summary["drain_s"] = round(self._drain(), 3) if drain else None
         threads1 = thread_cpu_s(pid)
         cpu_all = cpu_s(pid) - cpu0
+        checks = self._check_cpu_s() - checks0  # the signature checks, as the service measured them
         # The HTTP threads (the selector and the handlers, named http*) are the intake; the
         # process's CPU less theirs is the background's (the worker, mostly).
         intake = sum(cpu - threads0.get(t, (name, 0.0))[1] for t, (name, cpu) in threads1.items()
@@ -612,13 +622,17 @@ class Bench:
         summary["cpu_load_s"] = round(cpu_load, 3)
         summary["cpu_ms_per_request"] = rnd(cpu_all * 1000 / max(summary["sent"], 1), 3)
         summary["cpu_ms_per_stored"] = rnd(cpu_all * 1000 / summary["stored"], 3) if summary["stored"] else None
+        summary["check_cpu_ms_per_request"] = rnd(checks * 1000 / max(summary["sent"], 1), 3)
+        if summary["stored"]:  # beyond the checks the service itself measured, in the same phase
+            summary["cpu_ms_beyond_checks_per_stored"] = rnd((cpu_all - checks) * 1000 / summary["stored"], 3)
         summary["public_key_fetches"] = self.emulator.public_key_fetches - fetches
         summary["mode"] = mode if rate is None else f"{mode} {rate:g}/s"
         self.results["phases"][name] = summary
         print(f"  {name:<22} {summary['sent']:>6} sent  {summary['per_s']:>7.1f}/s  "
               f"p99 {summary['p99_ms']} ms  cpu/req {summary['cpu_ms_per_request']} ms  "
               f"busy {summary['cpu_busy_share']:.0%} (sys {summary['cpu_system_share']:.0%})  "
-              f"intake {summary['cpu_intake_s']} s, worker {summary['cpu_background_s']} s  "
+              f"intake {summary['cpu_intake_s']} s, worker {summary['cpu_background_s']} s, "
+              f"checks {summary['check_cpu_ms_per_request']} ms/req  "
               f"others {summary['other_processes_cpu_share']:.0%}", flush=True)
         return summary, result
 
@@ -668,6 +682,9 @@ class Bench:
                 # The same for webhooks that move no money (paid events): the webhook path alone.
                 "cpu_ms_beyond_verify_no_money": rnd(paid["cpu_ms_per_stored"] - verify_ms, 3) if paid else None,
                 "cpu_ms_intake_per_stored_no_money": paid.get("cpu_ms_intake_per_stored") if paid else None,
+                # The same beyond the checks as the service measured them (its own thread CPU, same phase).
+                "check_cpu_ms_no_money": paid.get("check_cpu_ms_per_request") if paid else None,
+                "cpu_ms_beyond_checks_no_money": paid.get("cpu_ms_beyond_checks_per_stored") if paid else None,
                 "forged_signature_cpu_ms": forged["cpu_ms_per_request"] if forged else None,
             }
 
