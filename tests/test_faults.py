@@ -198,6 +198,7 @@ def test_credits_made_while_the_service_was_down_are_pulled_at_start_and_forward
     invoices = invoices_of_round_0(emulator, 4)
     assert service.stop() == 0
 
+    emulator.set(delivery_backoff_s=0.01)  # the tries are given up soon
     for invoice in invoices:
         emulator.pay(invoice["id"])
     # Every delivery fails (nothing listens) until the emulator gives up on it.

@@ -29,12 +29,25 @@ CUT_WITHIN_S = 6 * TIMEOUT_S  # a cut comes at the deadline; this is the bound a
 AUTH = "Basic " + base64.b64encode(b"stark:correct-horse").decode()
 
 
-@pytest.fixture
-def service(service_factory):
+def _hostile_target(service_factory):
     service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1, MAX_CONNECTIONS=MAX_CONNECTIONS,
                               REQUEST_TIMEOUT=f"{TIMEOUT_S:g}s",
                               WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="correct-horse")
     return service.start()
+
+
+@pytest.fixture
+def service(service_factory):
+    """A service of its own, for the crowds of attackers (they load it, and the memory test reads its RSS)."""
+    return _hostile_target(service_factory)
+
+
+@pytest.fixture(scope="module")
+def shared_service(module_service_factory):
+    """One service (on module_emulator) for the single-connection attacks: each leaves nothing
+    behind but a closed connection, so they need no fresh process. Its log accumulates, so a
+    test that counts log lines counts those of its own requests only."""
+    return _hostile_target(module_service_factory)
 
 
 def rss_kib(pid):
@@ -157,9 +170,9 @@ def test_a_client_trickling_its_head_is_cut_at_the_deadline_and_holds_no_one_out
     assert len(cuts) == MAX_CONNECTIONS and all(cut < CUT_WITHIN_S for cut in cuts), cuts
 
 
-def test_a_trickling_body_is_cut_at_the_deadline_too(service):
+def test_a_trickling_body_is_cut_at_the_deadline_too(shared_service):
     head = b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", shared_service.port), timeout=10) as sock:
         sock.sendall(head)
         started = time.monotonic()
         sock.settimeout(0.2)
@@ -175,8 +188,8 @@ def test_a_trickling_body_is_cut_at_the_deadline_too(service):
         assert time.monotonic() - started < CUT_WITHIN_S
 
 
-def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(service):
-    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(shared_service):
+    conn = http.client.HTTPConnection("127.0.0.1", shared_service.port, timeout=10)
     conn.request("GET", "/health")
     assert conn.getresponse().read()
     started = time.monotonic()
@@ -197,15 +210,15 @@ def test_genuine_webhooks_are_answered_while_four_times_max_connections_silent_c
     assert all(isinstance(r, float) and r < CUT_WITHIN_S for r in crowd.rounds), crowd.rounds[:5]
 
 
-def test_heads_over_16_kib_or_64_lines_are_refused_431_and_closed(service):
+def test_heads_over_16_kib_or_64_lines_are_refused_431_and_closed(shared_service):
     huge = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 65000 + b"\r\n" * 2
-    assert answers(exchange(service.port, huge)) == [431]
+    assert answers(exchange(shared_service.port, huge)) == [431]
     many = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(64)) + b"\r\n"
-    assert answers(exchange(service.port, many)) == [431]
+    assert answers(exchange(shared_service.port, many)) == [431]
     # The largest head allowed is served.
     largest = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
         b"X-%02d: %s\r\n" % (i, b"a" * 240) for i in range(62)) + b"\r\n"
-    assert len(largest) < 16 * 1024 and answers(exchange(service.port, largest)) == [200]
+    assert len(largest) < 16 * 1024 and answers(exchange(shared_service.port, largest)) == [200]
 
 
 def test_clients_sending_the_largest_heads_keep_memory_bounded(emulator, service):
@@ -244,25 +257,26 @@ def test_clients_sending_the_largest_heads_keep_memory_bounded(emulator, service
 
 
 @pytest.mark.parametrize("length", ["\u00b2", "\u0663", "+5", "5 5", "0x10", "1" * 5000])
-def test_a_content_length_that_is_not_ascii_digits_is_400_closed_and_quiet(service, length):
+def test_a_content_length_that_is_not_ascii_digits_is_400_closed_and_quiet(shared_service, length):
     request = (f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n").encode() + b"{}"
+    earlier = len(messages_matching(shared_service, "refused"))  # logged by the tests before this one
     for _ in range(100):
-        raw = exchange(service.port, request + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = exchange(shared_service.port, request + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answers(raw) in ([400], [413])  # and the request behind it is not served
-    text = service.logs()
+    text = shared_service.logs()
     assert "Traceback" not in text
-    assert len(messages_matching(service, "refused")) <= 10  # throttled: one a second at most
+    assert len(messages_matching(shared_service, "refused")) - earlier <= 10  # throttled: one a second at most
 
 
-def test_a_deeply_nested_signed_body_is_400_without_a_traceback(emulator, service):
+def test_a_deeply_nested_signed_body_is_400_without_a_traceback(module_emulator, shared_service):
     body = b"[" * 60000
-    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", shared_service.port, timeout=10)
     conn.request("POST", "/webhook", body=body,
-                 headers={"Digital-Signature": emulator.sign(body), "Authorization": AUTH})
+                 headers={"Digital-Signature": module_emulator.sign(body), "Authorization": AUTH})
     response = conn.getresponse()
     assert (response.status, json.loads(response.read())) == (400, {"error": "malformed event: nested too deeply"})
     conn.close()
-    assert "Traceback" not in service.logs() and "RecursionError" not in service.logs()
+    assert "Traceback" not in shared_service.logs() and "RecursionError" not in shared_service.logs()
 
 
 SMUGGLED = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -278,34 +292,34 @@ SMUGGLED = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
     b"Content-Length: 4\r\n Transfer-Encoding: chunked\r\n",
 ])
 @pytest.mark.parametrize("path", [b"/webhook", b"/nope", b"/health"])
-def test_ambiguous_framing_is_400_and_closed_on_every_path_so_nothing_is_smuggled(service, framing, path):
+def test_ambiguous_framing_is_400_and_closed_on_every_path_so_nothing_is_smuggled(shared_service, framing, path):
     # No Authorization: a refused path is refused as strictly as an accepted one.
     request = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n0\r\n\r\n" + SMUGGLED
-    assert answers(exchange(service.port, request)) == [400]
+    assert answers(exchange(shared_service.port, request)) == [400]
 
 
-def test_identical_duplicate_content_lengths_are_one_length(service):
+def test_identical_duplicate_content_lengths_are_one_length(shared_service):
     request = b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\ncontent-length: 02\r\n\r\n{}" + \
         b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    assert answers(exchange(service.port, request)) == [200, 200]
+    assert answers(exchange(shared_service.port, request)) == [200, 200]
 
 
-def test_a_refused_request_with_an_unread_body_is_answered_and_closed(service):
+def test_a_refused_request_with_an_unread_body_is_answered_and_closed(shared_service):
     # Announced too large: answered 413 at once, and what follows is never parsed as a request.
     request = b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n" + SMUGGLED
-    assert answers(exchange(service.port, request)) == [413]
+    assert answers(exchange(shared_service.port, request)) == [413]
 
 
-def test_a_refused_request_with_a_body_leaves_nothing_for_the_next_request(service):
+def test_a_refused_request_with_a_body_leaves_nothing_for_the_next_request(shared_service):
     # 401 (no auth) with a body that is itself a request: read and dropped, then the next one.
     body = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
     request = (b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
                + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    assert answers(exchange(service.port, request)) == [401, 200]
+    assert answers(exchange(shared_service.port, request)) == [401, 200]
 
 
-def test_health_tells_strangers_the_status_only_and_status_the_details_behind_auth(service):
-    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+def test_health_tells_strangers_the_status_only_and_status_the_details_behind_auth(shared_service):
+    conn = http.client.HTTPConnection("127.0.0.1", shared_service.port, timeout=10)
     conn.request("GET", "/health")
     response = conn.getresponse()
     body = json.loads(response.read())
@@ -313,8 +327,8 @@ def test_health_tells_strangers_the_status_only_and_status_the_details_behind_au
     server = response.getheader("Server")
     assert server == "stark_challenge" and "Python" not in server
     conn.close()
-    assert service.request("GET", "/status")[0] == 401
-    status, page = service.request("GET", "/status", headers={"Authorization": AUTH})
+    assert shared_service.request("GET", "/status")[0] == 401
+    status, page = shared_service.request("GET", "/status", headers={"Authorization": AUTH})
     assert status == 200
     assert {"version", "store", "scheduler", "worker", "public_key_fetches"} <= set(page["service"])
 

@@ -64,8 +64,8 @@ def _actual(data):
 
 @pytest.fixture
 def filled(emulator, service_factory, tmp_path):
-    """A service that ran two rounds, every invoice paid and forwarded; still running."""
-    return _fill(emulator, service_factory, tmp_path)
+    """A service that ran one round, every invoice paid and forwarded; still running."""
+    return _fill(emulator, service_factory, tmp_path, rounds=1)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +74,13 @@ def shared_filled(module_emulator, module_service_factory, tmp_path_factory):
     return _fill(module_emulator, module_service_factory, tmp_path_factory.mktemp("status"))
 
 
-def _fill(emulator, service_factory, tmp_path):
+def _fill(emulator, service_factory, tmp_path, rounds=2):
+    """Run ``rounds`` rounds (1 s apart), wait until every invoice is paid and forwarded; return the service."""
     emulator.set(pay_ratio=1.0, invoice_fee=41)
     service = service_factory(WEBHOOK_USERNAME="ops", WEBHOOK_PASSWORD=PASSWORD, INVOICE_INTERVAL="1s",
-                              INVOICE_DURATION="2s", INVOICE_MIN=5, INVOICE_MAX=7)
+                              INVOICE_DURATION=f"{rounds}s", INVOICE_MIN=5, INVOICE_MAX=7)
     service.start()
-    wait_for(lambda: len({i["tags"][1] for i in emulator.invoices()}) == 2, message="2 rounds")
+    wait_for(lambda: len({i["tags"][1] for i in emulator.invoices()}) == rounds, message=f"{rounds} rounds")
     wait_for(lambda: len(emulator.transfers()) == len(emulator.invoices())
              and all(t["status"] == "success" for t in emulator.transfers()), message="every transfer succeeded")
     # The service has heard of every success and processed every event.

@@ -26,11 +26,13 @@ def in_flight(emulator, method, path):
 
 def test_a_round_whose_create_call_times_out_but_is_carried_out_is_issued_once(emulator, service_factory):
     emulator.answer_late("POST", "/v2/invoice", LATE_S)
-    service = service_factory(INVOICE_MIN=4, INVOICE_MAX=4, BANK_TIMEOUT="1s")
+    # A 20 s interval retries a round 1-2 s after its failure (60 s: 3-6 s).
+    service = service_factory(INVOICE_MIN=4, INVOICE_MAX=4, BANK_TIMEOUT="1s", INVOICE_INTERVAL="20s")
     service.start()
     wait_for(lambda: query(service, "select state, error is not null from round where n = 0") == [("issuing", 1)],
              message="round 0's create call timed out, retry planned")
     assert in_flight(emulator, "POST", "/v2/invoice")  # gave up while Stark Bank still holds it
+    emulator.answer_held_calls()  # carried out now, after the service gave up, and before its retry is due
 
     wait_for(lambda: query(service, "select state, count from round where n = 0") == [("issued", 4)],
              message="round 0 issued", timeout=20)
@@ -54,6 +56,7 @@ def test_a_transfer_whose_create_call_times_out_but_is_carried_out_is_made_once(
     wait_for(lambda: query(service, "select state, tries from transfer") == [("pending", 1)],
              message="the create call timed out, retry planned")
     assert in_flight(emulator, "POST", "/v2/transfer")  # gave up while Stark Bank still holds it
+    emulator.answer_held_calls()  # carried out now, after the service gave up, rather than seconds later
 
     wait_for(lambda: query(service, "select state from transfer") == [("success",)], message="transfer succeeded",
              timeout=20)
