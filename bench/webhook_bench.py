@@ -119,6 +119,9 @@ RATE_S = 5.0  # seconds of each fixed-rate phase
 LOW_RATE = 50.0  # requests per second of the "offered 50/s" phase
 FORGED_AUTH = 3000  # requests with a wrong password: cheap, so many, for a CPU figure above the tick
 FORGED_SIGNATURE = 400  # requests with a well-formed signature of another body
+# The same with the native verifier: cheaper, so more of them, for a CPU figure well above
+# the clock tick's resolution (10 ms over the phase).
+FAST_FORGED_SIGNATURE = 2000
 TRANSFERS_RATE = 100  # tagged credits offered at TRANSFER_RATE per second
 TRANSFER_RATE = 20.0
 TRANSFERS_SATURATION = 200  # tagged credits sent as fast as possible
@@ -911,7 +914,7 @@ class Bench:
         self._profile_from_here()
         summary, result = self._phase("fast_saturation", requests, "closed", duration_s=FAST_SATURATION_S)
         self._transfer_figures(summary, events, result)
-        good = self.requests.foreign(FORGED_SIGNATURE + 1)
+        good = self.requests.foreign(FAST_FORGED_SIGNATURE + 1)
         bad_signature = [dict(r, headers=dict(r["headers"], **{"Digital-Signature": good[i + 1]["headers"]["Digital-Signature"]}))
                          for i, r in enumerate(good[:-1])]
         self._phase("fast_forged_signature", bad_signature, "closed", drain=False)
@@ -974,7 +977,9 @@ def verdicts(results):
     rows.append(("CPU per accepted webhook beyond one verification (paid events: no money moves)",
                  f"{pure['cpu_ms_beyond_verify_no_money']:.3f} ms (HTTP threads "
                  f"{pure['cpu_ms_intake_per_stored_no_money']:.3f} with the verification; "
-                 f"{paid['stored_per_s']:.0f}/s)", "<= 0.45 ms", pure["cpu_ms_beyond_verify_no_money"] <= 0.45))
+                 f"{paid['stored_per_s']:.0f}/s; {pure['cpu_ms_beyond_checks_no_money']:.3f} ms beyond the checks "
+                 f"as the service measured them, {pure['check_cpu_ms_no_money']:.3f} ms each)", "<= 0.45 ms",
+                 pure["cpu_ms_beyond_verify_no_money"] <= 0.45))
     rows.append(("CPU per credit beyond one verification (each forwarded by a transfer)",
                  f"{pure['cpu_ms_beyond_verify']:.3f} ms (HTTP threads {pure['cpu_ms_intake_per_stored']:.3f} "
                  f"with the verification, worker {pure['cpu_ms_worker_per_stored']:.3f})", "", None))
