@@ -251,13 +251,15 @@ def _narrow(fd):
 class _Waiting:
     """An event row handed to ``Store.add_event``, until the commit that holds it is done."""
 
-    __slots__ = ("row", "new", "error", "done")
+    __slots__ = ("row", "new", "error", "done", "committed")
 
     def __init__(self, row):
         self.row = row
         self.new = False  # True once inserted as a new event
         self.error = None  # the StoreError of a commit that failed
         self.done = False  # set, under the store's lock, once its commit succeeded or failed
+        self.committed = threading.Lock()  # held until then: its caller, if not the leader, waits on it
+        self.committed.acquire()
 
 
 class Store:
@@ -276,7 +278,9 @@ class Store:
         self._lock = threading.RLock()
         self._depth = 0  # nesting of atomic() blocks, guarded by _lock
         self._waiting = []  # events handed to add_event and not yet committed (_Waiting)
-        self._joined = threading.Condition(threading.Lock())  # guards _waiting; notified as one joins
+        # Guards _waiting and _leading; the leader of a group waits on it for events to join.
+        self._joined = threading.Condition(threading.Lock())
+        self._leading = False  # a caller is gathering _waiting for its commit
         self._lock_file = None
         self._conn = None
         if read_only:
@@ -509,21 +513,34 @@ class Store:
         """
         body = json.dumps(event.body, separators=(",", ":"))
         waiting = _Waiting((event.id, event.subscription, event.log_type, event.entity_id, body, source, _iso(now)))
+        if self._lock.acquire(blocking=False):  # free, or held by this very thread
+            try:
+                if self._depth:  # this thread's own transaction: the event joins it, alone
+                    return self._insert_event(waiting.row)
+            finally:
+                self._lock.release()
         with self._joined:
             self._waiting.append(waiting)
-            self._joined.notify()
-        with self._lock:
-            if not waiting.done:
-                if self._depth:  # this thread's own transaction: the event joins it, alone
-                    with self._joined:
-                        self._waiting.remove(waiting)
-                    return self._insert_event(waiting.row)
-                # The lock is ours and no transaction is open: commit every event waiting,
-                # once those said to be coming have joined (or GROUP_WAIT_S has passed).
+            following = self._leading  # a commit is being gathered: this event goes with it
+            if following:
+                self._joined.notify()  # the leader waits on _joined for its group to fill
+            else:
+                # Lead the next commit: wait (outside the store's lock, so the worker is not
+                # held up) for the events said to be coming, at most GROUP_WAIT_S.
+                self._leading = True
+                self._joined.wait_for(lambda: len(self._waiting) > coming, GROUP_WAIT_S if coming else 0)
+        if following:
+            waiting.committed.acquire()  # released by the leader once the group's commit is done
+        else:
+            with self._lock:
                 with self._joined:
-                    self._joined.wait_for(lambda: len(self._waiting) > coming, GROUP_WAIT_S if coming else 0)
-                    group, self._waiting = self._waiting, []
-                self._commit_events(group)
+                    group, self._waiting, self._leading = self._waiting, [], False
+                try:
+                    self._commit_events(group)  # marks every event done, committed or failed
+                finally:
+                    for other in group:
+                        if other is not waiting:
+                            other.committed.release()
         if waiting.error is not None:
             raise waiting.error
         return waiting.new
