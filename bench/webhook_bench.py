@@ -71,7 +71,7 @@ Two knobs, for profiling (see ``profile_service.py``): ``BENCH_PROFILE=PATH`` ru
 service under cProfile and writes its stats to PATH; ``BENCH_ONLY=saturation,forged``
 runs only those groups of phases (``rates`` needs ``saturation``; ``transfers``).
 
-Bounded: about four minutes on a 2-core machine (most of it issuing, paying and signing
+Bounded: two to four minutes on a 2-core machine (most of it issuing, paying and signing
 the credits), loopback only; every process it starts is stopped (SIGTERM, then SIGKILL)
 before it exits, and its temporary files removed.
 """
