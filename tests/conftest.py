@@ -16,6 +16,7 @@ from starkcore.utils.cache import cache as sdk_cache
 from stark_challenge import config as config_module
 from stark_challenge.config import with_userinfo
 from stark_challenge.emulator import Emulator
+from stark_challenge.emulator.certs import make_certificates
 from stark_challenge.store import Store
 from support import (  # re-exported (__all__) for modules that still import them from conftest
     ROOT, FakeClock, Service, child_env, free_port, make_config, messages_matching, query, run_cli, sdk_config,
@@ -51,22 +52,30 @@ def store(tmp_path):
     s.close()
 
 
-def _started_emulator():
-    emu = Emulator(pay_ratio=0.0, pay_delay_s=0.05, transfer_delay_s=0.05, delivery_backoff_s=0.05, seed=7)
+@pytest.fixture(scope="session")
+def emulator_certificates(tmp_path_factory):
+    """One throwaway CA and leaf for every emulator of the run (making them costs three
+    openssl commands; each emulator still has its own port, keys and state)."""
+    return make_certificates(str(tmp_path_factory.mktemp("emulator-certificates")))
+
+
+def _started_emulator(certificates):
+    emu = Emulator(pay_ratio=0.0, pay_delay_s=0.05, transfer_delay_s=0.05, delivery_backoff_s=0.05, seed=7,
+                   certificates=certificates)
     return emu.start()
 
 
 @pytest.fixture
-def emulator():
-    emu = _started_emulator()
+def emulator(emulator_certificates):
+    emu = _started_emulator(emulator_certificates)
     yield emu
     emu.stop()
 
 
 @pytest.fixture(scope="module")
-def module_emulator():
+def module_emulator(emulator_certificates):
     """An emulator shared by the tests of one module, for a run they all only read."""
-    emu = _started_emulator()
+    emu = _started_emulator(emulator_certificates)
     yield emu
     emu.stop()
 

@@ -50,9 +50,9 @@ def log_types(emulator, subscription, entity_id):
 
 
 @pytest.fixture
-def emulator():
+def emulator(emulator_certificates):
     emu = Emulator(pay_ratio=0.0, pay_delay_s=0.02, transfer_delay_s=0.02, seed=7,
-                   delivery_attempts=3, delivery_backoff_s=0.02).start()
+                   delivery_attempts=3, delivery_backoff_s=0.02, certificates=emulator_certificates).start()
     yield emu
     emu.stop()
 
@@ -528,6 +528,20 @@ def test_stop_is_idempotent_closes_the_port_and_deletes_the_ca(project):
     assert not os.path.exists(ca_path)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_certificates_given_are_served_and_left_in_place(emulator_certificates):
+    emu = Emulator(certificates=emulator_certificates).start()
+    project_id, private_key = emu.create_project()
+    user = starkbank.Project(environment="sandbox", id=project_id, private_key=private_key)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in emu.env(project_id, private_key).items():
+            env.setenv(name, value)
+        assert list(starkbank.invoice.query(limit=1, user=user)) == []  # TLS verified against the given CA
+
+    emu.stop()
+
+    assert emu.ca_path == emulator_certificates.ca_path and os.path.exists(emu.ca_path)
 
 
 def test_env_creates_a_project_when_none_is_given(emulator):

@@ -21,7 +21,7 @@ so it can copy ours), events and webhooks: a project sees only its own workspace
 
 Every method is thread-safe. An Emulator runs once: start, then stop (idempotent);
 it keeps everything in memory and its CA, keys and certificates in a temp directory
-deleted by stop.
+deleted by stop (or serves certificates it was given, which it leaves alone).
 """
 
 import logging
@@ -92,11 +92,13 @@ class Emulator(_LedgerView):
 
     Keyword arguments: port (0 picks a free one), host (the address to bind, default
     127.0.0.1), seed (for the random.Random behind ids, payments and failures; None for
-    a random run), and any knob of `Knobs` (pay_ratio, pay_delay_s, invoice_fee,
-    transfer_delay_s, delivery_attempts, delivery_backoff_s, ...).
+    a random run), certificates (a `certs.Certificates` to serve instead of making new
+    ones at start: the caller keeps and deletes them; many emulators can share one set),
+    and any knob of `Knobs` (pay_ratio, pay_delay_s, invoice_fee, transfer_delay_s,
+    delivery_attempts, delivery_backoff_s, ...).
     """
 
-    def __init__(self, *, port=0, host="127.0.0.1", seed=None, **knobs):
+    def __init__(self, *, port=0, host="127.0.0.1", seed=None, certificates=None, **knobs):
         self.knobs = Knobs(**knobs)
         self._address = (host, port)
         if seed is None:
@@ -113,8 +115,8 @@ class Emulator(_LedgerView):
         self._ledger = Ledger(self.knobs, self._timers, self._ids, random.Random(seed), publish=self._courier.publish)
         self._workspaces = []  # the Workspaces added, each with its Ledger and Courier
         self._api = Api(self._ledger, self._projects, self._event_key, self.knobs, self._faults, self._stopping)
-        self._directory = None
-        self._certificates = None
+        self._directory = None  # made at start for certificates of our own, deleted at stop
+        self._certificates = certificates
         self._server = None
         self._serve_thread = None
         self._state_lock = threading.Lock()
@@ -129,7 +131,7 @@ class Emulator(_LedgerView):
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self):
-        """Make the certificates, bind the port and start serving; return self.
+        """Make the certificates (unless given), bind the port and start serving; return self.
 
         Raise RuntimeError if already started; certs.CertificateError if openssl fails;
         OSError if the port cannot be bound.
@@ -139,8 +141,9 @@ class Emulator(_LedgerView):
                 raise RuntimeError("an Emulator can be started only once")
             self._state = "running"
         try:
-            self._directory = tempfile.mkdtemp(prefix="stark-emulator-")
-            self._certificates = certs.make_certificates(self._directory)
+            if self._certificates is None:
+                self._directory = tempfile.mkdtemp(prefix="stark-emulator-")
+                self._certificates = certs.make_certificates(self._directory)
             context = make_tls_context(self._certificates.cert_path, self._certificates.key_path)
             self._server = ProxyServer(self._address, context, self._api)
             self._timers.start()
