@@ -531,15 +531,12 @@ def test_stop_is_idempotent_closes_the_port_and_deletes_the_ca(project):
 
 
 def test_certificates_given_are_served_and_left_in_place(emulator_certificates):
-    emu = Emulator(certificates=emulator_certificates).start()
-    project_id, private_key = emu.create_project()
-    user = starkbank.Project(environment="sandbox", id=project_id, private_key=private_key)
-    with pytest.MonkeyPatch.context() as env:
+    with Emulator(certificates=emulator_certificates) as emu, pytest.MonkeyPatch.context() as env:
+        project_id, private_key = emu.create_project()
         for name, value in emu.env(project_id, private_key).items():
             env.setenv(name, value)
+        user = starkbank.Project(environment="sandbox", id=project_id, private_key=private_key)
         assert list(starkbank.invoice.query(limit=1, user=user)) == []  # TLS verified against the given CA
-
-    emu.stop()
 
     assert emu.ca_path == emulator_certificates.ca_path and os.path.exists(emu.ca_path)
 
