@@ -14,7 +14,8 @@ so each forged request would cost an outbound call. ``verify_event`` keeps the S
 checks (ECDSA over the exact body, then over the key-sorted body: ``verify``, with
 libsecp256k1 when the ``[fast]`` extra is installed, else the SDK's own
 ``ellipticcurve``) and its key cache, but fetches the key at most once a minute.
-A test holds the two to the same verdicts.
+A test holds the two to the same verdicts. ``verdict_at_once`` gives the same verdict
+without ever fetching, when the check is cheap (the native verifier), or says it cannot.
 
 Threads: calls may come from any thread; the key cache has its own lock. The SDK's
 module globals are set only by ``configure``.
@@ -194,6 +195,15 @@ class KeyCache:
                 self._load()
             return self._key
 
+    def cached(self):
+        """Return the cached key, or None if there is none yet. Never fetches."""
+        return self._key
+
+    def refresh_due(self):
+        """Return True if ``refresh`` would fetch the key now (its refresh period is over)."""
+        fetched_at = self._fetched_at
+        return fetched_at is None or self._clock() - fetched_at >= self._refresh_s
+
     def refresh(self, stale):
         """Return a newer key than ``stale`` if one may be fetched now, else None.
 
@@ -239,6 +249,11 @@ class Bank:
     def verifier(self):
         """The name of the signature verifier in use, e.g. ``"native (coincurve)"``."""
         return self._verifier.name
+
+    @property
+    def checks_at_once(self):
+        """True if a signature check is cheap enough for the HTTP selector thread (``verdict_at_once``)."""
+        return self._verifier.cheap
 
     def configure(self):
         """Set the SDK's user and timeout from the config; raise ConfigError if the key is unusable."""
@@ -405,6 +420,29 @@ class Bank:
             with self._checking:
                 if verify.signature_matches(content, parsed, fresher, self._verifier):
                     return
+        raise SignatureError("Digital-Signature does not match Stark Bank's public key")
+
+    def verdict_at_once(self, content, signature):
+        """``verify_event``'s verdict when it is cheap and waits for nothing: for the HTTP selector thread.
+
+        Return True if ``signature`` signs ``content``; raise SignatureError if it surely
+        does not (malformed, or no match while a key refetch is not due); return None
+        when only ``verify_event`` can tell: the verifier is not cheap (the pure one:
+        about a millisecond holding the GIL), no key is cached yet, or a failed check
+        calls for a refetch (Stark Bank may have rotated its key). Thread-safe.
+        """
+        key = self.keys.cached()
+        if not self._verifier.cheap or key is None:
+            return None
+        try:
+            parsed = verify.parse_signature(signature)
+        except verify.MalformedSignature:
+            raise SignatureError("malformed Digital-Signature") from None
+        with self._checking:
+            if verify.signature_matches(content, parsed, key, self._verifier):
+                return True
+        if self.keys.refresh_due() or self.keys.cached() is not key:  # a refetch is due, or just happened
+            return None
         raise SignatureError("Digital-Signature does not match Stark Bank's public key")
 
     def _fetch_public_key(self):

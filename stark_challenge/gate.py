@@ -2,7 +2,8 @@
 
 ``server`` only transports: it hands the head of each request to ``read_head`` (its
 framing, request line and fields, read once) and a complete request to
-``Gate.answer``, and writes the ``Reply`` back. So every check
+``Gate.screen`` (below) and then, unless decided there, to ``Gate.answer``, and
+writes the ``Reply`` back. So every check
 and its answer can be read, and tested, in this one module.
 
 The routes (``ROUTES``, the one routing table): ``POST /webhook``, Stark Bank's events;
@@ -38,6 +39,12 @@ answer, so an acknowledged event is never lost; a redelivered one is answered 20
 and not stored again. Processing happens later, from the store (``worker``).
 ``GET /status`` takes the same basic auth. Thread-safe.
 
+``Gate.screen`` runs the same webhook checks, with the same answers, counts and log
+lines, on the HTTP selector thread, but only when none of them can wait: with the
+native verifier, Stark Bank's key cached and no refetch of it due
+(``bank.Bank.verdict_at_once``). A refused webhook is then answered from that thread;
+one that passes reaches ``answer`` marked ``signed``, and only its event is stored.
+
 Refusals are logged through one ``logs.Throttle`` (``Gate.refusals``, which the
 server's own refusals share): the first of each kind, then at most one a second
 with the count held back, so a flood of forged requests is not also a flood of log
@@ -59,7 +66,7 @@ from . import events, metrics
 from .errors import BankUnavailable, SignatureError, StarkChallengeError
 from .logs import Throttle
 
-__all__ = ["Gate", "Reply", "Framing", "Head", "Headers", "check_head", "read_head", "head_end", "check_basic_auth",
+__all__ = ["Gate", "Reply", "Screening", "Framing", "Head", "Headers", "check_head", "read_head", "head_end", "check_basic_auth",
            "ROUTES", "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_HEADER_LINES"]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +95,13 @@ class Reply(NamedTuple):
     status: HTTPStatus
     body: object  # a JSON-able dict, or text (str) sent as it is with the Content-Type in headers
     headers: tuple = ()
+
+
+class Screening(NamedTuple):
+    """What the HTTP selector thread may do with a complete request (``Gate.screen``)."""
+
+    reply: Reply = None  # decided at once: send this answer now
+    signed: bool = False  # hand it on; every check passed, its signature included: only its event is left
 
 
 def _error(status, message, headers=()):
@@ -276,8 +290,13 @@ class Gate:
                           kind=reason)
         return _error(status, reason, headers)
 
-    def answer(self, method, path, headers, body, client):
-        """Return the Reply to a complete request (``body`` is None when it has no Content-Length)."""
+    def answer(self, method, path, headers, body, client, signed=False):
+        """Return the Reply to a complete request (``body`` is None when it has no Content-Length).
+
+        ``signed``: ``screen`` passed this webhook, its signature included; only its event is left to store.
+        """
+        if signed:
+            return self.receive(headers, body, signed=True)
         allowed = ROUTES.get(path.split("?", 1)[0])
         if allowed is None:
             return _error(HTTPStatus.NOT_FOUND, "not found")
@@ -335,6 +354,13 @@ class Gate:
 
     def webhook(self, headers, body, client):
         """POST /webhook: basic auth, a Content-Length, then ``receive``."""
+        denied = self._webhook_denied(headers, body, client)
+        if denied is not None:
+            return denied
+        return self.receive(headers, body)
+
+    def _webhook_denied(self, headers, body, client):
+        """Return the Reply refusing a webhook for its basic auth or its missing Content-Length, else None."""
         denied = self.authorize(headers)
         if denied is not None:
             self.refusals.log(logger, logging.WARNING, "webhook refused: bad or missing basic auth from %s", client)
@@ -343,7 +369,37 @@ class Gate:
         if body is None:
             self._count_webhook("refused", "length_required")
             return self.refuse(HTTPStatus.LENGTH_REQUIRED, "Content-Length required", "POST /webhook", client)
-        return self.receive(headers, body)
+        return None
+
+    def screen(self, method, path, headers, body, client):
+        """Decide a complete request on the HTTP selector thread, if that is cheap and waits for nothing.
+
+        Only ``POST /webhook``, and only when its signature can be checked at once
+        (``Bank.verdict_at_once``: the native verifier, Stark Bank's key cached, no
+        refetch due). Return a Screening: its ``reply`` for a webhook refused (basic
+        auth, Content-Length, signature header, encoding, signature), to be sent at
+        once; ``signed`` for one that passed every check, its signature included, so
+        the handler only stores its event (``answer(..., signed=True)``); neither
+        otherwise: the handler decides the request whole. Verdicts, counts and log
+        lines are those ``answer`` gives.
+        """
+        if not (method == "POST" and path.split("?", 1)[0] == "/webhook" and self._bank.checks_at_once):
+            return Screening()
+        denied = self._webhook_denied(headers, body, client)
+        if denied is not None:
+            return Screening(reply=denied)
+        refused, content = self._content(headers, body)
+        if refused is not None:
+            return Screening(reply=refused)
+        began = time.thread_time()
+        try:
+            signs = self._bank.verdict_at_once(content, headers.get("Digital-Signature"))
+        except SignatureError as e:
+            return Screening(reply=self._bad_signature(e, began))
+        if not signs:
+            return Screening()
+        self._count_check("valid", began)
+        return Screening(signed=True)
 
     def _count_check(self, verdict, began):
         """Count a signature check by verdict, and the CPU it took this thread since ``began`` (thread time)."""
@@ -366,46 +422,62 @@ class Gate:
             (("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"'),),
         )
 
-    def receive(self, headers, body):
+    def receive(self, headers, body, signed=False):
         """Check a webhook whose basic auth already passed; store its event; return the Reply.
 
+        ``signed``: ``screen`` passed it, its signature included: only storing is left.
         Counts the webhooks being received at once: an event's commit waits briefly for
         theirs (``Store.add_event``), so concurrent webhooks share one fsync.
         """
         with self._receiving_lock:
             self._receiving += 1
         try:
+            if signed:
+                return self._store_event(body.decode("utf-8"))
             return self._receive(headers, body)
         finally:
             with self._receiving_lock:
                 self._receiving -= 1
 
-    def _receive(self, headers, body):
-        signature = headers.get("Digital-Signature")
-        if not signature:
+    def _content(self, headers, body):
+        """Return (None, the body as text) if the webhook names a signature and is UTF-8, else (the Reply, None)."""
+        if not headers.get("Digital-Signature"):
             self.refusals.log(logger, logging.WARNING, "webhook refused: no Digital-Signature header")
             self._count_webhook("refused", "no_signature")
-            return _error(HTTPStatus.UNAUTHORIZED, "missing Digital-Signature header")
+            return _error(HTTPStatus.UNAUTHORIZED, "missing Digital-Signature header"), None
         try:
-            content = body.decode("utf-8")
+            return None, body.decode("utf-8")
         except UnicodeDecodeError:
             self.refusals.log(logger, logging.WARNING, "webhook refused: body is not UTF-8")
             self._count_webhook("refused", "not_utf8")
-            return _error(HTTPStatus.BAD_REQUEST, "body is not UTF-8")
+            return _error(HTTPStatus.BAD_REQUEST, "body is not UTF-8"), None
+
+    def _bad_signature(self, error, began):
+        """Count and log a signature that is not Stark Bank's (``error``: the SignatureError); return the 401."""
+        self._count_check("invalid", began)
+        self.refusals.log(logger, logging.WARNING, "webhook refused: %s", error, kind=str(error))
+        self._count_webhook("refused", "bad_signature")
+        return _error(HTTPStatus.UNAUTHORIZED, "invalid Digital-Signature")
+
+    def _receive(self, headers, body):
+        refused, content = self._content(headers, body)
+        if refused is not None:
+            return refused
         began = time.thread_time()
         try:
-            self._bank.verify_event(content, signature)
+            self._bank.verify_event(content, headers.get("Digital-Signature"))
         except SignatureError as e:
-            self._count_check("invalid", began)
-            self.refusals.log(logger, logging.WARNING, "webhook refused: %s", e, kind=str(e))
-            self._count_webhook("refused", "bad_signature")
-            return _error(HTTPStatus.UNAUTHORIZED, "invalid Digital-Signature")
+            return self._bad_signature(e, began)
         except BankUnavailable as e:
             self.refusals.log(logger, logging.WARNING,
                               "webhook not verified, Stark Bank's key is unavailable (%s); answering 503", e)
             self._count_webhook("unavailable", "public_key")
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "cannot verify the signature now; deliver again later")
         self._count_check("valid", began)
+        return self._store_event(content)
+
+    def _store_event(self, content):
+        """Store the event of a webhook whose signature is Stark Bank's (``content``: its body); return the Reply."""
         try:
             event = events.check_shape(json.loads(content))
         except ValueError as e:  # json.JSONDecodeError is a ValueError; so is an int of too many digits

@@ -21,7 +21,7 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 
-__all__ = ["Handler", "HttpDate", "render", "send_all"]
+__all__ = ["Handler", "HttpDate", "keeps_alive", "log_access", "render", "send_all"]
 
 # The HTTP transport's logger: its lines (send_error, unexpected errors) are the server's, as before the split.
 logger = logging.getLogger("stark_challenge.server")
@@ -48,6 +48,26 @@ def render(status, body, headers=(), close=False, *, date, with_body=True):
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head + payload if with_body else head
+
+
+def keeps_alive(head):
+    """Return True if the connection of a request with this head (``gate.Head``) may carry another.
+
+    As ``http.server`` decides: HTTP/1.1 keeps the connection unless told to close,
+    HTTP/1.0 closes it unless told to keep it.
+    """
+    connection = head.headers.get("Connection", "").lower()
+    if connection == "close":
+        return False
+    if connection == "keep-alive":
+        return True
+    return head.version == "HTTP/1.1"
+
+
+def log_access(client, requestline, status):
+    """Log one answer's access line, at DEBUG only (next to the service's own lines they are noise)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug('%s "%s" %s -', client, requestline, HTTPStatus(status).value)
 
 
 def send_all(sock, data, timeout_s, clock=time.monotonic):
@@ -121,9 +141,10 @@ class Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps connections open for Stark Bank's (and the benchmark's) next request.
     protocol_version = "HTTP/1.1"
 
-    def __init__(self, connection, head, body, server):
+    def __init__(self, connection, head, body, server, signed=False):
         self._head = head  # gate.Head, its framing accepted
         self._body = body  # bytes: the body, whole
+        self._signed = signed  # Gate.screen passed it, signature included: the Gate only stores its event
         super().__init__(connection, server.peer_of(connection), server)
 
     def date_time_string(self, timestamp=None):
@@ -156,14 +177,7 @@ class Handler(BaseHTTPRequestHandler):
         self.headers = head.headers
         if self.path.startswith("//"):  # as http.server: "//host/x" is no network path here (gh-87389)
             self.path = "/" + self.path.lstrip("/")
-        # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless told to keep it.
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        else:
-            self.close_connection = self.request_version != "HTTP/1.1"
+        self.close_connection = not keeps_alive(head)
         return True
 
     def finish(self):
@@ -183,15 +197,15 @@ class Handler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
         answer = render(status, body, headers, close, date=self.date_time_string(), with_body=self.command != "HEAD")
-        if logger.isEnabledFor(logging.DEBUG):
-            self.log_request(HTTPStatus(status))
+        log_access(self.client_address[0], self.requestline, status)
         self.wfile.write(answer)
 
     def _answer(self):
         try:
             body = self.rfile.read() if self.headers.get("Content-Length") is not None else None
-            reply = self.server.gate.answer(self.command, self.path, self.headers, body, self.client_address[0])
-            self._reply(reply.status, reply.body, reply.headers)
+            reply = self.server.gate.answer(self.command, self.path, self.headers, body, self.client_address[0],
+                                            signed=self._signed)
+            self._reply(reply.status, reply.body, reply.headers, close=self.close_connection)  # say so if closing
         except Exception:
             self._unexpected()
 

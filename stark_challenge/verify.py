@@ -18,7 +18,8 @@ Both read the signature with one parser (``parse_signature``: ``ellipticcurve``'
 DER) and the key with one (``load_key``: ``ellipticcurve``'s PEM reader), so a
 malformed signature or key is refused the same way whichever verifier runs.
 ``best_verifier()`` picks the native one when ``coincurve`` is importable, the pure
-one otherwise or when asked (``best_verifier(native=False)``); ``.name`` says which.
+one otherwise or when asked (``best_verifier(native=False)``); ``.name`` says which,
+``.cheap`` whether a check costs little enough to run on the HTTP selector thread.
 
 Threads: verifiers hold no state but the native one's cache of parsed keys, which
 tolerates concurrent use (a race parses a key twice, nothing worse).
@@ -102,6 +103,7 @@ class PureVerifier:
     """ECDSA with the SDK's pure-Python ``ellipticcurve``: what ``starkbank.event.parse`` does."""
 
     name = PURE_NAME
+    cheap = False  # about a millisecond of CPU a check, holding the GIL throughout
 
     def verify(self, message, signature, key):
         """Return True if ``signature`` signs the UTF-8 text ``message`` for ``key``."""
@@ -112,6 +114,7 @@ class NativeVerifier:
     """ECDSA with libsecp256k1 (``coincurve``), on the same parsed signatures and keys as the pure one."""
 
     name = NATIVE_NAME
+    cheap = True  # tens of microseconds a check: the HTTP selector thread may run it (``Bank.verdict_at_once``)
 
     def __init__(self):
         if coincurve is None:

@@ -51,9 +51,9 @@ class _RecordingGate(Gate):
         super().__init__(*args, **kwargs)
         self.seen = []
 
-    def answer(self, method, path, headers, body, client):
+    def answer(self, method, path, headers, body, client, signed=False):
         self.seen.append((method, path, headers, body))
-        return super().answer(method, path, headers, body, client)
+        return super().answer(method, path, headers, body, client, signed)
 
 
 @pytest.fixture
