@@ -67,7 +67,7 @@ import threading
 import time
 from http import HTTPStatus
 
-from .gate import MAX_HEAD_BYTES, head_end, read_head
+from .gate import MAX_HEAD_BYTES, Screening, head_end, read_head
 from .handler import Handler, HttpDate, keeps_alive, log_access, render
 from .logs import Throttle
 
@@ -358,13 +358,28 @@ class Server:
             head, body = conn.head, bytes(conn.buffer[conn.body_at:end])
             del conn.buffer[:end]
             conn.head = conn.framing = None
-            screening = self.gate.screen(head.method, head.target, head.headers,
-                                         body if "Content-Length" in head.headers else None, conn.address[0])
+            screening = self._screen(conn, head, body)
             if screening.reply is None:
                 self._hand_on(conn, head, body, screening.signed)
                 return
             if not self._answer_at_once(conn, head, screening.reply) or not conn.buffer:
                 return
+
+    def _screen(self, conn, head, body):
+        """Return the Gate's Screening of a complete request; on an unexpected error, an empty one.
+
+        A bug in a check must not stop this thread, which reads every request: the
+        error's traceback is logged (at most once a minute) and the request goes to a
+        handler, which decides it whole (a 500 if the check fails there too).
+        """
+        try:
+            return self.gate.screen(head.method, head.target, head.headers,
+                                    body if "Content-Length" in head.headers else None, conn.address[0])
+        except Exception:
+            if not self.tracebacks.log(logger, logging.ERROR, "screening a request from %s failed",
+                                       conn.address[0], exc_info=True, kind="traceback"):
+                self.refusals.log(logger, logging.ERROR, "screening a request from %s failed", conn.address[0])
+            return Screening()
 
     def _answer_at_once(self, conn, head, reply):
         """Send the Gate's ``reply`` from this thread; return True if the connection stays for another request.

@@ -94,7 +94,7 @@ def signature_matches(content, signature, key, verifier):
         return True
     try:
         normalized = json.dumps(json.loads(content), sort_keys=True)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes: no sorted form
         return False
     return normalized != content and verifier.verify(normalized, signature, key)
 

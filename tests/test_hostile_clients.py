@@ -279,6 +279,22 @@ def test_a_deeply_nested_signed_body_is_400_without_a_traceback(module_emulator,
     assert "Traceback" not in shared_service.logs() and "RecursionError" not in shared_service.logs()
 
 
+def test_a_deeply_nested_forged_body_is_401_and_the_door_stays_open(module_emulator, shared_service):
+    # The raw body does not verify, so its key-sorted form is tried: a body too deep to be
+    # parsed has none. With the native verifier this check runs on the selector thread.
+    body = b"[" * 30000 + b"]" * 30000
+    conn = http.client.HTTPConnection("127.0.0.1", shared_service.port, timeout=10)
+    for _ in range(2):
+        conn.request("POST", "/webhook", body=body,
+                     headers={"Digital-Signature": module_emulator.sign(b"[]"), "Authorization": AUTH})
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (401, {"error": "invalid Digital-Signature"})
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert "Traceback" not in shared_service.logs() and "RecursionError" not in shared_service.logs()
+
+
 SMUGGLED = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
 
 

@@ -189,3 +189,27 @@ def test_a_failed_check_while_a_refetch_is_due_is_left_to_the_handler_which_refe
     assert gate._bank.keys.fetches == 1
     assert gate.answer("POST", "/webhook", headers, body, "127.0.0.1").status == HTTPStatus.UNAUTHORIZED
     assert gate._bank.keys.fetches == 2
+
+
+class BrokenScreenGate(WatchedGate):
+    """A Gate whose screening fails as a bug would."""
+
+    def screen(self, method, path, headers, body, client):
+        raise RuntimeError("a bug in a check")
+
+
+def test_a_screening_that_fails_leaves_the_request_to_a_handler_and_the_selector_reading(
+        emulator, sdk, store, clock, server_for, caplog):
+    config = sdk_config(sdk)
+    bank = Bank(config)
+    bank.configure()
+    gate = BrokenScreenGate(store, bank, config, clock)
+    server = server_for(gate)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"}, log_type="paid")
+    assert post(conn, *forged(body, headers)) == (401, {"error": "invalid Digital-Signature"})
+    assert post(conn, body, headers) == (200, {"status": "stored", "event": "ev-1"})
+    conn.close()
+    assert gate.answered_by == ["http-0", "http-0"]  # handlers decided both
+    assert server.alive()
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]  # one traceback a minute

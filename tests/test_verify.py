@@ -116,6 +116,12 @@ def test_the_key_sorted_body_is_accepted_by_both(verifiers, signer):
     assert verdict(verifiers, "not json", signature, signer.public_pem) is False
 
 
+def test_a_body_nested_too_deep_to_parse_has_no_sorted_form_and_fails_with_both(verifiers, signer):
+    deep = "[" * 30000 + "]" * 30000  # deeper than json's parser recurses
+    assert verdict(verifiers, deep, signer.sign(BODY), signer.public_pem) is False
+    assert verdict(verifiers, deep, signer.sign(deep), signer.public_pem) is True  # its raw form still verifies
+
+
 @pytest.mark.parametrize(
     "signature",
     [
