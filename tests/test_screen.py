@@ -210,6 +210,6 @@ def test_a_screening_that_fails_leaves_the_request_to_a_handler_and_the_selector
     assert post(conn, *forged(body, headers)) == (401, {"error": "invalid Digital-Signature"})
     assert post(conn, body, headers) == (200, {"status": "stored", "event": "ev-1"})
     conn.close()
-    assert gate.answered_by == ["http-0", "http-0"]  # handlers decided both
+    assert len(gate.answered_by) == 2 and "http" not in gate.answered_by  # handlers decided both, not the selector
     assert server.alive()
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]  # one traceback a minute
