@@ -43,6 +43,8 @@ KEY_REFRESH_S = 60.0
 KEY_RETRY_S = 5.0
 # Stark Bank takes at most 100 entities per create call; the SDK does not split.
 MAX_PER_CALL = 100
+# Why a well-formed signature is refused (the refusal log line's kind too).
+_NO_MATCH = "Digital-Signature does not match Stark Bank's public key"
 
 
 def _translate(call, what):
@@ -147,6 +149,14 @@ def _transfer_dict(transfer):
         "external_id": transfer.external_id,
         "tags": list(transfer.tags or []),
     }
+
+
+def _parsed_signature(signature):
+    """Return the parsed Digital-Signature header; raise SignatureError if it is malformed."""
+    try:
+        return verify.parse_signature(signature)
+    except verify.MalformedSignature:
+        raise SignatureError("malformed Digital-Signature") from None
 
 
 class _Project(starkbank.Project):
@@ -407,20 +417,14 @@ class Bank:
         Return None if it does. Raise SignatureError if it is malformed or does not
         match, BankUnavailable if the public key cannot be fetched. Thread-safe.
         """
-        try:
-            parsed = verify.parse_signature(signature)
-        except verify.MalformedSignature:
-            raise SignatureError("malformed Digital-Signature") from None
+        parsed = _parsed_signature(signature)
         key = self.keys.get()
-        with self._checking:
-            if verify.signature_matches(content, parsed, key, self._verifier):
-                return
+        if self._matches(content, parsed, key):
+            return
         fresher = self.keys.refresh(stale=key)
-        if fresher is not None and fresher is not key:
-            with self._checking:
-                if verify.signature_matches(content, parsed, fresher, self._verifier):
-                    return
-        raise SignatureError("Digital-Signature does not match Stark Bank's public key")
+        if fresher is not None and fresher is not key and self._matches(content, parsed, fresher):
+            return
+        raise SignatureError(_NO_MATCH)
 
     def verdict_at_once(self, content, signature):
         """``verify_event``'s verdict when it is cheap and waits for nothing: for the HTTP selector thread.
@@ -434,16 +438,16 @@ class Bank:
         key = self.keys.cached()
         if not self._verifier.cheap or key is None:
             return None
-        try:
-            parsed = verify.parse_signature(signature)
-        except verify.MalformedSignature:
-            raise SignatureError("malformed Digital-Signature") from None
-        with self._checking:
-            if verify.signature_matches(content, parsed, key, self._verifier):
-                return True
+        if self._matches(content, _parsed_signature(signature), key):
+            return True
         if self.keys.refresh_due() or self.keys.cached() is not key:  # a refetch is due, or just happened
             return None
-        raise SignatureError("Digital-Signature does not match Stark Bank's public key")
+        raise SignatureError(_NO_MATCH)
+
+    def _matches(self, content, parsed, key):
+        """Return True if ``parsed`` signs ``content`` (or its key-sorted form) for ``key``; one check at a time."""
+        with self._checking:
+            return verify.signature_matches(content, parsed, key, self._verifier)
 
     def _fetch_public_key(self):
         response = _translate(

@@ -383,7 +383,7 @@ class Gate:
         otherwise: the handler decides the request whole. Verdicts, counts and log
         lines are those ``answer`` gives.
         """
-        if not (method == "POST" and path.split("?", 1)[0] == "/webhook" and self._bank.checks_at_once):
+        if ROUTES.get(path.split("?", 1)[0], {}).get(method) != "webhook" or not self._bank.checks_at_once:
             return Screening()
         denied = self._webhook_denied(headers, body, client)
         if denied is not None:

@@ -64,10 +64,13 @@ def keeps_alive(head):
     return head.version == "HTTP/1.1"
 
 
-def log_access(client, requestline, status):
-    """Log one answer's access line, at DEBUG only (next to the service's own lines they are noise)."""
+def log_access(client, head, status):
+    """Log one answer's access line, at DEBUG only (next to the service's own lines they are noise).
+
+    ``head`` is the request's ``gate.Head``; nothing is formatted unless DEBUG is on.
+    """
     if logger.isEnabledFor(logging.DEBUG):
-        logger.debug('%s "%s" %s -', client, requestline, HTTPStatus(status).value)
+        logger.debug('%s "%s %s %s" %s -', client, head.method, head.target, head.version, HTTPStatus(status).value)
 
 
 def send_all(sock, data, timeout_s, clock=time.monotonic):
@@ -197,7 +200,7 @@ class Handler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
         answer = render(status, body, headers, close, date=self.date_time_string(), with_body=self.command != "HEAD")
-        log_access(self.client_address[0], self.requestline, status)
+        log_access(self.client_address[0], self._head, status)
         self.wfile.write(answer)
 
     def _answer(self):

@@ -376,9 +376,7 @@ class Server:
             return self.gate.screen(head.method, head.target, head.headers,
                                     body if "Content-Length" in head.headers else None, conn.address[0])
         except Exception:
-            if not self.tracebacks.log(logger, logging.ERROR, "screening a request from %s failed",
-                                       conn.address[0], exc_info=True, kind="traceback"):
-                self.refusals.log(logger, logging.ERROR, "screening a request from %s failed", conn.address[0])
+            self._log_unexpected("screening a request from %s failed", conn.address[0])
             return Screening()
 
     def _answer_at_once(self, conn, head, reply):
@@ -390,7 +388,7 @@ class Server:
         """
         close = not keeps_alive(head) or self._stopping.is_set()
         data = render(reply.status, reply.body, reply.headers, close, date=self.http_date())
-        log_access(conn.address[0], f"{head.method} {head.target} {head.version}", reply.status)
+        log_access(conn.address[0], head, reply.status)
         try:
             sent = conn.sock.send(data)
         except OSError:  # no room at all, or the client is gone
@@ -489,9 +487,7 @@ class Server:
                 # The socket stays non-blocking: send_all bounds the answer's write by request_timeout_s.
                 keep = not Handler(conn.sock, head, body, self, signed).close_connection
             except Exception:
-                if not self.tracebacks.log(logger, logging.ERROR, "request from %s failed", conn.address[0],
-                                           exc_info=True, kind="traceback"):
-                    self.refusals.log(logger, logging.ERROR, "request from %s failed", conn.address[0])
+                self._log_unexpected("request from %s failed", conn.address[0])
             finally:
                 with self._in_flight_lock:
                     self._in_flight -= 1
@@ -502,6 +498,11 @@ class Server:
                 self._close_quietly(conn.sock)
 
     # -- helpers ---------------------------------------------------------------
+
+    def _log_unexpected(self, message, client):
+        """Log the exception being handled: its traceback at most once a minute, else a throttled line."""
+        if not self.tracebacks.log(logger, logging.ERROR, message, client, exc_info=True, kind="traceback"):
+            self.refusals.log(logger, logging.ERROR, message, client)
 
     @staticmethod
     def _send_quietly(sock, data):

@@ -9,6 +9,7 @@ handler, which decides it whole as before."""
 
 import http.client
 import json
+import logging
 import re
 import socket
 import threading
@@ -213,3 +214,19 @@ def test_a_screening_that_fails_leaves_the_request_to_a_handler_and_the_selector
     assert len(gate.answered_by) == 2 and "http" not in gate.answered_by  # handlers decided both, not the selector
     assert server.alive()
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]  # one traceback a minute
+
+
+def test_access_lines_at_debug_read_the_same_from_the_selector_and_from_a_handler(emulator, gate_for, server_for,
+                                                                                   caplog):
+    caplog.set_level(logging.DEBUG, logger="stark_challenge.server")
+    gate = gate_for()
+    gate._bank.keys.get()
+    server = server_for(gate)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"}, log_type="paid")
+    assert post(conn, *forged(body, headers))[0] == 401  # answered by the selector thread
+    assert post(conn, body, headers)[0] == 200  # stored by a handler
+    conn.close()
+    assert gate.answered_by == ["http-0"]  # the forged one never reached a handler
+    access = [r.getMessage() for r in caplog.records if "/webhook" in r.getMessage()]
+    assert access == ['127.0.0.1 "POST /webhook HTTP/1.1" 401 -', '127.0.0.1 "POST /webhook HTTP/1.1" 200 -']
