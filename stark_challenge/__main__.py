@@ -130,7 +130,7 @@ def _emulator_config(args, emulator):
     env_file = config_module.read_dotenv(args.env_file) if args.env_file else {}
     given = lambda name: os.environ.get(name) or env_file.get(name)  # noqa: E731
     fast = {k: v for k, v in EMULATOR_DEFAULTS.items() if not given(k)}
-    if not given("DATABASE_PATH"):
+    if not (given("DATABASE_PATH") or given("DATABASE_URL")):
         directory = tempfile.mkdtemp(prefix="stark_challenge-")
         fast["DATABASE_PATH"] = os.path.join(directory, "stark_challenge.sqlite3")
     fast.update({"STARK_PROJECT_ID": project_id, "STARK_PRIVATE_KEY": private_key, "STARK_ENVIRONMENT": "sandbox"})
@@ -190,7 +190,7 @@ def run(args):
         if not config.basic_auth:
             logger.warning("WEBHOOK_USERNAME/WEBHOOK_PASSWORD not set: POST /webhook relies on signatures alone")
         try:
-            store = Store(config.database_path)
+            store = Store(config.database)
         except StoreError as e:
             return fail(str(e), 1)
         app = App(config, bank, store)

@@ -111,7 +111,7 @@ class App:
         self.schedule = self._schedule()
         self.server.start()
         logger.info("stark_challenge %s listening on %s:%d (%s, database %s, signatures verified by %s)",
-                    __version__, c.host, self.server.port, c.environment, c.database_path, self.bank.verifier)
+                    __version__, c.host, self.server.port, c.environment, self.store.name, self.bank.verifier)
         self.worker.start()
         self.worker_started.set()
         self.schedule.start()

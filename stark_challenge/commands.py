@@ -3,10 +3,11 @@
 Each takes the parsed arguments (``__main__.build_parser``), prints what it found
 and returns the exit status: 0 success, 1 runtime failure, 2 usage or configuration
 error. ``status``, ``transfers`` and ``check`` read the database through a read-only
-``Store``, safe while the service runs. ``transfers retry`` writes, and the store has
+``Store``, safe while the service runs. ``transfers retry`` writes. A SQLite file has
 one writer: while the service runs (it holds the store's lock), the service does the
 retry, asked at ``POST /transfers/retry`` with the webhook's basic auth; otherwise
-the command opens the store itself (taking the lock) and does it.
+the command opens the store itself (taking the lock) and does it. A PostgreSQL
+database is shared: the command queues the attempt itself, and an instance sends it.
 """
 
 import base64
@@ -70,7 +71,7 @@ def status(args):
     from .store import StoreError
 
     try:
-        data = _report(load_config(args, require_credentials=False).database_path)
+        data = _report(load_config(args, require_credentials=False).database)
     except ConfigError as e:
         return fail(str(e))
     except StoreError as e:
@@ -90,7 +91,7 @@ def transfers(args):
     if args.action == "retry":
         return _retry(args, config)
     try:
-        reader = Store(config.database_path, read_only=True)
+        reader = Store(config.database, read_only=True)
         try:
             rows = reader.transfers(states=(args.state,) if args.state else None)
         finally:
@@ -113,10 +114,11 @@ def _retry(args, config):
     """Retry one stuck credit: through the running service, or here when it is stopped."""
     from .store import Store, StoreError, StoreLocked
 
-    if not os.path.exists(config.database_path):
+    if not config.database_url and not os.path.exists(config.database_path):
         return fail(f"{config.database_path}: no such database (set DATABASE_PATH)", 1)
     try:
-        store = Store(config.database_path)
+        # A PostgreSQL database is shared: the retry is queued here, and an instance sends it.
+        store = Store(config.database)
     except StoreLocked:
         return _retry_through_service(config, args.invoice_id)
     except StoreError as e:
@@ -200,19 +202,26 @@ def check(args):
     print(f"  credits forwarded to: {config.transfer_name}, bank {config.transfer_bank_code}, "
           f"branch {config.transfer_branch}, account {config.transfer_account} ({config.transfer_account_type})")
     print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}")
-    print(f"  database: {config.database_path} ({_database_plan(config.database_path)})")
+    print(f"  database: {_database_name(config)} ({_database_plan(config)})")
     print(f"  webhook signatures verified by: {bank.verifier}")
     return 0
 
 
-def _database_plan(path):
-    """Return what a start would do with the database at ``path``: resume a window, or start one."""
+def _database_name(config):
+    """Return the database as the operator may see it: the SQLite path, or the PostgreSQL URL without its password."""
+    from .postgres_db import display_url
+
+    return display_url(config.database_url) if config.database_url else config.database_path
+
+
+def _database_plan(config):
+    """Return what a start would do with the configured database: resume a window, or start one."""
     from .store import StoreError
 
-    if not os.path.exists(path):
+    if not config.database_url and not os.path.exists(config.database_path):
         return "new: the first round is issued at start"
     try:
-        data = _report(path)
+        data = _report(config.database)
     except StoreError as e:
         return f"unreadable: {e}"
     r = data["rounds"]

@@ -98,6 +98,18 @@ def _auth_pair(values, _required):
         raise ConfigError("WEBHOOK_USERNAME and WEBHOOK_PASSWORD: set both or neither")
 
 
+def _database_url(text):
+    value = text.strip()
+    if value and not re.fullmatch(r"postgres(ql)?://[^\s]+", value):
+        raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host:port/database")
+    return value
+
+
+def _one_database(values, _required):
+    if values["database_url"] and values["database_path"]:
+        raise ConfigError("DATABASE_URL and DATABASE_PATH: set one of them, not both")
+
+
 def _round_bounds(values, _required):
     if values["invoice_min"] > values["invoice_max"]:
         raise ConfigError("INVOICE_MIN: must not be more than INVOICE_MAX")
@@ -139,6 +151,8 @@ VARIABLES = (
       _one_of(ACCOUNT_TYPES, "must be one of " + ", ".join(ACCOUNT_TYPES), case=str)),
     V("DATABASE_PATH", "", "SQLite file of the service's state (default: $STATE_DIRECTORY/stark_challenge.sqlite3, "
       "else ./stark_challenge.sqlite3)", "database_path", _text),
+    V("DATABASE_URL", "", "PostgreSQL instead of SQLite (postgresql://user:password@host:port/database; needs the "
+      "[postgres] extra): several instances may share it", "database_url", _database_url, _one_database),
     V("INSTANCE_TAG", "stark-challenge", "tag on every invoice this deployment issues; only their credits are "
       "forwarded", "instance_tag",
       _matching(r"[a-z0-9][a-z0-9_-]{0,39}", "lowercase letters, digits, - and _, at most 40")),
@@ -163,7 +177,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 # Fields whose values repr() hides.
-_SECRET_FIELDS = frozenset({"private_key", "webhook_username", "webhook_password"})
+_SECRET_FIELDS = frozenset({"private_key", "webhook_username", "webhook_password", "database_url"})
 
 
 class Config(NamedTuple):
@@ -190,7 +204,8 @@ class Config(NamedTuple):
     transfer_name: str
     transfer_tax_id: str
     transfer_account_type: str
-    database_path: str
+    database_path: str  # SQLite file; "" when database_url is set
+    database_url: str  # PostgreSQL libpq URI, or ""
     instance_tag: str
     event_poll_interval_s: float  # 0 = only at start-up
     bank_timeout_s: float
@@ -198,6 +213,11 @@ class Config(NamedTuple):
     request_timeout_s: float  # a stalled client is cut off after this
     log_level: str
     log_format: str  # "text" or "json"
+
+    @property
+    def database(self):
+        """Return where the store lives: the PostgreSQL URL when set, else the SQLite file path."""
+        return self.database_url or self.database_path
 
     @property
     def basic_auth(self):
@@ -312,5 +332,6 @@ def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=T
             raise ConfigError(f"{variable.name}: {e}") from None
         if variable.check is not None:
             variable.check(values, require_credentials)
-    values["database_path"] = values["database_path"] or _default_database_path(environ)
+    if not values["database_url"]:
+        values["database_path"] = values["database_path"] or _default_database_path(environ)
     return Config(**values)

@@ -1,8 +1,9 @@
 """The exception hierarchy of stark_challenge.
 
 Every error the service raises on purpose is a ``StarkChallengeError``. Foreign
-errors (the SDK's, ``requests``', ``sqlite3``'s) are translated where they enter:
-SDK errors in ``bank``, configuration errors in ``config``. This module imports
+errors (the SDK's, ``requests``', ``sqlite3``'s, ``psycopg``'s) are translated where they enter:
+SDK errors in ``bank``, configuration errors in ``config``, database errors in
+``sqlite_db`` and ``postgres_db``. This module imports
 nothing from the package.
 """
 
@@ -13,6 +14,9 @@ __all__ = [
     "BankError",
     "BankUnavailable",
     "BankRejected",
+    "StoreError",
+    "StoreLocked",
+    "StoreUnavailable",
 ]
 
 
@@ -50,3 +54,18 @@ class BankUnavailable(BankError):
 
 class BankRejected(BankError):
     """Permanent: Stark Bank refused the request (4xx). Retrying the same request gives the same answer."""
+
+
+class StoreError(StarkChallengeError):
+    """The database cannot be opened, read or written."""
+
+
+class StoreLocked(StoreError):
+    """Another process already runs the service on this SQLite database."""
+
+
+class StoreUnavailable(StoreError):
+    """Transient: the database server or the connection to it is gone (restart, killed backend, timeout).
+
+    Nothing of the failed transaction was kept; the store connects again on its own.
+    """

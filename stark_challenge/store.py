@@ -1,4 +1,4 @@
-"""Store: the service's durable state in one SQLite file; the only module that speaks SQL.
+"""Store: the service's durable state, in SQLite or PostgreSQL; the only module that speaks the tables' SQL.
 
 The tables, and the invariant each one keeps:
 
@@ -25,51 +25,51 @@ The tables, and the invariant each one keeps:
               row only when they carry the ``transfer_id`` recorded for it. Its states
               and their moves: ``transfer_states``.
 
-Every verb is a transaction of its own (``BEGIN IMMEDIATE``), or joins the one a
-caller opened with ``atomic()``. ``add_event`` commits in groups: the events that
-concurrent callers hand in while a commit is under way go to disk together in the
-next one (one fsync for all of them), and each call still returns only once its own
-event is committed. A caller that knows more events are on their way (webhooks whose
-signatures are being checked) says so, and the commit waits for them, at most
-``GROUP_WAIT_S``: the fsync, about 0.1 ms of CPU, is most of an insert's cost. Deduplication is a unique key and an insert that may
-fail, answered as a boolean, never a check followed by an insert.
+Two backends, one SQL: ``Store(path)`` is a SQLite file (``sqlite_db``), the embedded
+default; ``Store("postgresql://...")`` is a PostgreSQL database (``postgres_db``) that
+several instances share. The statements are written once, with ``?`` placeholders and
+portable SQL (``on conflict do nothing``, ``returning``, ``filter``); the one place they
+differ is a claim, which on PostgreSQL locks the rows it reads (``for update``, or
+``for update skip locked`` to take only rows no other instance holds), where SQLite's
+single writer already excludes everyone else.
 
-``Store(path, read_only=True)`` has the same verbs for reading, takes no lock, runs
+Every verb is a transaction of its own, or joins the one a caller opened with
+``atomic()``. ``add_event`` commits in groups (``group_commit``): the events that
+concurrent callers hand in while a commit is under way are committed together in the
+next one, and each call still returns only once its own event is committed.
+Deduplication is a unique key and an insert that may fail, answered as a boolean,
+never a check followed by an insert.
+
+``Store(location, read_only=True)`` has the same verbs for reading, takes no lock, runs
 no DDL and creates no file: ``status`` uses it while the service runs.
 
 Threads: one connection, shared behind one re-entrant lock held for the length of a
-transaction; writes from other processes wait on SQLite's busy timeout. WAL mode and
-``synchronous=FULL``: a verb that returns has committed to disk, so an acknowledgement
-given after it is durable.
+transaction. A verb that returns has committed durably (SQLite: WAL and
+``synchronous=FULL``; PostgreSQL: its own commit), so an acknowledgement given after
+it is durable. StoreError on any failure; StoreUnavailable when a database server or
+the connection to it is gone, and the next call connects again.
 """
 
 import contextlib
 import datetime
-import fcntl
 import json
-import os
-import sqlite3
 import threading
-import urllib.parse
 from typing import NamedTuple, Optional
 
 from . import transfer_states
-from .errors import StarkChallengeError
+from .errors import StoreError, StoreLocked, StoreUnavailable
+from .group_commit import GroupCommit
+from .postgres_db import is_url
 
-__all__ = ["Store", "StoreLocked", "StoreError", "Round", "Transfer", "StoredEvent"]
-
-# Seconds a writer waits for another process's lock before SQLite gives up.
-BUSY_TIMEOUT_S = 5.0
-# The longest an event's commit waits for the events its caller said are on their way.
-GROUP_WAIT_S = 0.002
+__all__ = ["Store", "StoreLocked", "StoreError", "StoreUnavailable", "Round", "Transfer", "StoredEvent", "is_url"]
 
 SCHEMA = (
     """create table if not exists schedule (
         id integer primary key check (id = 1),
         schedule_id text not null,      -- random, names this window in invoice tags
         started_at text not null,       -- UTC ISO time of round 0
-        interval_s real not null,
-        duration_s real not null        -- 0 = forever
+        interval_s double precision not null,
+        duration_s double precision not null        -- 0 = forever
     )""",
     """create table if not exists round (
         n integer primary key,
@@ -136,14 +136,6 @@ SCHEMA = (
     "create index if not exists transfer_due on transfer (state, next_try_at)",
 )
 SCHEMA = tuple(ddl.replace("%s", ", ".join(f"'{n}'" for n in transfer_states.NAMES)) for ddl in SCHEMA)
-
-class StoreError(StarkChallengeError):
-    """The database cannot be opened or written."""
-
-
-class StoreLocked(StoreError):
-    """Another process already runs the service on this database."""
-
 
 class Round(NamedTuple):
     """A round of invoices as stored."""
@@ -213,125 +205,65 @@ def _time(text):
     return datetime.datetime.fromisoformat(text) if text else None
 
 
-# SQLite creates these next to the database, with the database file's mode; the
-# advisory lock file is ours. All hold or reveal payers' names and tax ids.
-SIDE_FILES = ("-wal", "-shm", "-journal", ".lock")
-
-
-def _make_private(path, side_files):
-    """Create the database file at ``path`` with mode 0600 unless it exists; narrow it and its side files to 0600.
-
-    Explicit, not left to the umask: outside systemd (whose unit sets UMask=0077) the
-    usual umask 022 would leave payers' names and tax ids readable by every local user.
-    SQLite gives the -wal and -shm files it creates the database file's mode. Files
-    owned by another user are left as they are. Raise OSError if ``path`` cannot be created.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        _narrow(fd)
-    finally:
-        os.close(fd)
-    for suffix in side_files:
-        try:
-            fd = os.open(path + suffix, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            _narrow(fd)
-        finally:
-            os.close(fd)
-
-
-def _narrow(fd):
-    st = os.fstat(fd)
-    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-        os.fchmod(fd, 0o600)
-
-
-class _Waiting:
-    """An event row handed to ``Store.add_event``, until the commit that holds it is done."""
-
-    __slots__ = ("row", "new", "error", "done", "committed")
-
-    def __init__(self, row):
-        self.row = row
-        self.new = False  # True once inserted as a new event
-        self.error = None  # the StoreError of a commit that failed
-        self.done = False  # set, under the store's lock, once its commit succeeded or failed
-        self.committed = threading.Lock()  # held until then: its caller, if not the leader, waits on it
-        self.committed.acquire()
-
-
 class Store:
-    """The SQLite state of one deployment. See the module docstring for the tables."""
+    """The state of one deployment, in SQLite or PostgreSQL. See the module docstring for the tables."""
 
-    def __init__(self, path, exclusive=True, read_only=False):
-        """Open (creating if needed) the database at ``path``; with ``read_only``, open it to read.
+    def __init__(self, location, exclusive=True, read_only=False):
+        """Open the database at ``location`` (creating its tables if needed); with ``read_only``, open it to read.
 
-        With ``exclusive``, hold an advisory lock on ``path + ".lock"`` for the life of
-        the Store, so two service processes can never run on one database (two
-        schedulers would issue a round twice); raise StoreLocked if it is taken.
-        Raise StoreError if the file cannot be opened. ``read_only``: see ``_open_read_only``.
+        ``location`` is a SQLite file path or a PostgreSQL URL (``is_url``). For a
+        file, ``exclusive`` holds its advisory lock for the life of the Store, so two
+        service processes can never share one file (StoreLocked if taken); several
+        instances share a PostgreSQL database, made safe by the claims in its rows.
+        Raise StoreError if the database cannot be opened (StoreUnavailable if its
+        server cannot be reached now).
         """
-        self.path = path
+        self.path = location
         self.read_only = read_only
         self._lock = threading.RLock()
         self._depth = 0  # nesting of atomic() blocks, guarded by _lock
-        self._waiting = []  # events handed to add_event and not yet committed (_Waiting)
-        # Guards _waiting and _leading; the leader of a group waits on it for events to join.
-        self._joined = threading.Condition(threading.Lock())
-        self._leading = False  # a caller is gathering _waiting for its commit
-        self._lock_file = None
         self._conn = None
+        if is_url(location):
+            from .postgres_db import PostgresDatabase
+
+            self._conn = PostgresDatabase(location, read_only=read_only)
+        else:
+            from .sqlite_db import SqliteDatabase
+
+            self._conn = SqliteDatabase(location, exclusive=exclusive, read_only=read_only)
+        self.name = self._conn.name  # for messages: a URL's password hidden
+        self._group = GroupCommit(self._lock, self._commit_events, self.name)
         if read_only:
-            self._conn = _open_read_only(path)
             return
         try:
-            _make_private(path, SIDE_FILES)
-            if exclusive:
-                self._lock_file = os.fdopen(os.open(path + ".lock", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
-                try:
-                    fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    self._lock_file.close()
-                    self._lock_file = None
-                    raise StoreLocked(f"{path}: another stark_challenge process is using this database") from None
-            self._conn = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-            self._conn.row_factory = sqlite3.Row
-            # journal_mode cannot change inside a transaction: set it before any.
-            self._conn.execute("pragma journal_mode = wal")
-            self._conn.execute("pragma synchronous = full")
-            self._conn.execute("pragma foreign_keys = on")
             with self.atomic():
+                self._conn.lock_schema()
                 for ddl in SCHEMA:
                     self._conn.execute(ddl)
-        except sqlite3.Error as e:
+        except StoreError as e:
             self.close()
-            raise StoreError(f"{path}: cannot open the database ({e})") from None
-        except OSError as e:
-            self.close()
-            raise StoreError(f"{path}: cannot open the database ({e.strerror})") from None
+            if isinstance(e, StoreUnavailable):
+                raise
+            raise StoreError(f"{self.name}: cannot open the database ({str(e).removeprefix(self.name + ': ')})") from None
+
+    @property
+    def backend(self):
+        """Return 'sqlite' or 'postgres'."""
+        return self._conn.kind
 
     def close(self):
-        """Close the connection and release the lock file. Idempotent."""
+        """Close the connection (and release a SQLite file's lock). Idempotent."""
         with self._lock:
-            conn = getattr(self, "_conn", None)
-            if conn is not None:
-                conn.close()
-                self._conn = None
-            if self._lock_file is not None:
-                self._lock_file.close()
-                self._lock_file = None
+            if self._conn is not None:
+                self._conn.close()
 
     @contextlib.contextmanager
     def atomic(self):
         """Run the block in one transaction; nested blocks join the outer one.
 
         Commits when the outermost block ends, rolls back on any exception
-        (BaseException included) and re-raises it; SQLite's own errors come out as
-        StoreError. On a read-only Store it is a read transaction: one snapshot.
+        (BaseException included) and re-raises it; the database's own errors come
+        out as StoreError. On a read-only Store it is a read transaction: one snapshot.
         """
         with self._lock:
             if self._depth:
@@ -341,31 +273,19 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            if self._conn is None:
-                raise StoreError(f"{self.path}: the database is closed")
-            try:
-                self._conn.execute("begin" if self.read_only else "begin immediate")
-            except sqlite3.Error as e:
-                raise StoreError(f"{self.path}: cannot start a transaction ({e})") from e
+            self._conn.begin()
             self._depth = 1
             try:
                 yield
-                self._conn.execute("commit")
-            except BaseException as e:
+                self._conn.commit()
+            except BaseException:
                 self._conn.rollback()
-                if isinstance(e, sqlite3.Error):
-                    raise StoreError(f"{self.path}: {e}") from e
                 raise
             finally:
                 self._depth = 0
 
-    def _execute(self, sql, params):
-        if self._conn is None:
-            raise StoreError(f"{self.path}: the database is closed")
-        try:
-            return self._conn.execute(sql, params)
-        except sqlite3.Error as e:
-            raise StoreError(f"{self.path}: {e}") from e
+    def _execute(self, sql, params=()):
+        return self._conn.execute(sql, params)
 
     def _one(self, sql, params=()):
         return self._execute(sql, params).fetchone()
@@ -390,8 +310,8 @@ class Store:
         """
         with self.atomic():
             self._conn.execute(
-                "insert or ignore into schedule (id, schedule_id, started_at, interval_s, duration_s)"
-                " values (1, ?, ?, ?, ?)",
+                "insert into schedule (id, schedule_id, started_at, interval_s, duration_s)"
+                " values (1, ?, ?, ?, ?) on conflict do nothing",
                 (schedule_id, _iso(started_at), interval_s, duration_s),
             )
             return self.schedule()
@@ -406,8 +326,8 @@ class Store:
 
     # -- rounds -----------------------------------------------------------------
 
-    def _round(self, n):
-        row = self._one(f"select {_ROUND_COLUMNS} from round where n = ?", (n,))
+    def _round(self, n, lock=False):
+        row = self._one(f"select {_ROUND_COLUMNS} from round where n = ?{self._conn.locked if lock else ''}", (n,))
         return _round_of(row) if row else None
 
     def round(self, n):
@@ -429,16 +349,16 @@ class Store:
         The claim clears ``next_try_at`` and sets ``updated_at`` to ``now``: a call is out.
         """
         with self.atomic():
-            before = self._round(n)
-            if before is not None and before.state != "issuing":
-                return None
-            if before is None:
-                self._conn.execute(
-                    "insert into round (n, due_at, state, planned, attempts, updated_at)"
-                    " values (?, ?, 'issuing', ?, 1, ?)",
-                    (n, _iso(due_at), planned, _iso(now)),
-                )
+            cur = self._conn.execute(
+                "insert into round (n, due_at, state, planned, attempts, updated_at)"
+                " values (?, ?, 'issuing', ?, 1, ?) on conflict do nothing",
+                (n, _iso(due_at), planned, _iso(now)),
+            )
+            if cur.rowcount == 1:
                 return Round(n, due_at, "issuing", planned, 0, 0, 0, None, None, now)
+            before = self._round(n, lock=True)
+            if before.state != "issuing":
+                return None
             self._conn.execute(
                 "update round set attempts = attempts + 1, next_try_at = null, updated_at = ? where n = ?",
                 (_iso(now), n),
@@ -460,9 +380,9 @@ class Store:
             added = 0
             for inv in invoices:
                 cur = self._conn.execute(
-                    "insert or ignore into invoice"
+                    "insert into invoice"
                     " (id, round_n, chunk, amount, name, tax_id, status, created_at, updated_at)"
-                    " values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " values (?, ?, ?, ?, ?, ?, ?, ?, ?) on conflict do nothing",
                     (inv["id"], n, chunk, inv["amount"], inv["name"], inv["tax_id"],
                      inv.get("status") or "created", _iso(now), _iso(now)),
                 )
@@ -504,46 +424,22 @@ class Store:
     def add_event(self, event, source, now, coming=0):
         """Store an event received from Stark Bank (an ``events.Event``); return True if new, False if already stored.
 
-        ``source`` is 'webhook' or 'pull'. Idempotent and thread-safe: of two concurrent
-        deliveries of one event, exactly one gets True. Returns once the event is
-        committed to disk (a group commit, see the module docstring); inside a
-        caller's ``atomic()`` it joins that transaction instead. ``coming``: how many
-        other events callers are about to hand in; the commit waits for them, at most
-        ``GROUP_WAIT_S``.
+        ``source`` is 'webhook' or 'pull'. Idempotent and thread-safe, also across
+        instances sharing a database: of concurrent deliveries of one event, exactly
+        one gets True. Returns once the event is committed (a group commit, see the
+        module docstring); inside a caller's ``atomic()`` it joins that transaction
+        instead. ``coming``: how many other events callers are about to hand in; the
+        commit waits for them, at most ``group_commit.GROUP_WAIT_S``.
         """
         body = json.dumps(event.body, separators=(",", ":"))
-        waiting = _Waiting((event.id, event.subscription, event.log_type, event.entity_id, body, source, _iso(now)))
+        row = (event.id, event.subscription, event.log_type, event.entity_id, body, source, _iso(now))
         if self._lock.acquire(blocking=False):  # free, or held by this very thread
             try:
                 if self._depth:  # this thread's own transaction: the event joins it, alone
-                    return self._insert_event(waiting.row)
+                    return self._insert_event(row)
             finally:
                 self._lock.release()
-        with self._joined:
-            self._waiting.append(waiting)
-            following = self._leading  # a commit is being gathered: this event goes with it
-            if following:
-                self._joined.notify()  # the leader waits on _joined for its group to fill
-            else:
-                # Lead the next commit: wait (outside the store's lock, so the worker is not
-                # held up) for the events said to be coming, at most GROUP_WAIT_S.
-                self._leading = True
-                self._joined.wait_for(lambda: len(self._waiting) > coming, GROUP_WAIT_S if coming else 0)
-        if following:
-            waiting.committed.acquire()  # released by the leader once the group's commit is done
-        else:
-            with self._lock:
-                with self._joined:
-                    group, self._waiting, self._leading = self._waiting, [], False
-                try:
-                    self._commit_events(group)  # marks every event done, committed or failed
-                finally:
-                    for other in group:
-                        if other is not waiting:
-                            other.committed.release()
-        if waiting.error is not None:
-            raise waiting.error
-        return waiting.new
+        return self._group.submit(row, coming)
 
     def _insert_event(self, row):
         cur = self._execute(
@@ -553,21 +449,10 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def _commit_events(self, group):
-        """Insert the events of ``group`` (``_Waiting``) in one transaction; mark each done, with its result or the error."""
-        error = None
-        try:
-            with self.atomic():
-                for waiting in group:
-                    waiting.new = self._insert_event(waiting.row)
-        except StoreError as e:
-            error = e
-        except BaseException as e:  # no caller may wait for an answer that never comes
-            error = StoreError(f"{self.path}: events not stored ({type(e).__name__})")
-            raise
-        finally:
-            for waiting in group:
-                waiting.error, waiting.done = error, True
+    def _commit_events(self, rows):
+        """Insert event rows in one transaction; return True (new) or False (stored before) for each."""
+        with self.atomic():
+            return [self._insert_event(row) for row in rows]
 
     def pending_events(self, limit=100):
         """Return up to ``limit`` stored events not yet processed, oldest first."""
@@ -602,11 +487,12 @@ class Store:
         A ``paid`` that arrives after ``credited`` does not move the status back:
         logs can arrive in any order.
         """
+        keep_credited = " and status <> 'credited'" if status == "paid" else ""
         with self.atomic():
             cur = self._conn.execute(
                 "update invoice set status = ?, fee = coalesce(?, fee), updated_at = ?"
-                " where id = ? and not (status = 'credited' and ? = 'paid')",
-                (status, fee, _iso(now), invoice_id, status),
+                f" where id = ?{keep_credited}",
+                (status, fee, _iso(now), invoice_id),
             )
             # No row changed: not ours, or a late 'paid' after 'credited' (ours, left as it is).
             return cur.rowcount == 1 or self._one("select 1 from invoice where id = ?", (invoice_id,)) is not None
@@ -629,9 +515,9 @@ class Store:
         net = amount - fee
         with self.atomic():
             cur = self._conn.execute(
-                "insert or ignore into credit"
+                "insert into credit"
                 " (invoice_id, event_id, amount, fee, net, state, created_at)"
-                " values (?, ?, ?, ?, ?, 'queued', ?)",
+                " values (?, ?, ?, ?, ?, 'queued', ?) on conflict do nothing",
                 (invoice_id, event_id, amount, fee, net, _iso(now)),
             )
             if cur.rowcount == 0:
@@ -663,11 +549,11 @@ class Store:
         return {r["invoice_id"]: {k: r[k] for k in r.keys() if k != "invoice_id"} for r in rows}
 
     def _insert_transfer(self, external_id, invoice_id, attempt, amount, now):
-        # "or ignore": the attempt number is unique per invoice, so a repeat queues nothing.
+        # "do nothing": the attempt number is unique per invoice, so a repeat queues nothing.
         self._conn.execute(
-            "insert or ignore into transfer"
+            "insert into transfer"
             " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
-            " values (?, ?, ?, ?, 'pending', ?, ?, ?)",
+            " values (?, ?, ?, ?, 'pending', ?, ?, ?) on conflict do nothing",
             (external_id, invoice_id, attempt, amount, _iso(now), _iso(now), _iso(now)),
         )
 
@@ -746,8 +632,8 @@ class Store:
             return
         with self.atomic():
             marks = ",".join("?" * len(answers))
-            found = self._all(f"select external_id, state from transfer where external_id in ({marks})",
-                              [ext for ext, _, _ in answers])
+            found = self._all(f"select external_id, state from transfer where external_id in ({marks})"
+                              f" order by external_id{self._conn.locked}", [ext for ext, _, _ in answers])
             states = {r["external_id"]: r["state"] for r in found}
             at, rows = _iso(now), []
             for external_id, transfer_id, status in answers:
@@ -796,14 +682,12 @@ class Store:
                   " and later.attempt > transfer.attempt)")
         with self.atomic():
             marks = ",".join("?" * len(states))
-            rows = self._all(f"select external_id from transfer where state in ({marks}) and {latest}", states)
-            ids = [r["external_id"] for r in rows]
-            self._conn.execute(
+            rows = self._all(
                 f"update transfer set state = 'pending', tries = 0, next_try_at = ?, updated_at = ?"
-                f" where state in ({marks}) and {latest}",
+                f" where state in ({marks}) and {latest} returning external_id",
                 (_iso(now), _iso(now), *states),
             )
-            return ids
+            return sorted(r["external_id"] for r in rows)
 
     def attempts(self, invoice_id):
         """Return every Transfer attempt of an invoice, by attempt number (empty if it has none)."""
@@ -822,13 +706,13 @@ class Store:
         """
         with self.atomic():
             row = self._one("select attempt, state, amount from transfer where invoice_id = ?"
-                            " order by attempt desc limit 1", (invoice_id,))
+                            f" order by attempt desc limit 1{self._conn.locked}", (invoice_id,))
             if row is None or row["attempt"] != after_attempt or row["state"] not in transfer_states.RETRYABLE:
                 return False
             cur = self._conn.execute(
-                "insert or ignore into transfer"
+                "insert into transfer"
                 " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
-                " values (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                " values (?, ?, ?, ?, 'pending', ?, ?, ?) on conflict do nothing",
                 (external_id, invoice_id, after_attempt + 1, row["amount"], _iso(now), _iso(now), _iso(now)),
             )
             return cur.rowcount == 1
@@ -851,7 +735,8 @@ class Store:
         attempt number is unique per invoice).
         """
         with self.atomic():
-            row = self._one(f"select {_TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
+            row = self._one(f"select {_TRANSFER_COLUMNS} from transfer where external_id = ?{self._conn.locked}",
+                            (external_id,))
             if row is None:
                 return None
             current = _transfer_of(row)
@@ -913,27 +798,3 @@ class Store:
             "events": dict(events),
         }
 
-
-def _open_read_only(path):
-    """Return a read-only connection to the database at ``path`` (safe while the service runs).
-
-    Nothing is written, and no file is created: while the service runs, its ``-wal``
-    and ``-shm`` files exist and a ``mode=ro`` connection reads through them without
-    blocking the writer (WAL). When they do not exist, the service is stopped and
-    every write is in the main file; a ``mode=ro`` open would then create the two
-    files, owned by whoever runs ``status`` (root, say), and the service's own user
-    could not write them at its next start, so the file is opened ``immutable``.
-    Raise StoreError if the file does not exist or is not a database.
-    """
-    if not os.path.exists(path):
-        raise StoreError(f"{path}: no such database (set DATABASE_PATH)")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    if not os.path.exists(path + "-wal"):
-        uri += "&immutable=1"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("select count(*) from schedule").fetchone()
-    except sqlite3.Error as e:
-        raise StoreError(f"{path}: cannot read the database ({e})") from None
-    return conn

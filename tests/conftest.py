@@ -18,6 +18,7 @@ from stark_challenge.config import with_userinfo
 from stark_challenge.emulator import Emulator
 from stark_challenge.emulator.certs import make_certificates
 from stark_challenge.store import Store
+from support.postgres import Cluster, find_bindir
 from support import (  # re-exported (__all__) for modules that still import them from conftest
     ROOT, FakeClock, Service, child_env, free_port, make_config, messages_matching, query, run_cli, sdk_config,
     service_settled, signed_event, status_json, wait_for,
@@ -47,7 +48,35 @@ def clock():
 
 @pytest.fixture
 def store(tmp_path):
+    """A new SQLite store (modules that test both backends override it with ``any_store``)."""
     s = Store(str(tmp_path / "state.sqlite3"))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL server (support.postgres.Cluster), started at its first use."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.fail("PostgreSQL's server binaries are not installed (apt-get install postgresql)")
+    cluster = Cluster(bindir).start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request, tmp_path):
+    """Where a new, empty store lives: a SQLite file, then a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.sqlite3")
+    return request.getfixturevalue("postgres").new_url()
+
+
+@pytest.fixture
+def any_store(database):
+    """A new store on each backend in turn (the test runs once per backend)."""
+    s = Store(database)
     yield s
     s.close()
 

@@ -16,6 +16,12 @@ from stark_challenge.transfers import Sender
 
 from support import sdk_config
 
+@pytest.fixture
+def store(any_store):
+    """Every test of this module runs on both backends."""
+    return any_store
+
+
 TAG = "stark-challenge"
 INVOICES = ("71", "72", "73")
 

@@ -125,3 +125,27 @@ def test_help_documents_every_variable(tmp_path):
     out = run_cli("--help", cwd=tmp_path).stdout
     for variable in config.VARIABLES:
         assert variable.name in out
+
+
+def test_database_url_selects_postgresql_and_is_kept_out_of_repr():
+    url = "postgresql://stark:hunter2-secret@db.internal:5432/stark"
+    c = load(DATABASE_URL=url)
+    assert (c.database_url, c.database_path, c.database) == (url, "", url)
+    assert "hunter2-secret" not in repr(c)
+
+
+def test_database_url_and_database_path_together_are_one_configuration_error(tmp_path):
+    url = "postgresql://stark:hunter2-secret@127.0.0.1:1/stark"
+    with pytest.raises(ConfigError) as raised:
+        load(DATABASE_URL=url, DATABASE_PATH="state.sqlite3")
+    assert str(raised.value) == "DATABASE_URL and DATABASE_PATH: set one of them, not both"
+    done = run_cli("check", "--offline", cwd=tmp_path, env={**BASE, "DATABASE_URL": url, "DATABASE_PATH": "x.db"})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "stark_challenge: DATABASE_URL and DATABASE_PATH: set one of them, not both\n"
+
+
+def test_a_database_url_that_is_not_postgresql_is_refused_without_quoting_it():
+    with pytest.raises(ConfigError) as raised:
+        load(DATABASE_URL="mysql://stark:hunter2-secret@db/stark")
+    assert str(raised.value).startswith("DATABASE_URL: must be a PostgreSQL URL")
+    assert "hunter2" not in str(raised.value)

@@ -5,6 +5,12 @@ import pytest
 from stark_challenge import events
 from stark_challenge.store import StoredEvent
 
+@pytest.fixture
+def store(any_store):
+    """Every test of this module runs on both backends."""
+    return any_store
+
+
 TAG = "stark-challenge"
 
 

@@ -2,11 +2,19 @@
 
 import random
 
+import pytest
+
 from stark_challenge.bank import Bank
 from stark_challenge.invoicer import Invoicer, build_invoices, round_tags
 from stark_challenge.taxid import is_valid_tax_id
 
 from support import sdk_config
+
+
+@pytest.fixture
+def store(any_store):
+    """Every test of this module runs on both backends."""
+    return any_store
 
 
 def make_invoicer(sdk, store, clock, **values):

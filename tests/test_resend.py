@@ -16,6 +16,12 @@ from stark_challenge.gate import Gate
 
 from support import sdk_config
 
+@pytest.fixture
+def store(any_store):
+    """Every test of this module runs on both backends."""
+    return any_store
+
+
 TAG = "stark-challenge"
 NOW = datetime.datetime(2026, 11, 28, 12, 0, tzinfo=datetime.timezone.utc)
 

@@ -9,6 +9,12 @@ from stark_challenge.transfers import MAX_TRIES, Sender
 
 from support import sdk_config
 
+@pytest.fixture
+def store(any_store):
+    """Every test of this module runs on both backends."""
+    return any_store
+
+
 EXT = "stark-challenge-inv-77"
 
 

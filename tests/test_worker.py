@@ -14,6 +14,12 @@ from support import sdk_config, wait_for
 
 
 @pytest.fixture
+def store(any_store):
+    """Every test of this module runs on both backends."""
+    return any_store
+
+
+@pytest.fixture
 def parts(sdk, store, clock):
     config = sdk_config(sdk, INVOICE_MIN=6, INVOICE_MAX=6)
     bank = Bank(config)
