@@ -206,12 +206,13 @@ def process(store, event, instance_tag, now, facts=NO_FACTS):
     """Apply one stored event (a StoredEvent) to the store; return a short outcome string.
 
     The event is marked processed in the same transaction as its effects, so a crash
-    leaves either both or neither. Idempotent: a processed event is not applied again.
+    leaves either both or neither. Idempotent: a processed event is not applied again,
+    and one that another instance is processing at the moment is left to it.
     Return None, leaving the event pending, if it needs an answer from Stark Bank
     (see ``question``) that ``facts`` does not hold.
     """
     with store.atomic():
-        if store.event_processed(event.id):
+        if not store.hold_event(event.id):  # processed, or being processed by another instance
             return "already processed"
         try:
             if event.subscription == "invoice":

@@ -14,8 +14,11 @@ it is about: when the process stopped during a create call (the round is left
 ``issuing`` with no retry time), the next attempt waits until ``BANK_TIMEOUT`` after
 that call began, by when Stark Bank has either created the batch or dropped it.
 
-``Invoicer.issue_round`` is called by the scheduler's thread only; it is not meant
-to run twice at once (the store's lock file keeps other processes away).
+Instances sharing a PostgreSQL database each run a schedule: a round is issued by the
+one whose claim inserted its row (``Store.claim_round``), held under a lease renewed
+before each create call; the others look again when the lease ends, and take the round
+over (reconciling by tag, as after a crash) only if its holder stopped renewing it.
+``Invoicer.issue_round`` is called by the scheduler's thread only.
 """
 
 import datetime
@@ -26,6 +29,7 @@ from typing import NamedTuple, Optional
 from .bank import MAX_PER_CALL
 from .errors import BankRejected, BankUnavailable
 from .people import random_amount, random_person
+from .store import LEASE_S
 from .report import reais
 from .taxid import mask_tax_id
 from .timing import backoff
@@ -39,6 +43,7 @@ EXPIRATION_S = 7 * 86400  # then a week more before the invoice expires
 # A round is tried at most this many times; between tries, exponential backoff.
 MAX_ATTEMPTS = 6
 MAX_BACKOFF_S = 1800.0
+LEASE_MARGIN_S = 5.0  # a claim outlasts one create call (BANK_TIMEOUT) by at least this
 
 
 class Outcome(NamedTuple):
@@ -98,12 +103,14 @@ class Invoicer:
         if wait_until is not None:
             return Outcome("retry", wait_until)
         planned = self._rng.randint(self._config.invoice_min, self._config.invoice_max)
-        before = self._store.claim_round(n, due_at, planned, now)
+        before = self._store.claim_round(n, due_at, planned, now, self._lease_s())
         if before is None:
-            return Outcome("done", None)
+            return self._held_or_done(n)
         attempt = before.attempts + 1
         try:
-            self._issue_chunks(n, before.planned, reconcile=before.attempts > 0)
+            if not self._issue_chunks(n, before.planned, reconcile=before.attempts > 0):
+                logger.warning("round %d: taken over by another instance; leaving it to that one", n)
+                return self._held_or_done(n)
         except (BankUnavailable, BankRejected) as e:
             return self._retry_or_fail(n, attempt, e)
         issued = self._store.finish_round(n, self._clock())
@@ -113,6 +120,19 @@ class Invoicer:
             n, issued.count, reais(issued.total), f" ({late:.0f} s late)" if late >= 60 else "",
         )
         return Outcome("issued", None)
+
+    def _lease_s(self):
+        """Return how long a claim of a round keeps other instances away: longer than one create call."""
+        return max(LEASE_S, self._config.bank_timeout_s + LEASE_MARGIN_S)
+
+    def _held_or_done(self, n):
+        """Return the Outcome for a round this instance could not claim: settled, or held by another instance."""
+        current = self._store.round(n)
+        if current is None or current.state != "issuing":
+            return Outcome("done", None)
+        logger.info("round %d: being issued by another instance; looking again at %s", n,
+                    current.lease_until.isoformat(timespec="seconds"))
+        return Outcome("retry", current.lease_until)
 
     def _interrupted_call_over_at(self, n, now):
         """Return when the create call of round ``n`` that the last process left out is surely over,
@@ -128,11 +148,18 @@ class Invoicer:
         return over_at
 
     def _issue_chunks(self, n, planned, reconcile):
+        """Create (or find, after an ambiguous attempt) the round's chunks not yet recorded.
+
+        Return False, having stopped, if the round's claim was taken over by another
+        instance (this one was thought dead): that one goes on with it.
+        """
         recorded = self._store.recorded_chunks(n)
         chunks = (planned + MAX_PER_CALL - 1) // MAX_PER_CALL
         for chunk in range(chunks):
             if chunk in recorded:
                 continue
+            if chunk and not self._store.renew_round(n, self._clock(), self._lease_s()):
+                return False
             tags = round_tags(self._config.instance_tag, self._schedule_id, n, chunk)
             if reconcile:
                 found = self._bank.find_invoices(tags[-1])
@@ -146,6 +173,7 @@ class Invoicer:
             self._store.record_invoices(n, chunk, created, self._clock())
             for inv in created:
                 logger.debug("invoice %s: %s to %s", inv["id"], reais(inv["amount"]), mask_tax_id(inv["tax_id"]))
+        return True
 
     def _retry_or_fail(self, n, attempt, error):
         now = self._clock()

@@ -53,6 +53,9 @@ the connection to it is gone, and the next call connects again.
 import contextlib
 import datetime
 import json
+import os
+import secrets
+import socket
 import threading
 from typing import NamedTuple, Optional
 
@@ -82,7 +85,9 @@ SCHEMA = (
         error text,
         next_try_at text,
         issued_at text,
-        updated_at text not null
+        updated_at text not null,
+        lease_owner text,               -- the instance issuing it (Store.owner)
+        lease_until text                -- until when no other instance may claim it
     )""",
     """create table if not exists invoice (
         id text primary key,
@@ -131,11 +136,25 @@ SCHEMA = (
         errors text,                    -- JSON list of [code, message]
         created_at text not null,
         updated_at text not null,
+        lease_owner text,               -- the instance whose create call it is, while 'sending'
+        lease_until text,               -- after this, another instance may take the claim over
         unique (invoice_id, attempt)
     )""",
     "create index if not exists transfer_due on transfer (state, next_try_at)",
 )
 SCHEMA = tuple(ddl.replace("%s", ", ".join(f"'{n}'" for n in transfer_states.NAMES)) for ddl in SCHEMA)
+
+# Columns added since the first version, added to an older database when it is opened.
+ADDED_COLUMNS = (("round", "lease_owner", "text"), ("round", "lease_until", "text"),
+                 ("transfer", "lease_owner", "text"), ("transfer", "lease_until", "text"))
+
+# How long a claim (a round being issued, a transfer being sent) keeps other instances away
+# unless renewed: longer than one create call (BANK_TIMEOUT, 15 s by default), so the holder's
+# call is over when another instance takes the claim over and looks it up at Stark Bank.
+LEASE_S = 60.0
+# A lease bound that any real time is before: on a SQLite file (one process, by its lock
+# file) a claim left by another owner belongs to a process that is gone.
+_NEVER = "9999-12-31T23:59:59.999999+00:00"
 
 class Round(NamedTuple):
     """A round of invoices as stored."""
@@ -150,6 +169,8 @@ class Round(NamedTuple):
     error: Optional[str]
     next_try_at: Optional[datetime.datetime]  # None while an attempt is under way
     updated_at: Optional[datetime.datetime]  # when the last attempt began or ended
+    lease_owner: Optional[str] = None  # the instance that claimed it last
+    lease_until: Optional[datetime.datetime] = None  # no other instance claims it before this
 
 
 class Transfer(NamedTuple):
@@ -177,12 +198,12 @@ class StoredEvent(NamedTuple):
 
 def _round_of(row):
     return Round(**{**dict(row), "due_at": _time(row["due_at"]), "next_try_at": _time(row["next_try_at"]),
-                    "updated_at": _time(row["updated_at"])})
+                    "updated_at": _time(row["updated_at"]), "lease_until": _time(row["lease_until"])})
 
 
 def _transfer_of(row):
     errors = tuple(tuple(e) for e in json.loads(row["errors"])) if row["errors"] else ()
-    return Transfer(**{**dict(row), "errors": errors})
+    return Transfer(**{**{name: row[name] for name in Transfer._fields}, "errors": errors})
 
 
 def _event_of(row):
@@ -220,6 +241,8 @@ class Store:
         """
         self.path = location
         self.read_only = read_only
+        # Names this Store's claims (lease_owner): unique per process and per Store.
+        self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lock = threading.RLock()
         self._depth = 0  # nesting of atomic() blocks, guarded by _lock
         self._conn = None
@@ -240,11 +263,35 @@ class Store:
                 self._conn.lock_schema()
                 for ddl in SCHEMA:
                     self._conn.execute(ddl)
+                self._add_columns()
         except StoreError as e:
             self.close()
             if isinstance(e, StoreUnavailable):
                 raise
             raise StoreError(f"{self.name}: cannot open the database ({str(e).removeprefix(self.name + ': ')})") from None
+
+    def _add_columns(self):
+        """Add the columns of ``ADDED_COLUMNS`` that a database made by an older version lacks."""
+        present = {}
+        for table, column, kind in ADDED_COLUMNS:
+            if table not in present:
+                present[table] = self._conn.columns(table)
+            if column not in present[table]:
+                self._conn.execute(f"alter table {table} add column {column} {kind}")
+
+    def _held_elsewhere(self, owner, until, now):
+        """Return True if a claim by ``owner`` until ``until`` keeps this Store away at ``now``.
+
+        Never on a SQLite file: its lock keeps every other process away, so a claim of
+        another owner was left by a process that is gone.
+        """
+        return (self.backend == "postgres" and owner not in (None, self.owner)
+                and until is not None and until > now)
+
+    def _expired_before(self, now):
+        """Return the time before which a lease has expired: ``now`` where other instances may hold
+        claims (PostgreSQL), never on a SQLite file, whose lock keeps every other process away."""
+        return _iso(now) if self.backend == "postgres" else _NEVER
 
     @property
     def backend(self):
@@ -340,30 +387,50 @@ class Store:
         with self._lock:
             return [_round_of(r) for r in self._all(f"select {_ROUND_COLUMNS} from round order by n")]
 
-    def claim_round(self, n, due_at, planned, now):
-        """Mark round ``n`` as being issued and count the attempt; return the Round as it was before the claim.
+    def claim_round(self, n, due_at, planned, now, lease_s=LEASE_S):
+        """Mark round ``n`` as being issued by this Store and count the attempt; return the Round as it was before.
 
-        Return None if the round is already ``issued`` or ``failed`` (nothing to do).
-        For a first attempt the Round returned is the new row before its claim: ``attempts == 0``.
-        ``planned`` is used only on the first claim: a retry keeps the size drawn first.
-        The claim clears ``next_try_at`` and sets ``updated_at`` to ``now``: a call is out.
+        Return None if the round is already ``issued`` or ``failed`` (nothing to do),
+        or if another instance holds it (its lease has not expired: ``round(n)`` says
+        until when). For a first attempt the Round returned is the new row before its
+        claim: ``attempts == 0``; the row's insert is what grants the right to issue, so
+        of instances racing for a round exactly one gets it. ``planned`` is used only on
+        the first claim: a retry keeps the size drawn first. The claim clears
+        ``next_try_at``, sets ``updated_at`` to ``now`` (a call is out) and holds the
+        round for ``lease_s`` (``renew_round`` extends it before each call).
         """
+        until = _iso(now + datetime.timedelta(seconds=lease_s))
         with self.atomic():
             cur = self._conn.execute(
-                "insert into round (n, due_at, state, planned, attempts, updated_at)"
-                " values (?, ?, 'issuing', ?, 1, ?) on conflict do nothing",
-                (n, _iso(due_at), planned, _iso(now)),
+                "insert into round (n, due_at, state, planned, attempts, updated_at, lease_owner, lease_until)"
+                " values (?, ?, 'issuing', ?, 1, ?, ?, ?) on conflict do nothing",
+                (n, _iso(due_at), planned, _iso(now), self.owner, until),
             )
             if cur.rowcount == 1:
                 return Round(n, due_at, "issuing", planned, 0, 0, 0, None, None, now)
             before = self._round(n, lock=True)
             if before.state != "issuing":
                 return None
+            if self._held_elsewhere(before.lease_owner, before.lease_until, now):
+                return None
             self._conn.execute(
-                "update round set attempts = attempts + 1, next_try_at = null, updated_at = ? where n = ?",
-                (_iso(now), n),
+                "update round set attempts = attempts + 1, next_try_at = null, updated_at = ?,"
+                " lease_owner = ?, lease_until = ? where n = ?",
+                (_iso(now), self.owner, until, n),
             )
             return before
+
+    def renew_round(self, n, now, lease_s=LEASE_S):
+        """Extend this Store's hold on round ``n`` (about to make another create call); return True if it holds it.
+
+        False: another instance took the round over (this one was thought dead), or it is settled.
+        """
+        with self.atomic():
+            cur = self._conn.execute(
+                "update round set lease_until = ?, updated_at = ? where n = ? and state = 'issuing' and lease_owner = ?",
+                (_iso(now + datetime.timedelta(seconds=lease_s)), _iso(now), n, self.owner),
+            )
+            return cur.rowcount == 1
 
     def recorded_chunks(self, n):
         """Return the set of chunk numbers of round ``n`` whose invoices are recorded."""
@@ -397,25 +464,29 @@ class Store:
             )
             self._conn.execute(
                 "update round set state = 'issued', count = ?, total = ?, error = null,"
-                " next_try_at = null, issued_at = ?, updated_at = ? where n = ?",
+                " next_try_at = null, issued_at = ?, updated_at = ?, lease_owner = null, lease_until = null"
+                " where n = ?",
                 (count, total, _iso(now), _iso(now), n),
             )
             return self._round(n)
 
     def retry_round(self, n, error, next_try_at, now):
-        """Leave round ``n`` to be tried again at ``next_try_at``, noting ``error``."""
+        """Leave round ``n`` to be tried again at ``next_try_at``, noting ``error``.
+
+        The hold lasts until then: no other instance claims the round earlier.
+        """
         with self.atomic():
             self._conn.execute(
-                "update round set error = ?, next_try_at = ?, updated_at = ? where n = ?",
-                (error, _iso(next_try_at), _iso(now), n),
+                "update round set error = ?, next_try_at = ?, updated_at = ?, lease_until = ? where n = ?",
+                (error, _iso(next_try_at), _iso(now), _iso(next_try_at), n),
             )
 
     def fail_round(self, n, error, now):
         """Give round ``n`` up for good, noting ``error``."""
         with self.atomic():
             self._conn.execute(
-                "update round set state = 'failed', error = ?, next_try_at = null, updated_at = ?"
-                " where n = ?",
+                "update round set state = 'failed', error = ?, next_try_at = null, updated_at = ?,"
+                " lease_owner = null, lease_until = null where n = ?",
                 (error, _iso(now), n),
             )
 
@@ -472,6 +543,17 @@ class Store:
                 (_iso(now), outcome, event_id),
             )
             return cur.rowcount == 1
+
+    def hold_event(self, event_id):
+        """Inside a transaction, hold a stored event for processing; return False if it is processed or held elsewhere.
+
+        On PostgreSQL the row stays locked until the transaction ends, and an event
+        another instance is processing is skipped, not waited for; on SQLite the
+        single writer already excludes everyone else.
+        """
+        row = self._one(f"select 1 from event where id = ? and processed_at is null{self._conn.skip_locked}",
+                        (event_id,))
+        return row is not None
 
     def event_processed(self, event_id):
         """Return True if the event is stored and processed."""
@@ -589,19 +671,56 @@ class Store:
             row = self._one("select min(next_try_at) as due from transfer where state = 'pending'")
         return _time(row["due"])
 
-    def claim_transfer(self, external_id, now):
-        """Move a pending transfer to ``sending`` and count the try; return True if this call claimed it.
+    def claim_transfer(self, external_id, now, lease_s=LEASE_S):
+        """Move a pending transfer to ``sending``, held by this Store, and count the try; return True if claimed.
 
-        Written before the create call, so a crash mid-call leaves ``sending``: the
-        transfer is then settled by its external id at start-up, never sent blindly.
+        Written before the create call, so a crash mid-call leaves ``sending``: once
+        the hold (``lease_s``) expires the transfer is taken over (``take_over_transfers``)
+        and settled by its external id, never sent blindly.
         """
         with self.atomic():
             cur = self._conn.execute(
-                "update transfer set state = 'sending', tries = tries + 1, updated_at = ?"
-                " where external_id = ? and state = 'pending'",
-                (_iso(now), external_id),
+                "update transfer set state = 'sending', tries = tries + 1, updated_at = ?, lease_owner = ?,"
+                " lease_until = ? where external_id = ? and state = 'pending'",
+                (_iso(now), self.owner, _iso(now + datetime.timedelta(seconds=lease_s)), external_id),
             )
             return cur.rowcount == 1
+
+    def claim_due_transfers(self, now, limit=100, lease_s=LEASE_S):
+        """Claim up to ``limit`` due pending transfers as ``claim_transfer`` does, in one statement; return them.
+
+        Oldest due first. On PostgreSQL the rows another instance is claiming are
+        skipped (``skip locked``), so instances claiming together take disjoint sets.
+        """
+        rows = self._claim(
+            "state = 'pending' and next_try_at <= ?", (_iso(now),), "tries = tries + 1, state = 'sending'",
+            now, limit, lease_s)
+        return [_transfer_of(r) for r in rows]
+
+    def take_over_transfers(self, now, limit=100, lease_s=LEASE_S):
+        """Hold the ``sending`` transfers whose holder's lease has expired; return them (tries unchanged).
+
+        Their create call may have reached Stark Bank: the caller looks each one up by
+        its external id before anything else. On a SQLite file every ``sending`` row
+        is taken (the process that claimed it is gone, or it is this one's, settled).
+        """
+        rows = self._claim(
+            "state = 'sending' and (lease_until is null or lease_until <= ?)", (self._expired_before(now),),
+            "state = 'sending'", now, limit, lease_s)
+        return [_transfer_of(r) for r in rows]
+
+    def _claim(self, where, params, changes, now, limit, lease_s):
+        # One statement: the rows matching ``where`` (oldest due first, locked rows skipped on
+        # PostgreSQL) get ``changes`` and this Store's lease; the changed rows come back.
+        with self.atomic():
+            rows = self._all(
+                f"update transfer set {changes}, updated_at = ?, lease_owner = ?, lease_until = ?"
+                f" where external_id in (select external_id from transfer where {where}"
+                f" order by next_try_at, external_id limit ?{self._conn.skip_locked})"
+                f" returning {_TRANSFER_COLUMNS}, next_try_at",
+                (_iso(now), self.owner, _iso(now + datetime.timedelta(seconds=lease_s)), *params, limit),
+            )
+        return sorted(rows, key=lambda r: (r["next_try_at"], r["external_id"]))
 
     def claim_transfers(self, external_ids, now):
         """Claim several pending transfers as ``claim_transfer`` does, in one transaction; return those claimed.
@@ -644,33 +763,35 @@ class Store:
                 keep = status == "created" and transfer_states.rank(current) > transfer_states.rank("created")
                 rows.append((transfer_id, current if keep else status, at, external_id))
             self._conn.executemany(
-                "update transfer set transfer_id = ?, state = ?, updated_at = ? where external_id = ?", rows
+                "update transfer set transfer_id = ?, state = ?, updated_at = ?, lease_owner = null, lease_until = null"
+                " where external_id = ?", rows
             )
+
+    # The three ends of a claim below change a transfer only while this Store holds it
+    # (``sending``, its lease_owner): a claim another instance took over, or one that a
+    # Stark Bank answer recorded meanwhile, is left as it is. Each returns True if it changed it.
 
     def retry_transfer(self, external_id, errors, next_try_at, now):
-        """Put a transfer back to ``pending`` until ``next_try_at`` (same external id, so idempotent)."""
-        with self.atomic():
-            self._conn.execute(
-                "update transfer set state = 'pending', errors = ?, next_try_at = ?, updated_at = ?"
-                " where external_id = ?",
-                (json.dumps(list(errors)), _iso(next_try_at), _iso(now), external_id),
-            )
+        """Put a transfer this Store holds back to ``pending`` until ``next_try_at`` (same external id: idempotent)."""
+        return self._end_claim(external_id, "pending", errors, now, next_try_at)
 
     def stall_transfer(self, external_id, errors, now):
-        """Stop retrying a transfer after its bounded tries; it is retried at the next start-up."""
-        with self.atomic():
-            self._conn.execute(
-                "update transfer set state = 'stalled', errors = ?, updated_at = ? where external_id = ?",
-                (json.dumps(list(errors)), _iso(now), external_id),
-            )
+        """Stop retrying a transfer this Store holds after its bounded tries; it is retried at the next start-up."""
+        return self._end_claim(external_id, "stalled", errors, now)
 
     def reject_transfer(self, external_id, errors, now):
-        """Record that Stark Bank refused a transfer (4xx) with its error codes."""
+        """Record that Stark Bank refused a transfer this Store holds (4xx), with its error codes."""
+        return self._end_claim(external_id, "rejected", errors, now)
+
+    def _end_claim(self, external_id, state, errors, now, next_try_at=None):
         with self.atomic():
-            self._conn.execute(
-                "update transfer set state = 'rejected', errors = ?, updated_at = ? where external_id = ?",
-                (json.dumps(list(errors)), _iso(now), external_id),
+            cur = self._conn.execute(
+                "update transfer set state = ?, errors = ?, next_try_at = coalesce(?, next_try_at), updated_at = ?,"
+                " lease_owner = null, lease_until = null"
+                " where external_id = ? and state = 'sending' and lease_owner = ?",
+                (state, json.dumps(list(errors)), _iso(next_try_at), _iso(now), external_id, self.owner),
             )
+            return cur.rowcount == 1
 
     def requeue_transfers(self, states, now):
         """Move every transfer in ``states`` back to ``pending``, due now; return their external ids.

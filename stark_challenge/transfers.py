@@ -25,8 +25,9 @@ transfer, each looked up by its tag; once a lookup goes unanswered too, the rest
 retried without one (their external ids make that safe). When the service stops during
 that one-by-one work, what is left goes back to ``pending``.
 
-A crash between 1 and 2 leaves ``sending``: ``recover`` settles those by lookup at
-start-up. A transfer log that arrives while no Stark Bank id is recorded cannot be
+A crash between 1 and 2 leaves ``sending``, held under a lease: once it expires,
+``take_over`` (at start-up, and on every pass of any instance) settles those by lookup.
+A claim is ended (retry, stall, reject) only by the instance that holds it. A transfer log that arrives while no Stark Bank id is recorded cannot be
 compared with ours (another workspace may use our external id): ``settle_by_lookup``
 finds our own transfer by tag first. The states and the moves allowed between
 them are ``transfer_states``'s table. Called from the worker's thread only.
@@ -69,15 +70,24 @@ class Sender:
 
     def recover(self):
         """Settle transfers left ``sending`` by a crash, and requeue ``stalled`` ones. Return how many."""
-        now = self._clock()
-        requeued = self._store.requeue_transfers(("stalled",), now)
+        requeued = self._store.requeue_transfers(("stalled",), self._clock())
         for ext in requeued:
             logger.info("transfer %s: stalled before the restart, trying again", ext)
-        sending = self._store.transfers(states=("sending",))
-        for transfer in sending:
-            logger.info("transfer %s: the service stopped during its create call; settling it", transfer.external_id)
-        self._settle_batch(sending, BankUnavailable("interrupted by a restart"), stopping=lambda: False)
-        return len(requeued) + len(sending)
+        return len(requeued) + self.take_over()
+
+    def take_over(self, stopping=lambda: False):
+        """Settle the transfers whose sender stopped during the create call; return how many.
+
+        Those are ``sending`` claims whose lease expired: this instance's before a
+        restart, or another instance's that died (``Store.take_over_transfers``). Each is
+        looked up at Stark Bank by its external id first; only one not found is sent
+        again, under the same external id.
+        """
+        taken = self._store.take_over_transfers(self._clock())
+        for transfer in taken:
+            logger.info("transfer %s: its sender stopped during the create call; settling it", transfer.external_id)
+        self._settle_batch(taken, BankUnavailable("interrupted: its sender stopped"), stopping)
+        return len(taken)
 
     def settle_by_lookup(self, transfer):
         """Look a transfer without a recorded Stark Bank id up by its tag; return True if found.
@@ -100,9 +110,7 @@ class Sender:
         See "Batches" in the module docstring. ``stopping()`` True ends the 400
         fallback and the lookups early: what is left goes back to ``pending``.
         """
-        due = self._store.due_transfers(self._clock(), limit)
-        claimed = set(self._store.claim_transfers([t.external_id for t in due], self._clock()))
-        batch = [t._replace(tries=t.tries + 1) for t in due if t.external_id in claimed]
+        batch = self._store.claim_due_transfers(self._clock(), limit)
         if len(batch) == 1:
             self._send(batch[0])
         elif batch:

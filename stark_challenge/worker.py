@@ -16,7 +16,9 @@ One pass (``run_once``) does, in order:
    really fail) is asked here with our own credentials and handed in as
    ``events.Facts``. An event whose question Stark Bank does not answer stays
    pending and is asked again with backoff (bounded, with jitter); the others go on;
-3. send the transfers that are due (``transfers.Sender``), up to 100 in one create call.
+3. settle the transfers whose sender stopped during its create call (their lease
+   expired: another instance died, say), each looked up at Stark Bank first;
+4. send the transfers that are due (``transfers.Sender``), up to 100 in one create call.
 
 ``events.accept`` calls ``wake()`` after storing a new event, so a credit is forwarded at
 once; otherwise the thread sleeps until the next due transfer or pull. Passes start at
@@ -99,6 +101,8 @@ class Worker:
         self.process_events()
         while self._page_full and not self._stop.is_set():
             self.process_events()
+        # Claims whose sender died mid-call (another instance, or this one before a restart).
+        self._sender.take_over(stopping=self._stop.is_set)
         # One batch (one create call) at a time, so stop() waits for at most one call:
         # the sender's one-by-one fallbacks also stop once it is asked to.
         while not self._stop.is_set() and self._sender.send_due(stopping=self._stop.is_set):
