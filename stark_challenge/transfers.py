@@ -85,7 +85,7 @@ class Sender:
         """
         taken = self._store.take_over_transfers(self._clock())
         for transfer in taken:
-            logger.info("transfer %s: its sender stopped during the create call; settling it", transfer.external_id)
+            logger.info("transfer %s: the service stopped during its create call; settling it", transfer.external_id)
         self._settle_batch(taken, BankUnavailable("interrupted: its sender stopped"), stopping)
         return len(taken)
 

@@ -164,6 +164,39 @@ def module_service_factory(module_emulator, tmp_path_factory):
         service.close()
 
 
+@pytest.fixture
+def instance_factory(emulator, tmp_path):
+    """Return ``make(url, count, **env) -> [Service]`` (not started): ``count`` instances of one deployment
+    (one project on the emulator, the same webhook credentials) sharing the PostgreSQL database at
+    ``url``, each with its own port, directory and webhook at the emulator (so every event reaches
+    each of them), short claims (``CLAIM_LEASE``). Every process is stopped at teardown."""
+    made = []
+
+    def make(url, count, **values):
+        project_id, private_key = emulator.create_project()
+        instances = []
+        for k in range(count):
+            home = tmp_path / f"instance{len(made)}"
+            home.mkdir()
+            env = child_env(home, **emulator.env(project_id, private_key), **{
+                "HOST": "127.0.0.1", "PORT": free_port(), "DATABASE_URL": url, "LOG_FORMAT": "json",
+                "LOG_LEVEL": "INFO", "INVOICE_INTERVAL": "60s", "INVOICE_DURATION": "0",
+                "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "2s", "CLAIM_LEASE": "3s",
+                "WEBHOOK_USERNAME": "stark", "WEBHOOK_PASSWORD": "hook-pass",
+            })
+            env.update({k: str(v) for k, v in values.items()})
+            service = Service(env, str(home / "service.log"), cwd=str(home))
+            emulator.add_webhook(with_userinfo(f"http://127.0.0.1:{service.port}/webhook",
+                                               env["WEBHOOK_USERNAME"], env["WEBHOOK_PASSWORD"]))
+            made.append(service)
+            instances.append(service)
+        return instances
+
+    yield make
+    for service in made:
+        service.close()
+
+
 def _service_maker(emulator, directory, made):
     """Return service_factory's ``make``, making services in directory and appending them to made."""
 
