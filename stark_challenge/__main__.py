@@ -190,7 +190,7 @@ def run(args):
         if not config.basic_auth:
             logger.warning("WEBHOOK_USERNAME/WEBHOOK_PASSWORD not set: POST /webhook relies on signatures alone")
         try:
-            store = Store(config.database)
+            store = Store(config.database, lease_s=config.lease_s)
         except StoreError as e:
             return fail(str(e), 1)
         app = App(config, bank, store)

@@ -17,7 +17,7 @@ from .invoicer import Invoicer
 from .scheduler import Schedule, open_window
 from .server import Server
 from .timing import utcnow
-from .worker import Worker
+from .worker import IDLE_WAKE_S, Worker
 
 __all__ = ["App", "SHUTDOWN_TIMEOUT_S"]
 
@@ -32,7 +32,10 @@ class App:
     def __init__(self, config, bank, store):
         self.config, self.bank, self.store = config, bank, store
         self.counters = metrics.Counters()  # the process's own counts, for GET /metrics
-        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters)
+        # With other instances on the database, look for their abandoned claims at least twice per lease.
+        idle_s = min(IDLE_WAKE_S, config.lease_s / 2) if store.backend == "postgres" else IDLE_WAKE_S
+        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters,
+                             idle_s=idle_s)
         self.gate = Gate(store, bank, config, clock=utcnow, on_event=self.worker.wake,
                          health=self.health, report=self.status_page, counters=self.counters,
                          metrics_page=self.metrics_page, retry=self.retry_transfer)

@@ -159,6 +159,9 @@ VARIABLES = (
     V("EVENT_POLL_INTERVAL", "10m", "how often undelivered events are pulled from Stark Bank; 0 = only at start-up",
       "event_poll_interval_s", _seconds(allow_zero=True)),
     V("BANK_TIMEOUT", "15s", "timeout of every call to Stark Bank", "bank_timeout_s", _seconds(allow_zero=False)),
+    V("CLAIM_LEASE", "60s", "how long an instance's claim on a round or a transfer keeps other instances away "
+      "(at least BANK_TIMEOUT + 1s): the work of an instance that died is taken over after it",
+      "claim_lease_s", _seconds(allow_zero=False)),
     V("MAX_CONNECTIONS", "32", "HTTP requests handled at once (one thread each) and as many queued; "
                                "more get 503; 16 connections held per thread while they send",
       "max_connections", _whole(1, 1024)),
@@ -209,6 +212,7 @@ class Config(NamedTuple):
     instance_tag: str
     event_poll_interval_s: float  # 0 = only at start-up
     bank_timeout_s: float
+    claim_lease_s: float  # as configured; lease_s is what is used
     max_connections: int
     request_timeout_s: float  # a stalled client is cut off after this
     log_level: str
@@ -218,6 +222,11 @@ class Config(NamedTuple):
     def database(self):
         """Return where the store lives: the PostgreSQL URL when set, else the SQLite file path."""
         return self.database_url or self.database_path
+
+    @property
+    def lease_s(self):
+        """Return how long a claim lasts: CLAIM_LEASE, but always longer than one call to Stark Bank."""
+        return max(self.claim_lease_s, self.bank_timeout_s + 1.0)
 
     @property
     def basic_auth(self):

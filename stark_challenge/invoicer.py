@@ -29,7 +29,6 @@ from typing import NamedTuple, Optional
 from .bank import MAX_PER_CALL
 from .errors import BankRejected, BankUnavailable
 from .people import random_amount, random_person
-from .store import LEASE_S
 from .report import reais
 from .taxid import mask_tax_id
 from .timing import backoff
@@ -43,7 +42,6 @@ EXPIRATION_S = 7 * 86400  # then a week more before the invoice expires
 # A round is tried at most this many times; between tries, exponential backoff.
 MAX_ATTEMPTS = 6
 MAX_BACKOFF_S = 1800.0
-LEASE_MARGIN_S = 5.0  # a claim outlasts one create call (BANK_TIMEOUT) by at least this
 
 
 class Outcome(NamedTuple):
@@ -103,7 +101,7 @@ class Invoicer:
         if wait_until is not None:
             return Outcome("retry", wait_until)
         planned = self._rng.randint(self._config.invoice_min, self._config.invoice_max)
-        before = self._store.claim_round(n, due_at, planned, now, self._lease_s())
+        before = self._store.claim_round(n, due_at, planned, now)
         if before is None:
             return self._held_or_done(n)
         attempt = before.attempts + 1
@@ -120,10 +118,6 @@ class Invoicer:
             n, issued.count, reais(issued.total), f" ({late:.0f} s late)" if late >= 60 else "",
         )
         return Outcome("issued", None)
-
-    def _lease_s(self):
-        """Return how long a claim of a round keeps other instances away: longer than one create call."""
-        return max(LEASE_S, self._config.bank_timeout_s + LEASE_MARGIN_S)
 
     def _held_or_done(self, n):
         """Return the Outcome for a round this instance could not claim: settled, or held by another instance."""
@@ -158,7 +152,7 @@ class Invoicer:
         for chunk in range(chunks):
             if chunk in recorded:
                 continue
-            if chunk and not self._store.renew_round(n, self._clock(), self._lease_s()):
+            if chunk and not self._store.renew_round(n, self._clock()):
                 return False
             tags = round_tags(self._config.instance_tag, self._schedule_id, n, chunk)
             if reconcile:

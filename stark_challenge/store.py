@@ -229,18 +229,20 @@ def _time(text):
 class Store:
     """The state of one deployment, in SQLite or PostgreSQL. See the module docstring for the tables."""
 
-    def __init__(self, location, exclusive=True, read_only=False):
+    def __init__(self, location, exclusive=True, read_only=False, lease_s=LEASE_S):
         """Open the database at ``location`` (creating its tables if needed); with ``read_only``, open it to read.
 
         ``location`` is a SQLite file path or a PostgreSQL URL (``is_url``). For a
         file, ``exclusive`` holds its advisory lock for the life of the Store, so two
         service processes can never share one file (StoreLocked if taken); several
         instances share a PostgreSQL database, made safe by the claims in its rows.
-        Raise StoreError if the database cannot be opened (StoreUnavailable if its
-        server cannot be reached now).
+        ``lease_s``: how long this Store's claims keep other instances away unless
+        renewed (``Config.lease_s``). Raise StoreError if the database cannot be opened
+        (StoreUnavailable if its server cannot be reached now).
         """
         self.path = location
         self.read_only = read_only
+        self.lease_s = lease_s
         # Names this Store's claims (lease_owner): unique per process and per Store.
         self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lock = threading.RLock()
@@ -278,6 +280,10 @@ class Store:
                 present[table] = self._conn.columns(table)
             if column not in present[table]:
                 self._conn.execute(f"alter table {table} add column {column} {kind}")
+
+    def _until(self, now, lease_s):
+        """Return (ISO) when a claim made at ``now`` for ``lease_s`` (default: the Store's) ends."""
+        return _iso(now + datetime.timedelta(seconds=self.lease_s if lease_s is None else lease_s))
 
     def _held_elsewhere(self, owner, until, now):
         """Return True if a claim by ``owner`` until ``until`` keeps this Store away at ``now``.
@@ -387,7 +393,7 @@ class Store:
         with self._lock:
             return [_round_of(r) for r in self._all(f"select {_ROUND_COLUMNS} from round order by n")]
 
-    def claim_round(self, n, due_at, planned, now, lease_s=LEASE_S):
+    def claim_round(self, n, due_at, planned, now, lease_s=None):
         """Mark round ``n`` as being issued by this Store and count the attempt; return the Round as it was before.
 
         Return None if the round is already ``issued`` or ``failed`` (nothing to do),
@@ -397,9 +403,9 @@ class Store:
         of instances racing for a round exactly one gets it. ``planned`` is used only on
         the first claim: a retry keeps the size drawn first. The claim clears
         ``next_try_at``, sets ``updated_at`` to ``now`` (a call is out) and holds the
-        round for ``lease_s`` (``renew_round`` extends it before each call).
+        round for ``lease_s`` (default: the Store's; ``renew_round`` extends it before each call).
         """
-        until = _iso(now + datetime.timedelta(seconds=lease_s))
+        until = self._until(now, lease_s)
         with self.atomic():
             cur = self._conn.execute(
                 "insert into round (n, due_at, state, planned, attempts, updated_at, lease_owner, lease_until)"
@@ -420,7 +426,7 @@ class Store:
             )
             return before
 
-    def renew_round(self, n, now, lease_s=LEASE_S):
+    def renew_round(self, n, now, lease_s=None):
         """Extend this Store's hold on round ``n`` (about to make another create call); return True if it holds it.
 
         False: another instance took the round over (this one was thought dead), or it is settled.
@@ -428,7 +434,7 @@ class Store:
         with self.atomic():
             cur = self._conn.execute(
                 "update round set lease_until = ?, updated_at = ? where n = ? and state = 'issuing' and lease_owner = ?",
-                (_iso(now + datetime.timedelta(seconds=lease_s)), _iso(now), n, self.owner),
+                (self._until(now, lease_s), _iso(now), n, self.owner),
             )
             return cur.rowcount == 1
 
@@ -665,13 +671,19 @@ class Store:
             )
         return [_transfer_of(r) for r in rows]
 
+    def next_claim_expiry(self):
+        """Return when the earliest lease of a ``sending`` transfer ends (to take it over then), or None."""
+        with self._lock:
+            row = self._one("select min(lease_until) as until from transfer where state = 'sending'")
+        return _time(row["until"])
+
     def next_transfer_due_at(self):
         """Return when the earliest pending transfer is due, or None if none is pending."""
         with self._lock:
             row = self._one("select min(next_try_at) as due from transfer where state = 'pending'")
         return _time(row["due"])
 
-    def claim_transfer(self, external_id, now, lease_s=LEASE_S):
+    def claim_transfer(self, external_id, now, lease_s=None):
         """Move a pending transfer to ``sending``, held by this Store, and count the try; return True if claimed.
 
         Written before the create call, so a crash mid-call leaves ``sending``: once
@@ -682,11 +694,11 @@ class Store:
             cur = self._conn.execute(
                 "update transfer set state = 'sending', tries = tries + 1, updated_at = ?, lease_owner = ?,"
                 " lease_until = ? where external_id = ? and state = 'pending'",
-                (_iso(now), self.owner, _iso(now + datetime.timedelta(seconds=lease_s)), external_id),
+                (_iso(now), self.owner, self._until(now, lease_s), external_id),
             )
             return cur.rowcount == 1
 
-    def claim_due_transfers(self, now, limit=100, lease_s=LEASE_S):
+    def claim_due_transfers(self, now, limit=100, lease_s=None):
         """Claim up to ``limit`` due pending transfers as ``claim_transfer`` does, in one statement; return them.
 
         Oldest due first. On PostgreSQL the rows another instance is claiming are
@@ -697,7 +709,7 @@ class Store:
             now, limit, lease_s)
         return [_transfer_of(r) for r in rows]
 
-    def take_over_transfers(self, now, limit=100, lease_s=LEASE_S):
+    def take_over_transfers(self, now, limit=100, lease_s=None):
         """Hold the ``sending`` transfers whose holder's lease has expired; return them (tries unchanged).
 
         Their create call may have reached Stark Bank: the caller looks each one up by
@@ -718,7 +730,7 @@ class Store:
                 f" where external_id in (select external_id from transfer where {where}"
                 f" order by next_try_at, external_id limit ?{self._conn.skip_locked})"
                 f" returning {_TRANSFER_COLUMNS}, next_try_at",
-                (_iso(now), self.owner, _iso(now + datetime.timedelta(seconds=lease_s)), *params, limit),
+                (_iso(now), self.owner, self._until(now, lease_s), *params, limit),
             )
         return sorted(rows, key=lambda r: (r["next_try_at"], r["external_id"]))
 

@@ -58,7 +58,7 @@ class Worker:
     """Processes stored events and sends transfers, in one thread. See the module docstring."""
 
     def __init__(self, store, bank, instance_tag, poll_interval_s, clock=utcnow, sender=None, rng=None,
-                 counters=None, gather_s=GATHER_S):
+                 counters=None, gather_s=GATHER_S, idle_s=IDLE_WAKE_S):
         self._store = store
         self._bank = bank
         self._tag = instance_tag
@@ -76,6 +76,9 @@ class Worker:
         self._waiting = {}  # event id -> (when to ask again, failures in a row): questions Stark Bank left unanswered
         self._page_full = False  # the last process_events took a full batch: more may be pending
         self._gather_s = gather_s  # the least time between the starts of two passes of the thread
+        # The longest sleep between passes: shorter where other instances share the database,
+        # whose claims this one must take over when they die, and whose work it cannot see coming.
+        self._idle_s = idle_s
         self.last_pass_at = None  # for /health
         self.last_error = None
 
@@ -117,10 +120,13 @@ class Worker:
 
     def _seconds_to_next(self):
         now = self._clock()
-        candidates = [IDLE_WAKE_S]
+        candidates = [self._idle_s]
         due = self._store.next_transfer_due_at()
         if due is not None:
             candidates.append((due - now).total_seconds())
+        expiry = self._store.next_claim_expiry()  # a claim another instance may have left behind
+        if expiry is not None:
+            candidates.append((expiry - now).total_seconds())
         if self._next_pull_at is not None:
             candidates.append((self._next_pull_at - now).total_seconds())
         if self._waiting:

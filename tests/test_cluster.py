@@ -40,8 +40,13 @@ def test_three_instances_issue_one_round_and_forward_each_credit_once_through_ki
     emulator.pay(a)
     wait_for(lambda: in_flight(emulator, "POST", "/v2/transfer"), message="A's transfer call at Stark Bank")
     victim = holder_of(services, url, a)
+    emulator.set(hold_deliveries=True)  # no transfer log can settle it: only a take-over can
     victim.kill()
     emulator.set(latency_s=0.0)
+    taker = wait_for(lambda: next((s for s in services if s is not victim and messages_matching(
+        s, f"transfer stark-challenge-inv-{a}: the service stopped during its create call")), None),
+        message="A's claim taken over once its lease ended")
+    emulator.set(hold_deliveries=False)
 
     # B's credit is acknowledged (stored), then another instance dies too.
     emulator.pay(b)
@@ -65,6 +70,6 @@ def test_three_instances_issue_one_round_and_forward_each_credit_once_through_ki
     assert len([r for r in emulator.requests if r["method"] == "POST" and r["path"] == "/v2/invoice"]) == 1
     assert rows(url, "select n, state, count from round") == [(0, "issued", 5)]
     assert rows(url, "select count(*) from credit") == [(5,)]
-    # The dead instance's claim was taken over after its lease and settled by lookup, not re-sent blind.
-    assert messages_matching(last, "the service stopped during its create call")
+    # The dead instance's transfer was looked up at Stark Bank by its external id, never re-sent blind.
+    assert messages_matching(taker, f"transfer stark-challenge-inv-{a}: found at Stark Bank")
     assert last.request("GET", "/health")[1] == {"status": "ok"}
