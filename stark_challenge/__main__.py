@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 
-from . import __version__, commands, config as config_module, logs, report, transfer_states
+from . import __version__, commands, config as config_module, logs, transfer_states
 from .commands import fail, load_config
 from .errors import ConfigError, StarkChallengeError
 
@@ -204,8 +204,8 @@ def run(args):
 
         # The port is bound and the store open: ready (sd_notify; a no-op outside systemd).
         notifier = Notifier()
-        notifier.send(READY=1, STATUS=report.one_line(app.status_report()))
-        notifier.start(healthy=app.healthy, status=lambda: report.one_line(app.status_report()))
+        notifier.send(READY=1, STATUS=app.status_line())
+        notifier.start(healthy=app.healthy, status=app.status_line)
 
         while not signals.wait(1.0):
             pass

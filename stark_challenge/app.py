@@ -12,6 +12,7 @@ import threading
 from http import HTTPStatus
 
 from . import __version__, metrics, report, resend
+from .errors import StoreError
 from .gate import Gate
 from .invoicer import Invoicer
 from .scheduler import Schedule, open_window
@@ -101,9 +102,21 @@ class App:
         return outcome
 
     def healthy(self):
-        """Return True if the store answers and the worker and HTTP threads run (the watchdog's test)."""
+        """Return True if the store answers and the worker and HTTP threads run (the watchdog's test).
+
+        A PostgreSQL server that is away does not count: a restart of this process would
+        not bring it back, and the store connects again on its own once it is back.
+        """
         serving = self.server is None or self.server.alive()
-        return serving and self.store.ping() and self.worker.state()["alive"]
+        store_ok = self.store.backend == "postgres" or self.store.ping()
+        return serving and store_ok and self.worker.state()["alive"]
+
+    def status_line(self):
+        """Return the one-line status for systemd (STATUS=), or why it cannot be read now."""
+        try:
+            return report.one_line(self.status_report())
+        except StoreError as e:
+            return f"database unavailable: {e}"
 
     def start(self):
         """Bind the port, record the window, start the worker and the schedule. Raise OSError if the port is taken."""

@@ -8,8 +8,9 @@ dearest part of a request after the signature check), and its body. It sets what
 writes the answer in one write on the non-blocking socket (``render`` builds every
 answer, the selector thread's own refusals too; ``send_all`` waits for room only if
 the client stops reading, and never past the request timeout). No decision is made here: routes, checks and statuses are
-the Gate's. An unexpected error is a 500 whose traceback is logged at most once a
-minute.
+the Gate's. A database that is unavailable (StoreError from any route) is a 503, so
+clients try again; an unexpected error is a 500 whose traceback is logged at most once
+a minute.
 """
 
 import email.utils
@@ -20,6 +21,8 @@ import select
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
+
+from .errors import StoreError
 
 __all__ = ["Handler", "HttpDate", "keeps_alive", "log_access", "render", "send_all"]
 
@@ -209,6 +212,13 @@ class Handler(BaseHTTPRequestHandler):
             reply = self.server.gate.answer(self.command, self.path, self.headers, body, self.client_address[0],
                                             signed=self._signed)
             self._reply(reply.status, reply.body, reply.headers, close=self.close_connection)  # say so if closing
+        except StoreError as e:  # the database is away (a server restarting, say): try again later, not a bug
+            self.server.gate.refusals.log(logger, logging.WARNING, "%s %s: the database is unavailable (%s); "
+                                          "answering 503", self.command, self.path.split("?", 1)[0][:64], e,
+                                          kind="store unavailable")
+            self.wfile = io.BytesIO()  # whatever was half-written is dropped
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the database is unavailable; try again later"},
+                        close=True)
         except Exception:
             self._unexpected()
 

@@ -36,7 +36,7 @@ import threading
 import time
 
 from . import events, transfer_states
-from .errors import BankError
+from .errors import BankError, StoreUnavailable
 from .timing import backoff, utcnow
 from .metrics import Counters
 from .transfers import Sender
@@ -311,19 +311,25 @@ class Worker:
         self._thread.start()
 
     def _loop(self):
-        try:
-            self.recover()
-        except Exception:
-            logger.exception("recovery failed; continuing with the normal loop")
+        recovered = False
         while not self._stop.is_set():
             self._wake.clear()
             began = time.monotonic()
             try:
+                if not recovered:  # tried again before each pass until it succeeds (the database may be down)
+                    self.recover()
+                    recovered = True
                 delay = self.run_once()
                 self.last_error = None
+            except StoreUnavailable as e:  # the database server is away: no traceback, it reconnects on its own
+                self.last_error = f"{type(e).__name__}: {e}"
+                logger.warning("worker pass failed, the database is unavailable (%s); trying again in %.0f s",
+                               e, ERROR_PAUSE_S)
+                delay = ERROR_PAUSE_S
             except Exception as e:
                 self.last_error = f"{type(e).__name__}: {e}"
-                logger.exception("worker pass failed; trying again in %.0f s", ERROR_PAUSE_S)
+                logger.exception("worker %s failed; trying again in %.0f s", "pass" if recovered else "recovery",
+                                 ERROR_PAUSE_S)
                 delay = ERROR_PAUSE_S
             self._wake.wait(delay)
             # Woken soon after the pass began: let what else arrives meanwhile join the next.

@@ -106,6 +106,11 @@ class Cluster:
         self.psql(f"create schema {schema} authorization {USER}", database=DATABASE)
         return self.url(schema)
 
+    def connections(self, application_name="stark_challenge"):
+        """Return how many backends serve clients with this application name."""
+        out = self.psql(f"select count(*) from pg_stat_activity where application_name = '{application_name}'")
+        return int(out.strip() or 0)
+
     def terminate(self, application_name="stark_challenge"):
         """Kill every backend of clients with this application name; return how many were killed."""
         out = self.psql("select count(pg_terminate_backend(pid)) from pg_stat_activity"
