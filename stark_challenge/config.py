@@ -154,8 +154,9 @@ VARIABLES = (
                                 "connection is closed after it", "request_timeout_s", _seconds(allow_zero=False)),
     V("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", "log_level",
       _one_of(("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR", case=str.upper)),
-    V("LOG_FORMAT", "", "text or json (default: text on a terminal, json otherwise)", "log_format",
-      _one_of(("text", "json"), "must be text or json")),
+    V("LOG_FORMAT", "", "text, json or journal (journald's native protocol, with fields); default: journal "
+      "when stderr is systemd's journal stream, text on a terminal, json otherwise", "log_format",
+      _one_of(("text", "json", "journal"), "must be text, json or journal")),
 )
 del V
 
@@ -199,7 +200,7 @@ class Config(NamedTuple):
     max_connections: int
     request_timeout_s: float  # a stalled client is cut off after this
     log_level: str
-    log_format: str  # "text" or "json"
+    log_format: str  # "text", "json" or "journal"
 
     @property
     def basic_auth(self):
@@ -300,7 +301,7 @@ def _default_database_path(environ):
 
 
 def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=True, isatty=False,
-         dotenv_required=False):
+         dotenv_required=False, journald=False):
     """Return the validated Config; raise ConfigError naming the first bad variable.
 
     ``environ`` (default ``os.environ``) wins over the ``.env`` file at ``dotenv_path``
@@ -314,7 +315,7 @@ def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=T
     merged = {**(read_dotenv(dotenv_path, dotenv_required) if dotenv_path else {}), **environ, **(overrides or {})}
     env.update({k: v for k, v in merged.items() if k in DEFAULTS and v != ""})
     if not env["LOG_FORMAT"].strip():
-        env["LOG_FORMAT"] = "text" if isatty else "json"
+        env["LOG_FORMAT"] = "journal" if journald else "text" if isatty else "json"
 
     values = {}
     for variable in VARIABLES:
