@@ -84,7 +84,7 @@ class App:
         families = metrics.service_families(
             self.status_report(), self.store.credit_outcomes(), self.counters, self.bank.keys.fetches,
             self.worker.last_pass_at, __version__, self.bank.verifier)
-        return metrics.exposition(families)
+        return metrics.exposition(families + metrics.process_families())
 
     def retry_transfer(self, invoice_id):
         """Queue one more transfer attempt for a stuck credit (``resend.retry``); return its Outcome.

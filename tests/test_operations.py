@@ -137,7 +137,7 @@ def test_metrics_need_auth_and_equal_the_emulators_records(emulator, service_fac
     status, content_type, body = get_metrics(service)
     assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
     samples = parse_exposition(body)
-    assert all(name.startswith("stark_challenge_") for name, _ in samples)
+    assert all(name.startswith(("stark_challenge_", "process_")) for name, _ in samples)
 
     invoices, transfers = emulator.invoices(), emulator.transfers()
     delivered = [d for d in emulator.deliveries() if d["status"] == 200]
