@@ -39,8 +39,9 @@ run: $(STAMP) ## run the service: your project if STARK_PROJECT_ID is set, else 
 		$(BIN)/python -m stark_challenge --emulator; \
 	fi
 
-bench: $(STAMP) ## the webhook benchmark (prints figures)
+bench: $(STAMP) ## the webhook benchmark, then its PostgreSQL phase (prints figures)
 	$(BIN)/python bench/webhook_bench.py
+	$(BIN)/python bench/postgres_bench.py
 
 clean: ## remove .venv, build files and coverage data
 	rm -rf $(VENV) .pytest_cache build *.egg-info .coverage .coverage.*

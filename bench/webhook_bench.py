@@ -1062,6 +1062,12 @@ def main():
     m = results["machine"]
     print(f"\n{m['nproc']} x {m['cpu_model']}, Python {m['python']}, starkbank {m['starkbank']}, commit {m['commit']}")
     print(render(rows))
+    try:  # the PostgreSQL phase's figures (postgres_bench.py) stay until it runs again
+        with open(RESULTS) as f:
+            kept = {k: v for k, v in json.load(f).items() if k == "postgres"}
+    except (OSError, ValueError):
+        kept = {}
+    results.update(kept)
     tmp = RESULTS + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=2)

@@ -317,8 +317,7 @@ class Worker:
             began = time.monotonic()
             try:
                 if not recovered:  # tried again before each pass until it succeeds (the database may be down)
-                    self.recover()
-                    recovered = True
+                    recovered = self._recover_once()
                 delay = self.run_once()
                 self.last_error = None
             except StoreUnavailable as e:  # the database server is away: no traceback, it reconnects on its own
@@ -328,12 +327,24 @@ class Worker:
                 delay = ERROR_PAUSE_S
             except Exception as e:
                 self.last_error = f"{type(e).__name__}: {e}"
-                logger.exception("worker %s failed; trying again in %.0f s", "pass" if recovered else "recovery",
-                                 ERROR_PAUSE_S)
+                logger.exception("worker pass failed; trying again in %.0f s", ERROR_PAUSE_S)
                 delay = ERROR_PAUSE_S
             self._wake.wait(delay)
             # Woken soon after the pass began: let what else arrives meanwhile join the next.
             self._stop.wait(max(0.0, self._gather_s - (time.monotonic() - began)))
+
+    def _recover_once(self):
+        """Run ``recover``; return True if it succeeded, else log why (the loop goes on and tries it again)."""
+        try:
+            self.recover()
+            return True
+        except StoreUnavailable as e:
+            logger.warning("recovery failed, the database is unavailable (%s); trying it again before the next pass",
+                           e)
+        except Exception:
+            logger.exception("recovery failed; continuing with the normal loop, and trying it again before the next"
+                             " pass")
+        return False
 
     def stop(self, timeout=10.0):
         """Finish the current item, stop the thread and wait for it up to ``timeout`` s. Idempotent.
