@@ -22,12 +22,16 @@ is the URL with it hidden. Threads: one connection, used behind the store's lock
 """
 
 import functools
+import logging
+import threading
 import time
 import urllib.parse
 
 from .errors import StoreError, StoreUnavailable
 
-__all__ = ["PostgresDatabase", "display_url", "is_url"]
+__all__ = ["PostgresDatabase", "Listener", "display_url", "is_url", "WORK_CHANNEL"]
+
+logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: whole seconds
 STATEMENT_TIMEOUT_S = 10.0  # any statement, waits for row locks included
@@ -37,6 +41,9 @@ RECONNECT_PAUSE_S = 0.5  # after a failed connect, the next attempt waits at lea
 # Key of the transaction-level advisory lock that serialises schema creation and upgrades:
 # instances starting together would otherwise race on "create table if not exists".
 SCHEMA_LOCK_KEY = 0x5374_6B43  # "StkC"
+# Notified in the transaction that queues a transfer, so that every instance's worker wakes.
+WORK_CHANNEL = "stark_challenge_work"
+LISTEN_POLL_S = 1.0  # how often a listener looks up from its wait, to notice stop()
 
 _SCHEMES = ("postgresql://", "postgres://")
 
@@ -148,17 +155,21 @@ class PostgresDatabase:
             options.append("-c default_transaction_read_only=on")
         return " ".join(o for o in options if o)
 
+    def open_connection(self):
+        """Return a new autocommit psycopg connection with the timeouts set; raise psycopg.Error."""
+        return self._psycopg.connect(
+            self._url, autocommit=True, row_factory=_row_factory, options=self._options(),
+            connect_timeout=CONNECT_TIMEOUT_S, application_name=self._application_name,
+            tcp_user_timeout=int(TCP_USER_TIMEOUT_S * 1000),
+            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+        )
+
     def _connect(self):
         if time.monotonic() < self._next_connect_at:
             raise StoreUnavailable(f"{self.name}: the database is unavailable (reconnecting)")
         psycopg = self._psycopg
         try:
-            self.connection = psycopg.connect(
-                self._url, autocommit=True, row_factory=_row_factory, options=self._options(),
-                connect_timeout=CONNECT_TIMEOUT_S, application_name=self._application_name,
-                tcp_user_timeout=int(TCP_USER_TIMEOUT_S * 1000),
-                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
-            )
+            self.connection = self.open_connection()
         except psycopg.Error as e:
             self.connection = None
             self._next_connect_at = time.monotonic() + RECONNECT_PAUSE_S
@@ -252,8 +263,63 @@ class PostgresDatabase:
         """Serialise the schema's transaction with every other instance's (transaction-level advisory lock)."""
         self.execute("select pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
 
+    def notify(self):
+        """Inside a transaction: have every listener woken when it commits (``WORK_CHANNEL``)."""
+        self.execute("select pg_notify(?, '')", (WORK_CHANNEL,))
+
+    def listen(self, on_notify):
+        """Start and return a Listener calling ``on_notify()`` for each notification on ``WORK_CHANNEL``."""
+        return Listener(self, WORK_CHANNEL, on_notify).start()
+
     def columns(self, table):
         """Return the set of column names of ``table`` in the connection's schema."""
         rows = self.execute("select column_name from information_schema.columns"
                             " where table_schema = current_schema() and table_name = ?", (table,)).fetchall()
         return {row[0] for row in rows}
+
+
+class Listener:
+    """A thread that ``LISTEN``s on a connection of its own and calls ``on_notify()`` for each notification.
+
+    The connection is made again after a fault (at most once per second); each time it
+    listens again, ``on_notify()`` is also called once, for what may have been notified
+    while it was away. ``listening`` is True while it waits for notifications.
+    """
+
+    def __init__(self, database, channel, on_notify):
+        self._database = database
+        self._channel = channel
+        self._on_notify = on_notify
+        self._stop = threading.Event()
+        self._thread = None
+        self.listening = False
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        psycopg = self._database._psycopg
+        while not self._stop.is_set():
+            try:
+                with self._database.open_connection() as conn:
+                    conn.execute(f"listen {self._channel}")  # a literal of this module
+                    self.listening = True
+                    self._on_notify()
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=LISTEN_POLL_S, stop_after=1):
+                            self._on_notify()
+            except psycopg.Error as e:
+                if self.listening:
+                    logger.warning("listening for new work stopped (%s); polling until it is back",
+                                   self._database._clean(e))
+            finally:
+                self.listening = False
+            self._stop.wait(RECONNECT_PAUSE_S * 2)
+
+    def stop(self, timeout=5.0):
+        """Stop listening and wait for the thread (at most ``timeout`` s). Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -126,6 +126,13 @@ class SqliteDatabase:
     def lock_schema(self):
         """Nothing to do: ``begin immediate`` already keeps other writers out of the schema's transaction."""
 
+    def notify(self):
+        """Nothing to do: one process works on a file, and its worker is woken in-process."""
+
+    def listen(self, on_notify):
+        """Return None: nothing to listen to (see ``notify``)."""
+        return None
+
     def columns(self, table):
         """Return the set of column names of ``table`` (a literal of the store's)."""
         return {row[1] for row in self.execute(f"pragma table_info({table})").fetchall()}

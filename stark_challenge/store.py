@@ -638,12 +638,22 @@ class Store:
 
     def _insert_transfer(self, external_id, invoice_id, attempt, amount, now):
         # "do nothing": the attempt number is unique per invoice, so a repeat queues nothing.
-        self._conn.execute(
+        cur = self._conn.execute(
             "insert into transfer"
             " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
             " values (?, ?, ?, ?, 'pending', ?, ?, ?) on conflict do nothing",
             (external_id, invoice_id, attempt, amount, _iso(now), _iso(now), _iso(now)),
         )
+        if cur.rowcount == 1:
+            self._conn.notify()  # wake the other instances' workers when this commits
+
+    def listen(self, on_work):
+        """Have ``on_work()`` called whenever another instance queues a transfer; return what to ``stop()``, or None.
+
+        PostgreSQL only (``LISTEN/NOTIFY``, on a connection of its own, from a thread);
+        on a SQLite file there is no other instance, and None is returned.
+        """
+        return self._conn.listen(on_work)
 
     def transfer(self, external_id):
         """Return the Transfer with this external id, or None."""
@@ -848,6 +858,8 @@ class Store:
                 " values (?, ?, ?, ?, 'pending', ?, ?, ?) on conflict do nothing",
                 (external_id, invoice_id, after_attempt + 1, row["amount"], _iso(now), _iso(now), _iso(now)),
             )
+            if cur.rowcount == 1:
+                self._conn.notify()
             return cur.rowcount == 1
 
     def credit_outcomes(self):

@@ -36,7 +36,7 @@ import threading
 import time
 
 from . import events, transfer_states
-from .errors import BankError, StoreUnavailable
+from .errors import BankError, StoreError, StoreUnavailable
 from .timing import backoff, utcnow
 from .metrics import Counters
 from .transfers import Sender
@@ -69,6 +69,7 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
+        self._listener = None  # the store's notifications of other instances' work, if any
         self._rng = rng or random.Random()  # jitter of the pull retries
         self._next_pull_at = None  # None: pull on the next pass until one succeeded, then never
         self._pulled_once = False  # a pull succeeded
@@ -309,6 +310,10 @@ class Worker:
         """Run ``recover`` and then passes in a daemon thread until ``stop``."""
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
         self._thread.start()
+        try:  # woken when another instance queues a transfer; polling stays the fallback
+            self._listener = self._store.listen(self.wake)
+        except StoreError as e:
+            logger.warning("not listening for other instances' work (%s); polling instead", e)
 
     def _loop(self):
         recovered = False
@@ -353,6 +358,8 @@ class Worker:
         """
         self._stop.set()
         self._wake.set()
+        if self._listener is not None:
+            self._listener.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 

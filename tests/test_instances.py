@@ -6,6 +6,7 @@ import datetime
 import threading
 
 import pytest
+from support import wait_for
 
 from stark_challenge import events
 from stark_challenge.events import Event
@@ -110,3 +111,20 @@ def test_a_claim_is_ended_only_by_its_holder_and_taken_over_after_its_lease(inst
     assert first.reject_transfer("x-1", [("late", "its answer came after the take-over")], NOW) is False
     assert second.retry_transfer("x-1", [("", "not found at Stark Bank")], NOW, NOW) is True
     assert first.transfer("x-1").state == "pending"
+
+
+def test_a_transfer_queued_by_one_instance_wakes_the_others_at_once(instances):
+    woken = threading.Event()
+    listener = instances[1].listen(woken.set)
+    try:
+        wait_for(lambda: listener.listening, message="the second instance listening")
+        woken.clear()  # it is also woken once as it starts listening, for what it may have missed
+        instances[0].add_event(Event("ev1", "invoice", "created", "inv1", {"id": "ev1"}), "webhook", NOW)
+        assert not woken.wait(0.5)  # an event is its receiver's to process: nobody else is woken
+        instances[0].add_credit("inv0", "ev0", 10000, 50, "x-0", NOW)
+        assert woken.wait(10)
+        woken.clear()
+        assert instances[0].add_credit("inv0", "ev0", 10000, 50, "x-0", NOW) is False  # a repeat queues nothing
+        assert not woken.wait(0.5)
+    finally:
+        listener.stop()
