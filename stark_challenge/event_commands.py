@@ -2,10 +2,11 @@
 ``events replay ID`` asks Stark Bank for one again and feeds it through the normal path.
 
 Listing and showing read the database read-only (safe while the service runs). A
-replay writes, and the store has one writer: while the service runs (it holds the
+replay writes. A SQLite file has one writer: while the service runs (it holds the
 store's lock), the service replays, asked at ``POST /events/replay`` with the webhook's
 basic auth; otherwise the command opens the store itself (``replay.replay``) and the
-event waits for the worker at the next start. Exit status: 0 done (stored or already
+event waits for the worker at the next start. A PostgreSQL database is shared: the
+command stores the event itself, and an instance's worker processes it. Exit status: 0 done (stored or already
 there), 1 Stark Bank or the service unreachable, 2 an unknown event or a configuration error.
 """
 

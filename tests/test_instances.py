@@ -6,10 +6,12 @@ import datetime
 import threading
 
 import pytest
-from support import wait_for
+from support import sdk_config, wait_for
 
 from stark_challenge import events
+from stark_challenge.bank import Bank
 from stark_challenge.events import Event
+from stark_challenge.invoicer import Invoicer
 from stark_challenge.store import LEASE_S, Store
 
 UTC = datetime.timezone.utc
@@ -128,3 +130,22 @@ def test_a_transfer_queued_by_one_instance_wakes_the_others_at_once(instances):
         assert not woken.wait(0.5)
     finally:
         listener.stop()
+
+
+def test_an_invoicer_leaves_a_round_another_instance_holds_until_its_claim_ends(instances, sdk, clock, emulator):
+    config = sdk_config(sdk)
+    bank = Bank(config)
+    bank.configure()
+    assert instances[0].claim_round(0, clock(), 3, clock()) is not None  # its create call is out, say
+    invoicer = Invoicer(bank, instances[1], config, "s1", clock=clock)
+
+    claimed_at = clock()
+
+    # First the wait for a create call that may be out (BANK_TIMEOUT), as after a crash; then the claim's end.
+    first = invoicer.issue_round(0, claimed_at)
+    clock.advance(config.bank_timeout_s)
+    second = invoicer.issue_round(0, claimed_at)
+
+    assert first == ("retry", claimed_at + datetime.timedelta(seconds=config.bank_timeout_s))
+    assert second == ("retry", claimed_at + datetime.timedelta(seconds=LEASE_S))
+    assert [r for r in emulator.requests if r["path"] == "/v2/invoice"] == []
