@@ -147,12 +147,11 @@ def _print_outcome(code, message):
 
 def _retry_through_service(config, invoice_id):
     """Ask the running service (it holds the store) to retry; return the exit status."""
-    if not config.basic_auth:
-        return fail("the service is running: set WEBHOOK_USERNAME and WEBHOOK_PASSWORD (as the service has them) "
+    if not config.operator_auth:
+        return fail("the service is running: set OPERATOR_USERNAME and OPERATOR_PASSWORD (as the service has them) "
                     "to ask it for the retry", 2)
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}/transfers/retry"
-    token = base64.b64encode(f"{config.webhook_username}:{config.webhook_password}".encode()).decode()
+    url = config_module.local_url(config.host, config.port, "/transfers/retry")
+    token = base64.b64encode(f"{config.operator_username}:{config.operator_password}".encode()).decode()
     request = urllib.request.Request(url, data=json.dumps({"invoice_id": invoice_id}).encode(), method="POST",
                                      headers={"Authorization": "Basic " + token,
                                               "Content-Type": "application/json"})
@@ -178,6 +177,7 @@ def check(args):
     Exit 0 if all is well, 2 if a variable, the key or the credentials are wrong,
     1 if Stark Bank could not be reached (nothing was proven either way).
     """
+    from . import verify
     from .scheduler import round_count
 
     try:
@@ -199,9 +199,10 @@ def check(args):
           f"{duration(config.invoice_interval_s)} {window}, tagged {config.instance_tag!r}")
     print(f"  credits forwarded to: {config.transfer_name}, bank {config.transfer_bank_code}, "
           f"branch {config.transfer_branch}, account {config.transfer_account} ({config.transfer_account_type})")
-    print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}")
+    print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}, "
+          f"operator endpoints {'on' if config.operator_auth else 'off (404)'}")
     print(f"  database: {config.database_path} ({_database_plan(config.database_path)})")
-    print(f"  webhook signatures verified by: {bank.verifier}")
+    print(f"  webhook signatures verified by: {verify.best_verifier().name}")
     return 0
 
 

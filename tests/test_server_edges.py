@@ -7,8 +7,9 @@ import socket
 import pytest
 
 from stark_challenge.bank import Bank
+from stark_challenge.verify import Signatures
 from stark_challenge.gate import Gate
-from stark_challenge.server import serve
+from stark_challenge.server import Server
 from support import sdk_config
 
 
@@ -17,8 +18,8 @@ def server(sdk, store, clock):
     config = sdk_config(sdk)
     bank = Bank(config)
     bank.configure()
-    gate = Gate(store, bank, config, clock, report=lambda: {"report": True})  # health: "ok"
-    server = serve("127.0.0.1", 0, gate, 4)
+    gate = Gate(store, Signatures(bank.fetch_public_key), config, clock, report=lambda: {"report": True})  # health: "ok"
+    server = Server(("127.0.0.1", 0), gate, 4).start()
     yield server
     server.stop(timeout=2)
 
