@@ -20,7 +20,7 @@ from stark_challenge.verify import Signatures
 from support import verifies
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "stark-signed-event.json")
-# sha256 of the file as published in /work/shared/fixtures: any edit shows here.
+# sha256 of the fixture as Stark Bank signed it and it was first stored: any edit shows here.
 FIXTURE_SHA256 = "9b1176f9c1be37b83d99be6f23e923b78e850464dd6586d8db9980a5e98b618e"
 
 
