@@ -1,6 +1,7 @@
-"""App: the service's objects, wired together, started and stopped in order.
+"""App: the service's objects, wired together, started and stopped in order; it answers nothing itself.
 
-Built from a Config, a configured Bank and an open Store. ``start()`` binds the
+Built from a Config, a configured Bank and an open Store. What the HTTP routes answer is
+``gate``'s (the decisions) and ``console``'s (the service's own pages, the retry). ``start()`` binds the
 port first (OSError if taken); only once the port listens is the schedule's window
 recorded (``scheduler.open_window``), so a start that fails opens no 24 h window;
 then requests are answered and the worker and the schedule start. ``stop()`` drains them all,

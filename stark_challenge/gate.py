@@ -164,9 +164,10 @@ class Gate:
         path = request.path.split("?", 1)[0]
         allowed = ROUTES.get(path)
         if request.method not in METHODS:
-            reason = f"Unsupported method ({request.method!r})"
-            decide = functools.partial(self.refuse, HTTPStatus.NOT_IMPLEMENTED, reason, "request", request.client,
-                                       close=True)
+            # Closed after: what follows a request the gate cannot read cannot be trusted.
+            decide = functools.partial(self.refuse, HTTPStatus.NOT_IMPLEMENTED,
+                                       f"Unsupported method ({request.method!r})", "request", request.client,
+                                       close=True, kind="unsupported method")
         elif allowed is None or (path in OPERATOR_ROUTES and not all(self._operator_auth)):
             decide = functools.partial(_error, HTTPStatus.NOT_FOUND, "not found")
         elif request.method not in allowed:
@@ -178,10 +179,10 @@ class Gate:
             decide = functools.partial(getattr(self, allowed[request.method]), request)
         return decide() if may_wait else decide
 
-    def refuse(self, status, reason, what, client, headers=(), close=False):
-        """Log a refusal (throttled) and return its Reply."""
+    def refuse(self, status, reason, what, client, headers=(), close=False, kind=None):
+        """Log a refusal (throttled by ``kind``, a fixed text; default ``reason``) and return its Reply."""
         self.refusals.log(logger, logging.WARNING, "%s refused (%d): %s from %s", what, status, reason, client,
-                          kind=reason)
+                          kind=kind or reason)
         return _error(status, reason, headers, close)
 
     # -- the routes ------------------------------------------------------------
