@@ -78,7 +78,7 @@ class Console:
         families = metrics.service_families(
             self.status_report(), self._store.credit_outcomes(), self._counters, self._signatures.keys.fetches,
             self._worker.last_pass_at, __version__, self._signatures.name)
-        return metrics.exposition(families)
+        return metrics.exposition(families + metrics.process_families())
 
     def retry(self, invoice_id):
         """Queue one more transfer attempt for a stuck credit (``resend.retry``); return its Outcome.
