@@ -47,7 +47,8 @@ class App:
                                schedule=lambda: self.schedule, worker_started=self.worker_started)
         self.gate = Gate(store, self.signatures, config, clock=utcnow, on_event=self.worker.wake,
                          health=self.console.health, report=self.console.status_page, counters=self.counters,
-                         metrics_page=self.console.metrics_page, retry=self.console.retry)
+                         metrics_page=self.console.metrics_page, retry=self.console.retry,
+                         replay=self.console.replay)
 
     def healthy(self):
         """Return True if the store answers and the worker and HTTP threads run (the watchdog's test)."""

@@ -130,8 +130,8 @@ VARIABLES = (
     V("WEBHOOK_USERNAME", "", "with WEBHOOK_PASSWORD: HTTP basic auth required on POST /webhook",
       "webhook_username", _matching(r"[^:]*", "must not contain ':'", strip=False)),
     V("WEBHOOK_PASSWORD", "", "see WEBHOOK_USERNAME", "webhook_password", str, _auth_pair),
-    V("OPERATOR_USERNAME", "", "with OPERATOR_PASSWORD: HTTP basic auth of GET /status, GET /metrics and "
-      "POST /transfers/retry, which answer 404 without them", "operator_username",
+    V("OPERATOR_USERNAME", "", "with OPERATOR_PASSWORD: HTTP basic auth of GET /status, GET /metrics, "
+      "POST /transfers/retry and POST /events/replay, which answer 404 without them", "operator_username",
       _matching(r"[^:]*", "must not contain ':'", strip=False)),
     V("OPERATOR_PASSWORD", "", "see OPERATOR_USERNAME; must differ from WEBHOOK_PASSWORD", "operator_password", str,
       _operator_pair),

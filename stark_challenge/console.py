@@ -2,16 +2,17 @@
 
 ``health`` for ``GET /health`` (a status word, for anyone); ``status_page`` for
 ``GET /status`` and ``metrics_page`` for ``GET /metrics`` (the money summary, the live
-details and the same numbers for Prometheus); ``retry`` for ``POST /transfers/retry``.
-Who may ask, and the HTTP status of each answer, are the gate's; this module reads the
-store and the running parts, and queues a retry through ``resend``. It opens no socket
+details and the same numbers for Prometheus); ``retry`` for ``POST /transfers/retry`` and
+``replay`` for ``POST /events/replay``. Who may ask, and the HTTP status of each
+answer, are the gate's; this module reads the store and the running parts, queues a retry
+through ``resend`` and replays an event through ``replay``. It opens no socket
 and starts no thread. Thread-safe: retries run one at a time, the rest only reads.
 """
 
 import threading
 from http import HTTPStatus
 
-from . import __version__, metrics, report, resend
+from . import __version__, metrics, replay, report, resend
 from .timing import utcnow
 
 __all__ = ["Console"]
@@ -90,3 +91,10 @@ class Console:
         if outcome.code == "queued":
             self._worker.wake()
         return outcome
+
+    def replay(self, event_id):
+        """Fetch event ``event_id`` from Stark Bank and accept it as a pull would (``replay.replay``); return its Outcome.
+
+        A new event wakes the worker. Raise BankUnavailable if Stark Bank does not answer.
+        """
+        return replay.replay(self._store, self._bank, event_id, self._clock(), on_new=self._worker.wake)

@@ -10,8 +10,9 @@ The routes (``ROUTES``, the one routing table, and the one place that says which
 methods exist): ``POST /webhook``, Stark Bank's events; ``GET /health``, the status word
 only, for probes; ``GET /status``, the money summary and the service's details, and
 ``GET /metrics``, the same numbers for Prometheus (text); ``POST /transfers/retry``
-(``{"invoice_id": ...}``), an operator's retry of a stuck transfer (``resend``). The
-last three are the operator's: behind the operator's basic auth
+(``{"invoice_id": ...}``), an operator's retry of a stuck transfer (``resend``);
+``POST /events/replay`` (``{"event_id": ...}``), an operator's replay of an event from
+Stark Bank (``replay``). The last four are the operator's: behind the operator's basic auth
 (``OPERATOR_USERNAME``/``OPERATOR_PASSWORD``), never the webhook's, and 404 when that
 pair is not configured. Any other path is 404, another known method on a known path
 405 (with ``Allow``), a method outside ``METHODS`` 501 and the connection closed. Every
@@ -81,14 +82,15 @@ ROUTES = {
     "/status": {"GET": "status", "HEAD": "status"},
     "/metrics": {"GET": "metrics", "HEAD": "metrics"},
     "/transfers/retry": {"POST": "retry"},
+    "/events/replay": {"POST": "replay"},
 }
 # The routes behind the operator's credentials, which do not exist without them.
-OPERATOR_ROUTES = frozenset({"/status", "/metrics", "/transfers/retry"})
+OPERATOR_ROUTES = frozenset({"/status", "/metrics", "/transfers/retry", "/events/replay"})
 # Methods answered 404 or 405; any other is 501, as http.server answers a method it has no do_ for.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
-# The longest invoice id a retry request may name (Stark Bank's ids are about 16 digits).
-MAX_INVOICE_ID = 64
+# The longest id a retry or replay request may name (Stark Bank's ids are about 16 digits).
+MAX_ID = 64
 # The realms of the two credentials, so that a browser keeps them apart.
 WEBHOOK_REALM = "stark_challenge"
 OPERATOR_REALM = "stark_challenge operator"
@@ -131,13 +133,14 @@ class Gate:
     ``signatures`` is the ``verify.Signatures`` that judges a Digital-Signature;
     ``on_event`` is called after a new event is stored. The operator's pages come from
     ``health`` (``() -> (HTTPStatus, dict)``, ``GET /health``), ``report`` (``() -> dict``,
-    ``GET /status``), ``metrics_page`` (``() -> str``, ``GET /metrics``) and ``retry``
-    (``(invoice_id) -> resend.Outcome``, ``POST /transfers/retry``): ``console.Console``'s.
+    ``GET /status``), ``metrics_page`` (``() -> str``, ``GET /metrics``), ``retry``
+    (``(invoice_id) -> resend.Outcome``, ``POST /transfers/retry``) and ``replay``
+    (``(event_id) -> replay.Outcome``, ``POST /events/replay``): ``console.Console``'s.
     ``counters`` (``metrics.Counters``) counts webhooks by outcome and signature verdicts.
     """
 
     def __init__(self, store, signatures, config, clock, on_event=None, health=None, report=None, counters=None,
-                 metrics_page=None, retry=None):
+                 metrics_page=None, retry=None, replay=None):
         self._store = store
         self._signatures = signatures
         self._webhook_auth = (config.webhook_username, config.webhook_password)
@@ -149,6 +152,7 @@ class Gate:
         self.counters = counters or metrics.Counters()
         self._metrics_page = metrics_page or str
         self._retry = retry
+        self._replay = replay
         self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
         self._receiving = 0  # webhooks being verified or stored: each may be an event about to be stored
         self._receiving_lock = threading.Lock()
@@ -206,24 +210,40 @@ class Gate:
 
         Behind the operator's basic auth. 200 queued or recorded, 409 refused (the
         state is named), 404 no transfer for that invoice, 400 a malformed body, 503 if
-        Stark Bank does not answer.
+        Stark Bank does not answer (nothing queued).
         """
-        denied = self._operator_denied(request, "retry")
+        return self._operator_call(request, "retry", "invoice_id", self._retry, "nothing queued",
+                                   {"refused": HTTPStatus.CONFLICT, "unknown": HTTPStatus.NOT_FOUND})
+
+    def replay(self, request):
+        """POST /events/replay: ``{"event_id": "..."}``, an operator's replay (``replay.replay``).
+
+        Behind the operator's basic auth. 200 stored or duplicate, 404 Stark Bank has no
+        such event for us, 422 its copy is malformed, 400 a malformed body, 503 if Stark
+        Bank does not answer (nothing stored).
+        """
+        return self._operator_call(request, "replay", "event_id", self._replay, "nothing stored",
+                                   {"unknown": HTTPStatus.NOT_FOUND, "invalid": HTTPStatus.UNPROCESSABLE_ENTITY})
+
+    def _operator_call(self, request, what, field, call, nothing, statuses):
+        """Run ``call(id)`` for the id in the body's ``field``; return its Outcome as a Reply (``statuses`` by code).
+
+        Behind the operator's basic auth; an id is Stark Bank's: digits, at most ``MAX_ID``.
+        """
+        denied = self._operator_denied(request, what)
         if denied is not None:
             return denied
         try:
-            invoice_id = json.loads(request.body or b"")["invoice_id"]
+            given = json.loads(request.body or b"")[field]
         except (ValueError, KeyError, TypeError, RecursionError):
-            invoice_id = None
-        if not (isinstance(invoice_id, str) and 0 < len(invoice_id) <= MAX_INVOICE_ID and invoice_id.isascii()
-                and invoice_id.isdigit()):  # Stark Bank's ids are digits
-            return _error(HTTPStatus.BAD_REQUEST, 'expected {"invoice_id": "<digits>"}')
+            given = None
+        if not (isinstance(given, str) and 0 < len(given) <= MAX_ID and given.isascii() and given.isdigit()):
+            return _error(HTTPStatus.BAD_REQUEST, f'expected {{"{field}": "<digits>"}}')
         try:
-            outcome = self._retry(invoice_id)
+            outcome = call(given)
         except BankUnavailable as e:
-            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"Stark Bank did not answer, nothing queued: {e}")
-        status = {"refused": HTTPStatus.CONFLICT, "unknown": HTTPStatus.NOT_FOUND}.get(outcome.code, HTTPStatus.OK)
-        return Reply(status, {"outcome": outcome.code, "message": outcome.message})
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"Stark Bank did not answer, {nothing}: {e}")
+        return Reply(statuses.get(outcome.code, HTTPStatus.OK), {"outcome": outcome.code, "message": outcome.message})
 
     def _webhook(self, request, may_wait):
         """POST /webhook: every check in order, then the event stored; see ``admit`` for ``may_wait``."""
