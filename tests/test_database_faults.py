@@ -3,13 +3,10 @@ connections killed (pg_terminate_backend). Webhooks get 503 (Stark Bank delivers
 /health says degraded while the database is away; every instance stays up and reconnects on its own;
 nothing acknowledged is lost and nothing is doubled. Two instances share the database."""
 
-import base64
-
 from support import wait_for
 from support.databases import rows
 
 CREDITS = 6
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"stark:hook-pass").decode()}  # instance_factory's
 
 
 def transfers_by_invoice(emulator):
@@ -64,7 +61,7 @@ def test_a_database_restart_while_credits_arrive_is_answered_503_and_every_credi
                  message="a webhook answered 503 while the database is down")
         for service in instances:
             assert service.request("GET", "/health") == (503, {"status": "degraded"})
-            assert service.request("GET", "/metrics", headers=AUTH)[0] == 503
+            assert service.operate("GET", "/metrics")[0] == 503
     finally:
         postgres.start_again()
 
