@@ -59,11 +59,12 @@ def _split_credentials(url):
 class Courier:
     """Sends events to webhooks on background threads and records every try; thread-safe."""
 
-    def __init__(self, knobs, event_key, webhooks_for, mark_delivered):
+    def __init__(self, knobs, event_key, webhooks_for, mark_delivered, record_attempt=None):
         self._knobs = knobs
         self._event_key = event_key
         self._webhooks_for = webhooks_for  # subscription -> [(webhook id, url)]
         self._mark_delivered = mark_delivered  # event id -> None
+        self._record_attempt = record_attempt or (lambda event_id, webhook_id, code, message: None)
         self._lock = threading.Lock()
         self._held = []  # deliveries queued while hold_deliveries is on
         self._attempts = []  # every try, as returned by attempts()
@@ -157,8 +158,8 @@ class Courier:
         for attempt in range(1, attempts + 1):
             if self._stopping.is_set():
                 return
-            status, error = self._post(delivery, signature)
-            self._record(delivery, copy, attempt, status, error)
+            status, error, code = self._post(delivery, signature)
+            self._record(delivery, copy, attempt, status, error, code)
             if status is not None and 200 <= status < 300:
                 self._mark_delivered(delivery.event_id)
                 return
@@ -167,7 +168,10 @@ class Courier:
             delay_s *= 2
 
     def _post(self, delivery, signature):
-        """POST once; return (status, None) if answered, else (None, error text)."""
+        """POST once; return (status, None, code) if answered, else (None, error text, code).
+
+        code is the event attempt's code should the try count as failed: badHttpStatus
+        for an answer, timeout or badConnection for none."""
         url, authorization = _split_credentials(delivery.url)
         parts = urlsplit(url)
         headers = {"Content-Type": "application/json", "Digital-Signature": signature,
@@ -181,13 +185,14 @@ class Courier:
                                body=delivery.body, headers=headers)
             response = connection.getresponse()
             response.read()
-            return response.status, None
+            return response.status, None, "badHttpStatus"
         except (OSError, http.client.HTTPException) as error:
-            return None, "%s: %s" % (type(error).__name__, error)
+            code = "timeout" if isinstance(error, TimeoutError) else "badConnection"
+            return None, "%s: %s" % (type(error).__name__, error), code
         finally:
             connection.close()
 
-    def _record(self, delivery, copy, attempt, status, error):
+    def _record(self, delivery, copy, attempt, status, error, code):
         url, _ = _split_credentials(delivery.url)
         with self._lock:
             self._attempts.append({
@@ -196,4 +201,6 @@ class Courier:
                 "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
             })
         if error or not 200 <= status < 300:
+            message = error or "HTTP POST request returned status %d" % status
+            self._record_attempt(delivery.event_id, delivery.webhook_id, code, message)
             logger.info("delivery of event %s to %s, try %d: %s", delivery.event_id, url, attempt, error or status)

@@ -79,7 +79,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 pass  # already gone
             return
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
         self.wfile.write(reply.body)
