@@ -3,8 +3,9 @@
 It wires the parts together (certs -> proxy -> api -> bank -> delivery, with timers and
 knobs) and offers the in-process API the service's tests use: projects and the
 environment a service process needs, webhooks, snapshots of every entity, the record
-of API calls and of webhook deliveries, explicit payments and transfer failures, fault
-injection, and the knobs.
+of API calls and of webhook deliveries, explicit payments, reversals, transfer failures,
+the balance and event resends (`workspaces.LedgerView`), fault injection, the knobs, and
+the control channel its command line uses (`control_url`, see `remote`).
 
     with Emulator(pay_ratio=1.0, pay_delay_s=0.1, seed=1) as emu:
         project_id, pem = emu.create_project()
@@ -40,6 +41,7 @@ from .faults import DROP, FAIL, SLOW, Faults
 from .keys import EventKey
 from .knobs import Knobs
 from .proxy import ProxyServer, make_tls_context
+from .remote import Remote
 from .timers import Timers
 from .workspaces import LedgerView, Workspace
 
@@ -83,6 +85,7 @@ class Emulator(LedgerView):
         self._serve_thread = None
         self._state_lock = threading.Lock()
         self._state = "new"  # new -> running -> stopped
+        self._control_token = secrets.token_urlsafe(16)  # the secret part of control_url
 
     def _webhooks_for(self, subscription):
         return self._ledger.webhooks_for(subscription)
@@ -107,7 +110,7 @@ class Emulator(LedgerView):
                 self._directory = tempfile.mkdtemp(prefix="stark-emulator-")
                 self._certificates = certs.make_certificates(self._directory)
             context = make_tls_context(self._certificates.cert_path, self._certificates.key_path)
-            self._server = ProxyServer(self._address, context, self._api)
+            self._server = ProxyServer(self._address, context, self._api, Remote(self, self._control_token))
             self._timers.start()
             self._serve_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
                                                   name="emulator-proxy", daemon=True)
@@ -158,6 +161,12 @@ class Emulator(LedgerView):
     def proxy_url(self):
         """The value for HTTPS_PROXY, e.g. "http://127.0.0.1:PORT"."""
         return "http://%s:%d" % (self._server.server_address[0], self.port)
+
+    @property
+    def control_url(self):
+        """The control channel's URL (see `remote`): what the command line's pay, reverse,
+        fail-transfer, set-balance and resend need (STARK_EMULATOR_CONTROL)."""
+        return "http://%s:%d/emulator/%s" % (self._server.server_address[0], self.port, self._control_token)
 
     @property
     def ca_path(self):
