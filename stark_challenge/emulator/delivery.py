@@ -1,7 +1,7 @@
 """Webhook delivery: POST each event, signed, to every subscribed URL, with bounded retries.
 
 `Courier.publish` receives the events the ledger makes. For each webhook subscribed to
-an event's subscription it sends ``{"event": {...}}`` as compact JSON with the header
+an event's subscription it sends ``{"event": {...}}`` as compact JSON (`body_of`) with the header
 `Digital-Signature` (base64 ECDSA of the exact body bytes, by `EventKey`) and, when the
 URL carries userinfo (http://user:pass@host/...), an `Authorization: Basic` header built
 from it, the userinfo itself being stripped from the URL. A 2xx answer marks the event
@@ -24,12 +24,20 @@ import threading
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["Courier"]
+__all__ = ["Courier", "body_of"]
 
 logger = logging.getLogger(__name__)
 
 # How long concurrent copies wait for each other before sending anyway.
 _BARRIER_TIMEOUT_S = 2.0
+
+
+def body_of(event):
+    """Return the exact bytes pushed for an event: ``{"event": ...}``, compact JSON, without
+    isDelivered (a pushed event does not carry it: see the event Stark Bank signed in
+    tests/fixtures; the API's event does)."""
+    pushed = {name: value for name, value in event.items() if name != "isDelivered"}
+    return json.dumps({"event": pushed}, separators=(",", ":")).encode("utf-8")
 
 
 class _Delivery(NamedTuple):
@@ -74,7 +82,7 @@ class Courier:
     def publish(self, events):
         """Start (or hold) the delivery of each event to every webhook subscribed to it."""
         for event in events:
-            body = json.dumps({"event": event}, separators=(",", ":")).encode("utf-8")
+            body = body_of(event)
             for webhook_id, url in self._webhooks_for(event["subscription"]):
                 delivery = _Delivery(event["id"], webhook_id, url, body)
                 with self._lock:
