@@ -7,7 +7,9 @@ The tables, and the invariant each one keeps:
 ``round``     one row per round ``n``: ``issuing`` while a create call may be out,
               ``issued`` once its invoices are recorded, ``failed`` after bounded retries.
               An ``issuing`` round without ``next_try_at`` has a call out, or had one
-              when the process stopped; ``updated_at`` is when that call began.
+              when the process stopped; ``updated_at`` is when that call began. The
+              row's insert grants the round to one instance, which holds it
+              (``lease_owner``, ``lease_until``) while it issues it.
 ``invoice``   every invoice this deployment issued, with its round and last known status.
 ``event``     every Stark Bank event received (webhook or pull), keyed by the event id:
               a redelivered event is recognised here and not processed again.
@@ -23,7 +25,8 @@ The tables, and the invariant each one keeps:
               the latest attempt is ``rejected``, ``failed`` or ``stalled``. Every
               attempt stays in the table. Stark Bank's logs change a
               row only when they carry the ``transfer_id`` recorded for it. Its states
-              and their moves: ``transfer_states``.
+              and their moves: ``transfer_states``. A ``sending`` row is held by the
+              instance making its create call (``lease_owner``) until ``lease_until``.
 
 Two backends, one SQL: ``Store(path)`` is a SQLite file (``sqlite_db``), the embedded
 default; ``Store("postgresql://...")`` is a PostgreSQL database (``postgres_db``) that

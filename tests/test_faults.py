@@ -149,7 +149,9 @@ def test_kill_during_a_transfer_call_with_an_event_unprocessed_loses_and_repeats
 
 def test_kill_while_a_round_create_call_is_in_flight_issues_the_round_once(emulator, service_factory):
     emulator.set(latency_s=2.0)  # every call waits 2 s at Stark Bank before it acts
-    service = service_factory(INVOICE_MIN=4, INVOICE_MAX=4, BANK_TIMEOUT="3s")
+    # BANK_TIMEOUT well above the restart's time, also on a loaded machine: the restarted service
+    # must find the interrupted call still possibly out.
+    service = service_factory(INVOICE_MIN=4, INVOICE_MAX=4, BANK_TIMEOUT="6s")
     service.start()
     wait_for(lambda: in_flight(emulator, "POST", "/v2/invoice"), message="round 0's create call at Stark Bank")
     service.kill()
