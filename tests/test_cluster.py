@@ -42,6 +42,7 @@ def test_three_instances_issue_one_round_and_forward_each_credit_once_through_ki
     victim = holder_of(services, url, a)
     emulator.set(hold_deliveries=True)  # no transfer log can settle it: only a take-over can
     victim.kill()
+    killed_at = len(emulator.requests)
     emulator.set(latency_s=0.0)
     taker = wait_for(lambda: next((s for s in services if s is not victim and messages_matching(
         s, f"transfer stark-challenge-inv-{a}: the service stopped during its create call")), None),
@@ -70,6 +71,10 @@ def test_three_instances_issue_one_round_and_forward_each_credit_once_through_ki
     assert len([r for r in emulator.requests if r["method"] == "POST" and r["path"] == "/v2/invoice"]) == 1
     assert rows(url, "select n, state, count from round") == [(0, "issued", 5)]
     assert rows(url, "select count(*) from credit") == [(5,)]
-    # The dead instance's transfer was looked up at Stark Bank by its external id, never re-sent blind.
-    assert messages_matching(taker, f"transfer stark-challenge-inv-{a}: found at Stark Bank")
+    # The taker settled the dead instance's claim by a lookup at Stark Bank by its external id (one of its
+    # tags): found and recorded, or not found yet and sent again under the same external id, never blind.
+    assert [r for r in emulator.requests[killed_at:] if r["method"] == "GET" and r["path"] == "/v2/transfer"
+            and f"stark-challenge-inv-{a}" in r["query"]]
+    assert messages_matching(taker,
+                             rf"transfer stark-challenge-inv-{a}: (found at Stark Bank|try \d+ failed, retrying)")
     assert last.request("GET", "/health")[1] == {"status": "ok"}

@@ -324,7 +324,8 @@ def test_transfer_refused_with_4xx_is_recorded_with_its_codes_and_not_retried(em
     assert ["injectedFault", "injected by the emulator"] in json.loads(errors)
     assert emulator.transfers() == []
     assert len(calls(emulator, "POST", "/v2/transfer")) == 1
-    assert messages_matching(service, r"TRANSFER REJECTED: .*injectedFault")
+    # Logged just after the commit the query above saw: waited for, not raced.
+    wait_for(lambda: messages_matching(service, r"TRANSFER REJECTED: .*injectedFault"), message="the log line")
     report = status_json(service)
     assert report["transfers_failed"] == {"count": 1, "amount": invoice["amount"] - FEE}
 
