@@ -95,6 +95,7 @@ def _crash(run, point):
     """Run the story until the kill; return what went wrong (nothing if the kill came at ``point``)."""
     try:
         _run_steps(run)
+        run.stop_service()  # a kill at the story's last commit may land after the story saw its effect
     except Crashed:
         pass
     except (StoryStuck, AssertionError) as e:
