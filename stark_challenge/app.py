@@ -84,7 +84,7 @@ class App:
         families = metrics.service_families(
             self.status_report(), self.store.credit_outcomes(), self.counters, self.bank.keys.fetches,
             self.worker.last_pass_at, __version__, self.bank.verifier)
-        return metrics.exposition(families)
+        return metrics.exposition(families + metrics.process_families())
 
     def retry_transfer(self, invoice_id):
         """Queue one more transfer attempt for a stuck credit (``resend.retry``); return its Outcome.
@@ -102,8 +102,12 @@ class App:
         serving = self.server is None or self.server.alive()
         return serving and self.store.ping() and self.worker.state()["alive"]
 
-    def start(self):
-        """Bind the port, record the window, start the worker and the schedule. Raise OSError if the port is taken."""
+    def start(self, before_rounds=None):
+        """Bind the port, record the window, start the worker and the schedule. Raise OSError if the port is taken.
+
+        ``before_rounds(port)``, if given, is called once the port listens and before the
+        schedule starts (the try-it registers its webhook there, so round 0 is pushed).
+        """
         c = self.config
         # Bound and listening (connections wait in the backlog) before the window is recorded;
         # answering starts once the schedule exists, so /status always shows it.
@@ -114,6 +118,8 @@ class App:
                     __version__, c.host, self.server.port, c.environment, c.database_path, self.bank.verifier)
         self.worker.start()
         self.worker_started.set()
+        if before_rounds is not None:
+            before_rounds(self.server.port)
         self.schedule.start()
 
     def _schedule(self):

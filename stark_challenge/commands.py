@@ -34,8 +34,10 @@ def load_config(args, require_credentials=True, extra=None):
         overrides["HOST"] = args.host
     if args.port is not None:
         overrides["PORT"] = str(args.port)
-    return config_module.load(dotenv_path=args.env_file, overrides=overrides,
-                              require_credentials=require_credentials, isatty=sys.stderr.isatty())
+    # --env-file names a file that must exist; the default .env is read only if there.
+    return config_module.load(dotenv_path=args.env_file or ".env", overrides=overrides,
+                              require_credentials=require_credentials, isatty=sys.stderr.isatty(),
+                              dotenv_required=args.env_file is not None, journald=logs.under_journald(sys.stderr))
 
 
 def configured_bank(args):

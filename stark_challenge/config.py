@@ -129,8 +129,10 @@ VARIABLES = (
       _seconds(allow_zero=True)),
     V("TRANSFER_BANK_CODE", "20018183", "receiver of forwarded money: bank code (ISPB or 3-digit code)",
       "transfer_bank_code", _matching(r"\d{3}|\d{8}", "must be an 8-digit ISPB or a 3-digit bank code")),
+    # Stark Bank's form (the SDK's Transfer docstring, its API refusing anything else):
+    # a branch of at most 4 digits, an account of digits, each with an optional -digit.
     V("TRANSFER_BRANCH", "0001", "receiver: branch", "transfer_branch",
-      _matching(r"\d{1,6}(-\d)?", "must be digits, optionally with -digit")),
+      _matching(r"\d{1,4}(-\d)?", "must be at most 4 digits, optionally with -digit (e.g. 0001 or 1357-9)")),
     V("TRANSFER_ACCOUNT", "6341320293482496", "receiver: account number", "transfer_account",
       _matching(r"\d{1,20}(-[0-9Xx])?", "must be digits, optionally with -digit")),
     V("TRANSFER_NAME", "Stark Bank S.A.", "receiver: name", "transfer_name", _not_empty),
@@ -152,8 +154,9 @@ VARIABLES = (
                                 "connection is closed after it", "request_timeout_s", _seconds(allow_zero=False)),
     V("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", "log_level",
       _one_of(("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR", case=str.upper)),
-    V("LOG_FORMAT", "", "text or json (default: text on a terminal, json otherwise)", "log_format",
-      _one_of(("text", "json"), "must be text or json")),
+    V("LOG_FORMAT", "", "text, json or journal (journald's native protocol, with fields); default: journal "
+      "when stderr is systemd's journal stream, text on a terminal, json otherwise", "log_format",
+      _one_of(("text", "json", "journal"), "must be text, json or journal")),
 )
 del V
 
@@ -197,7 +200,7 @@ class Config(NamedTuple):
     max_connections: int
     request_timeout_s: float  # a stalled client is cut off after this
     log_level: str
-    log_format: str  # "text" or "json"
+    log_format: str  # "text", "json" or "journal"
 
     @property
     def basic_auth(self):
@@ -238,17 +241,21 @@ def with_userinfo(url, username, password):
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
 
-def read_dotenv(path):
-    """Return the KEY=VALUE pairs of a .env file as a dict; {} if it does not exist.
+def read_dotenv(path, required=False):
+    """Return the KEY=VALUE pairs of a .env file as a dict; {} if it does not exist and is not ``required``.
 
     Blank lines and ``#`` comments are skipped, ``export `` is allowed, one pair of
-    matching quotes around a value is removed. A line that is not KEY=VALUE raises
-    ConfigError naming the line number.
+    matching quotes around a value is removed (a comment may follow them). A line that
+    is not KEY=VALUE, or an unquoted value followed by `` #`` (systemd's EnvironmentFile=
+    would keep the comment in the value, a shell would drop it: ambiguous), raises
+    ConfigError naming the line number; so does a missing file that is ``required``.
     """
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: no such file (given with --env-file)") from None
         return {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
@@ -261,8 +268,12 @@ def read_dotenv(path):
         if not match:
             raise ConfigError(f"{path}, line {number}: expected NAME=value")
         name, value = match.groups()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1].replace("\\n", "\n") if value[0] == '"' else value[1:-1]
+        quoted = re.fullmatch(r"""(["'])(.*?)\1\s*(?:#.*)?""", value)
+        if quoted:
+            value = quoted.group(2).replace("\\n", "\n") if quoted.group(1) == '"' else quoted.group(2)
+        elif re.search(r"\s#", value):
+            raise ConfigError(f"{path}, line {number}: {name}: a comment after the value; "
+                              "put the comment on a line of its own, or quote the value")
         values[name] = value
     return values
 
@@ -289,20 +300,22 @@ def _default_database_path(environ):
     return os.path.join(state_dir or ".", "stark_challenge.sqlite3")
 
 
-def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=True, isatty=False):
+def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=True, isatty=False,
+         dotenv_required=False, journald=False):
     """Return the validated Config; raise ConfigError naming the first bad variable.
 
-    ``environ`` (default ``os.environ``) wins over the ``.env`` file at ``dotenv_path``;
+    ``environ`` (default ``os.environ``) wins over the ``.env`` file at ``dotenv_path``
+    (which must exist if ``dotenv_required``: a file the operator named);
     ``overrides`` (from command-line flags) win over both. Empty values count as unset.
     With ``require_credentials`` false (``status`` reads only the database), the Stark Bank
     project variables may be missing.
     """
     environ = dict(os.environ if environ is None else environ)
     env = dict(DEFAULTS)
-    merged = {**(read_dotenv(dotenv_path) if dotenv_path else {}), **environ, **(overrides or {})}
+    merged = {**(read_dotenv(dotenv_path, dotenv_required) if dotenv_path else {}), **environ, **(overrides or {})}
     env.update({k: v for k, v in merged.items() if k in DEFAULTS and v != ""})
     if not env["LOG_FORMAT"].strip():
-        env["LOG_FORMAT"] = "text" if isatty else "json"
+        env["LOG_FORMAT"] = "journal" if journald else "text" if isatty else "json"
 
     values = {}
     for variable in VARIABLES:

@@ -29,7 +29,7 @@ __all__ = ["ROOT", "FakeClock", "Project", "Service", "child_env", "free_port", 
 # Variables that configure the service or steer its HTTP calls, besides config.VARIABLES.
 _OUTSIDE_CONFIG = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY", "HTTPS_PROXY", "https_proxy",
                    "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE",
-                   "CURL_CA_BUNDLE", "SSL_CERT_FILE", "STARK_SANDBOX_TEST")
+                   "CURL_CA_BUNDLE", "SSL_CERT_FILE", "STARK_SANDBOX_TEST", "JOURNAL_STREAM")
 
 
 @pytest.fixture(autouse=True)

@@ -94,18 +94,6 @@ def test_a_bad_value_in_dotenv_is_reported_without_its_value(project, tmp_path):
     assert line == "stark_challenge: WEBHOOK_USERNAME and WEBHOOK_PASSWORD: set both or neither"
 
 
-def test_run_exits_1_when_the_port_is_taken(project, tmp_path):
-    env, _ = project
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = cli("run", cwd=tmp_path, env={**env, "HOST": "127.0.0.1", "PORT": str(port),
-                                             "DATABASE_PATH": str(tmp_path / "db.sqlite3")})
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert f"stark_challenge: cannot listen on 127.0.0.1:{port}: " in done.stderr.splitlines()[-1]
-
-
 # -- check --------------------------------------------------------------------------
 
 

@@ -33,10 +33,10 @@ from support import Service, child_env, free_port, make_config, messages_matchin
 @pytest.mark.parametrize("variable, value, message", [
     ("STARK_PROJECT_ID", "12 34", "STARK_PROJECT_ID: must be the project's id"),
     ("WEBHOOK_USERNAME", "ops:root", "WEBHOOK_USERNAME: must not contain ':'"),
-    ("TRANSFER_BRANCH", "00-01", "TRANSFER_BRANCH: must be digits"),
+    ("TRANSFER_BRANCH", "00-01", "TRANSFER_BRANCH: must be at most 4 digits"),
     ("TRANSFER_ACCOUNT", "12ab", "TRANSFER_ACCOUNT: must be digits"),
     ("TRANSFER_NAME", "   ", "TRANSFER_NAME: must not be empty"),
-    ("LOG_FORMAT", "xml", "LOG_FORMAT: must be text or json"),
+    ("LOG_FORMAT", "xml", "LOG_FORMAT: must be text, json or journal"),
     ("INVOICE_MIN", "10001", "INVOICE_MIN: must be between 1 and 10000"),
     ("MAX_CONNECTIONS", "0", "MAX_CONNECTIONS: must be between 1 and 1024"),
     ("REQUEST_TIMEOUT", "0", "REQUEST_TIMEOUT: must be more than 0"),
