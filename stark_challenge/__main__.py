@@ -4,7 +4,8 @@
     python3 -m stark_challenge               # run against the Stark Bank project in the environment or .env
 
 Here: the parser, the wiring of ``run`` (``app.App``) and its signals. The other
-subcommands (``status``, ``transfers``, ``check``, ``keygen``, ``webhook``) are in ``commands``.
+subcommands (``status``, ``transfers``, ``check``, ``keygen``, ``webhook``) are in ``commands``,
+``events`` in ``event_commands``.
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
 
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import threading
 
-from . import __version__, commands, config as config_module, logs, report, transfer_states
+from . import __version__, commands, config as config_module, event_commands, logs, report, transfer_states
 from .commands import fail, load_config
 from .errors import ConfigError, StarkChallengeError
 
@@ -102,6 +103,27 @@ def build_parser():
         "stopped one sends it at its next start. Exit 0 queued or recorded, 2 refused or unknown invoice, 1 "
         "Stark Bank or the service unreachable."))
     retry.add_argument("invoice_id", metavar="INVOICE_ID")
+
+    events = sub.add_parser("events", help="list the events received, show one, or replay one from Stark Bank",
+                            description=(
+        "List the events received, newest last (read-only, safe while the service runs): when, event id, "
+        "source (webhook or pull), type, subject (invoice or transfer id) and outcome. 'show ID' prints one "
+        "with its body; 'replay ID' asks Stark Bank for it again and feeds it through the normal path: an "
+        "event already stored is a duplicate and nothing happens, a new one is processed like any other. A "
+        "running service does the replay (POST /events/replay on HOST:PORT, WEBHOOK_USERNAME/PASSWORD); a "
+        "stopped one processes it at its next start. Exit 0 stored or already there, 2 unknown event, 1 "
+        "Stark Bank or the service unreachable."))
+    events.add_argument("--limit", type=int, default=20, metavar="N", help="how many events to list (default: 20)")
+    events.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    event_actions = events.add_subparsers(dest="action", metavar="ACTION")
+    show = event_actions.add_parser("show", help="print one event, its outcome and its body",
+                                    description="Print event ID as stored: type, subject, source, outcome, body.")
+    show.add_argument("event_id", metavar="ID")
+    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    replay = event_actions.add_parser("replay", help="ask Stark Bank for an event again, through the normal path",
+                                      description="Fetch event ID from Stark Bank with the project's credentials "
+                                                  "and accept it as a pulled event: deduplication decides.")
+    replay.add_argument("event_id", metavar="ID")
 
     keygen = sub.add_parser("keygen", help="write a new project key pair",
                             description="Write private-key.pem (mode 0600) and public-key.pem to DIR. "
@@ -271,7 +293,8 @@ def _register_emulator_webhook(bank, config, port):
 
 
 COMMANDS = {None: run, "run": run, "status": commands.status, "check": commands.check,
-            "keygen": commands.keygen, "webhook": commands.webhook, "transfers": commands.transfers}
+            "keygen": commands.keygen, "webhook": commands.webhook, "transfers": commands.transfers,
+            "events": event_commands.events}
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import logging
 import threading
 from http import HTTPStatus
 
-from . import __version__, metrics, report, resend
+from . import __version__, metrics, replay, report, resend
 from .gate import Gate
 from .invoicer import Invoicer
 from .scheduler import Schedule, open_window
@@ -35,7 +35,7 @@ class App:
         self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters)
         self.gate = Gate(store, bank, config, clock=utcnow, on_event=self.worker.wake,
                          health=self.health, report=self.status_page, counters=self.counters,
-                         metrics_page=self.metrics_page, retry=self.retry_transfer)
+                         metrics_page=self.metrics_page, retry=self.retry_transfer, replay=self.replay_event)
         self._retry_lock = threading.Lock()  # one operator retry at a time (the store's key is the guarantee)
         self.schedule = None  # built by start(), once the service listens
         self.server = None
@@ -96,6 +96,11 @@ class App:
         if outcome.code == "queued":
             self.worker.wake()
         return outcome
+
+    def replay_event(self, event_id):
+        """Fetch event ``event_id`` from Stark Bank and accept it as a pull would (``replay.replay``); return its
+        Outcome. A new event wakes the worker. Raise BankUnavailable if Stark Bank does not answer."""
+        return replay.replay(self.store, self.bank, event_id, utcnow(), on_new=self.worker.wake)
 
     def healthy(self):
         """Return True if the store answers and the worker and HTTP threads run (the watchdog's test)."""

@@ -407,6 +407,11 @@ class Bank:
         )
         return [api_json(e) for e in events]
 
+    def get_event(self, event_id):
+        """Return the event ``event_id`` of our workspace as Stark Bank has it (a webhook-shaped dict), or None
+        if Stark Bank has no such event for us. Raise BankUnavailable if it does not answer."""
+        return _get_one("event", event_id)
+
     def mark_delivered(self, event_id):
         """Tell Stark Bank an event was received, so it is not offered again."""
         _translate(lambda: starkbank.event.update(event_id, is_delivered=True), "mark event delivered")

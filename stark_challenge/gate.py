@@ -11,7 +11,9 @@ The routes (``ROUTES``, the one routing table): ``POST /webhook``, Stark Bank's 
 and the service's details, and ``GET /metrics``, the same numbers for Prometheus (text),
 both behind the webhook's basic auth; ``POST /transfers/retry`` (``{"invoice_id": ...}``),
 an operator's retry of a stuck transfer (``resend``), only when basic auth is
-configured (403 otherwise: it moves money). Any other path is 404, another method on a
+configured (403 otherwise: it moves money); ``POST /events/replay`` (``{"event_id": ...}``),
+an operator's replay of an event from Stark Bank (``replay``), under the same conditions.
+Any other path is 404, another method on a
 known path 405 (with ``Allow``). Every answer is JSON, except the metrics.
 
 The checks of a webhook, cheapest first, and the answer each failure gets:
@@ -83,6 +85,7 @@ ROUTES = {
     "/status": {"GET": "status", "HEAD": "status"},
     "/metrics": {"GET": "metrics", "HEAD": "metrics"},
     "/transfers/retry": {"POST": "retry"},
+    "/events/replay": {"POST": "replay"},
 }
 
 # The longest invoice id a retry request may name (Stark Bank's ids are about 16 digits).
@@ -268,7 +271,7 @@ class Gate:
     realm = "stark_challenge"
 
     def __init__(self, store, bank, config, clock, on_event=None, health=None, report=None, counters=None,
-                 metrics_page=None, retry=None):
+                 metrics_page=None, retry=None, replay=None):
         self._store = store
         self._bank = bank
         self._username = config.webhook_username
@@ -280,6 +283,7 @@ class Gate:
         self.counters = counters or metrics.Counters()
         self._metrics_page = metrics_page or str
         self._retry = retry
+        self._replay = replay
         self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
         self._receiving = 0  # webhooks in receive(): each may be an event about to be stored
         self._receiving_lock = threading.Lock()
@@ -350,6 +354,34 @@ class Gate:
         except BankUnavailable as e:
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"Stark Bank did not answer, nothing queued: {e}")
         status = {"refused": HTTPStatus.CONFLICT, "unknown": HTTPStatus.NOT_FOUND}.get(outcome.code, HTTPStatus.OK)
+        return Reply(status, {"outcome": outcome.code, "message": outcome.message})
+
+    def replay(self, headers, body, client):
+        """POST /events/replay: ``{"event_id": "..."}``, an operator's replay (``replay.replay``), behind basic auth.
+
+        200 stored or duplicate, 404 Stark Bank has no such event for us, 422 its copy is
+        malformed, 400 a malformed body, 403 without basic auth configured, 503 if Stark
+        Bank does not answer.
+        """
+        if not (self._username and self._password) or self._replay is None:
+            return _error(HTTPStatus.FORBIDDEN, "replays over HTTP need WEBHOOK_USERNAME and WEBHOOK_PASSWORD set")
+        denied = self.authorize(headers)
+        if denied is not None:
+            self.refusals.log(logger, logging.WARNING, "replay refused: bad or missing basic auth from %s", client)
+            return denied
+        try:
+            event_id = json.loads(body or b"")["event_id"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            event_id = None
+        if not (isinstance(event_id, str) and 0 < len(event_id) <= MAX_INVOICE_ID and event_id.isascii()
+                and event_id.isdigit()):  # Stark Bank's ids are digits
+            return _error(HTTPStatus.BAD_REQUEST, 'expected {"event_id": "<digits>"}')
+        try:
+            outcome = self._replay(event_id)
+        except BankUnavailable as e:
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"Stark Bank did not answer, nothing stored: {e}")
+        status = {"unknown": HTTPStatus.NOT_FOUND, "invalid": HTTPStatus.UNPROCESSABLE_ENTITY}.get(
+            outcome.code, HTTPStatus.OK)
         return Reply(status, {"outcome": outcome.code, "message": outcome.message})
 
     def webhook(self, headers, body, client):

@@ -76,7 +76,7 @@ class Counters:
             return self._values.get((name, labels), 0)
 
     def samples(self, name):
-        """Return [(labels, value)] of every counter called ``name``, ``KNOWN_LABELS`` at 0 included, in a stable order."""
+        """Return [(labels, value)] of every counter called ``name`` (``KNOWN_LABELS`` at 0 too), in a stable order."""
         found = dict.fromkeys(KNOWN_LABELS.get(name, ()), 0)
         with self._lock:
             found.update((labels, value) for (n, labels), value in self._values.items() if n == name)
