@@ -15,8 +15,10 @@ service, which carries no crash switch of its own.
 Why not strace's fault injection (``-e inject=fdatasync:signal=SIGKILL:when=n``): strace
 counts per thread, and the service commits from several (webhook handlers, the worker,
 the schedule), so the n-th fsync of the process cannot be named that way. Each commit
-counted here is one ``fdatasync`` of the WAL (``strace -f -e trace=fdatasync``), and a
-transaction that wrote nothing, a read snapshot say, costs no fsync and is not counted.
+counted here ends with one ``fdatasync`` of the WAL (``strace -f -e trace=fdatasync``: the
+story's first process makes 61 commits and 64 of them, the first commit also syncing
+the new WAL's header), and a transaction that wrote nothing, a read snapshot say, costs
+no fsync and is not counted.
 """
 
 import os
