@@ -49,7 +49,8 @@ __all__ = ["Run", "Step", "STEPS", "Crashed", "StoryStuck", "INVOICES", "ROLES",
 SEAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seam.py")
 ROLES = ("A", "B", "C", "D", "E")  # one invoice of round 0 for each part of the story
 INVOICES = len(ROLES)
-USERNAME = "stark"  # the webhook's (and today the operator's) basic auth user
+USERNAME = "stark"  # the webhook's basic auth user
+OPERATOR = "operator"  # the basic auth user of /status and the operator's routes
 WAIT_S = 20.0  # the longest any one condition of the story may take
 POLL_S = 0.01
 DELIVERY_ATTEMPTS = 5  # the emulator's default tries per webhook delivery
@@ -90,6 +91,7 @@ class Run:
         self.invoices = {}  # role -> the emulator's invoice, once round 0 is issued
         self.step_started = []  # (time.monotonic(), step name), in order
         self.password = secrets.token_hex(8)
+        self.operator_password = secrets.token_hex(8)
         self.env = None
         self.port = None
 
@@ -103,6 +105,7 @@ class Run:
             "INVOICE_MIN": INVOICES, "INVOICE_MAX": INVOICES, "INVOICE_INTERVAL": "1h", "INVOICE_DURATION": "1h",
             "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "5s",
             "WEBHOOK_USERNAME": USERNAME, "WEBHOOK_PASSWORD": self.password,
+            "OPERATOR_USERNAME": OPERATOR, "OPERATOR_PASSWORD": self.operator_password,
         })
         self.emu.add_webhook(config_module.with_userinfo(f"http://127.0.0.1:{self.port}/webhook", USERNAME,
                                                          self.password))
@@ -204,8 +207,8 @@ class Run:
             return None
 
     def status_page(self):
-        """Return GET /status (behind basic auth) as a dict."""
-        token = base64.b64encode(f"{USERNAME}:{self.password}".encode()).decode()
+        """Return GET /status (behind the operator's basic auth) as a dict."""
+        token = base64.b64encode(f"{OPERATOR}:{self.operator_password}".encode()).decode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/status",
                                          headers={"Authorization": "Basic " + token})
         with urllib.request.urlopen(request, timeout=10) as answer:
