@@ -616,16 +616,17 @@ class Store:
     def update_invoice(self, invoice_id, status, now, fee=None):
         """Record a new status (and fee, when known) of one of our invoices; return True if known.
 
-        A ``paid`` that arrives after ``credited`` does not move the status back:
-        logs can arrive in any order.
+        A ``paid`` that arrives after ``credited``, or a ``created`` after any later
+        status, does not move the status back: logs can arrive in any order.
         """
         with self.atomic():
             cur = self._conn.execute(
                 "update invoice set status = ?, fee = coalesce(?, fee), updated_at = ?"
-                " where id = ? and not (status = 'credited' and ? = 'paid')",
-                (status, fee, _iso(now), invoice_id, status),
+                " where id = ? and not (status = 'credited' and ? = 'paid')"
+                " and not (? = 'created' and status <> 'created')",
+                (status, fee, _iso(now), invoice_id, status, status),
             )
-            # No row changed: not ours, or a late 'paid' after 'credited' (ours, left as it is).
+            # No row changed: not ours, or a late 'paid' or 'created' (ours, left as it is).
             return cur.rowcount == 1 or self._one("select 1 from invoice where id = ?", (invoice_id,)) is not None
 
     def has_invoice(self, invoice_id):
