@@ -99,7 +99,7 @@ def build_parser():
     retry = transfer_actions.add_parser("retry", help="queue one more attempt for a stuck credit", description=(
         "Queue attempt N+1 (<tag>-inv-<id>-<N+1>) for INVOICE_ID, whose attempt N is rejected, failed or "
         "stalled, unless Stark Bank shows an attempt of it created, processing or paid (recorded, nothing "
-        "sent). A running service does it (POST /transfers/retry on HOST:PORT, WEBHOOK_USERNAME/PASSWORD); a "
+        "sent). A running service does it (POST /transfers/retry on HOST:PORT, OPERATOR_USERNAME/PASSWORD); a "
         "stopped one sends it at its next start. Exit 0 queued or recorded, 2 refused or unknown invoice, 1 "
         "Stark Bank or the service unreachable."))
     retry.add_argument("invoice_id", metavar="INVOICE_ID")
@@ -110,7 +110,7 @@ def build_parser():
         "source (webhook or pull), type, subject (invoice or transfer id) and outcome. 'show ID' prints one "
         "with its body; 'replay ID' asks Stark Bank for it again and feeds it through the normal path: an "
         "event already stored is a duplicate and nothing happens, a new one is processed like any other. A "
-        "running service does the replay (POST /events/replay on HOST:PORT, WEBHOOK_USERNAME/PASSWORD); a "
+        "running service does the replay (POST /events/replay on HOST:PORT, OPERATOR_USERNAME/PASSWORD); a "
         "stopped one processes it at its next start. Exit 0 stored or already there, 2 unknown event, 1 "
         "Stark Bank or the service unreachable."))
     events.add_argument("--limit", type=int, default=20, metavar="N", help="how many events to list (default: 20)")
@@ -246,6 +246,9 @@ def run(args):
         bank.configure()
         if not config.basic_auth:
             logger.warning("WEBHOOK_USERNAME/WEBHOOK_PASSWORD not set: POST /webhook relies on signatures alone")
+        if not config.operator_auth:
+            logger.info("OPERATOR_USERNAME/OPERATOR_PASSWORD not set: /status, /metrics and /transfers/retry "
+                        "answer 404 (the status and transfers commands still work on this host)")
         try:
             store = Store(config.database_path)
         except StoreError as e:
@@ -263,8 +266,8 @@ def run(args):
 
         # The port is bound and the store open: ready (sd_notify; a no-op outside systemd).
         notifier = Notifier()
-        notifier.send(READY=1, STATUS=report.one_line(app.status_report()))
-        notifier.start(healthy=app.healthy, status=lambda: report.one_line(app.status_report()))
+        notifier.send(READY=1, STATUS=report.one_line(app.console.status_report()))
+        notifier.start(healthy=app.healthy, status=lambda: report.one_line(app.console.status_report()))
 
         while not signals.wait(1.0):
             pass
@@ -284,9 +287,8 @@ def run(args):
 
 
 def _register_emulator_webhook(bank, config, port):
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
-    url = config_module.with_userinfo(f"http://{host}:{port}/webhook", config.webhook_username,
-                                      config.webhook_password)
+    url = config_module.with_userinfo(config_module.local_url(config.host, port, "/webhook"),
+                                      config.webhook_username, config.webhook_password)
     hook = bank.create_webhook(url, ["invoice", "transfer"])
     logger.info("emulator: webhook %s registered for port %d; invoices are paid a few seconds after each round",
                 hook["id"], port)

@@ -15,7 +15,8 @@ from typing import NamedTuple
 from .errors import ConfigError
 from .taxid import is_valid_tax_id
 
-__all__ = ["Config", "VARIABLES", "load", "parse_duration", "format_duration", "with_userinfo", "read_dotenv"]
+__all__ = ["Config", "VARIABLES", "load", "local_url", "parse_duration", "format_duration", "with_userinfo",
+           "read_dotenv"]
 
 
 class Variable(NamedTuple):
@@ -98,6 +99,14 @@ def _auth_pair(values, _required):
         raise ConfigError("WEBHOOK_USERNAME and WEBHOOK_PASSWORD: set both or neither")
 
 
+def _operator_pair(values, _required):
+    if bool(values["operator_username"]) != bool(values["operator_password"]):
+        raise ConfigError("OPERATOR_USERNAME and OPERATOR_PASSWORD: set both or neither")
+    if values["operator_password"] and values["operator_password"] == values["webhook_password"]:
+        # The webhook's credentials travel in the URL registered at Stark Bank.
+        raise ConfigError("OPERATOR_PASSWORD: must differ from WEBHOOK_PASSWORD")
+
+
 def _round_bounds(values, _required):
     if values["invoice_min"] > values["invoice_max"]:
         raise ConfigError("INVOICE_MIN: must not be more than INVOICE_MAX")
@@ -118,9 +127,14 @@ VARIABLES = (
       _one_of(("sandbox", "production"), "must be sandbox or production")),
     V("HOST", "0.0.0.0", "address the HTTP server listens on", "host", _text),
     V("PORT", "8000", "port the HTTP server listens on", "port", _whole(0, 65535)),
-    V("WEBHOOK_USERNAME", "", "with WEBHOOK_PASSWORD: HTTP basic auth required on POST /webhook and GET /status",
+    V("WEBHOOK_USERNAME", "", "with WEBHOOK_PASSWORD: HTTP basic auth required on POST /webhook",
       "webhook_username", _matching(r"[^:]*", "must not contain ':'", strip=False)),
     V("WEBHOOK_PASSWORD", "", "see WEBHOOK_USERNAME", "webhook_password", str, _auth_pair),
+    V("OPERATOR_USERNAME", "", "with OPERATOR_PASSWORD: HTTP basic auth of GET /status, GET /metrics, "
+      "POST /transfers/retry and POST /events/replay, which answer 404 without them", "operator_username",
+      _matching(r"[^:]*", "must not contain ':'", strip=False)),
+    V("OPERATOR_PASSWORD", "", "see OPERATOR_USERNAME; must differ from WEBHOOK_PASSWORD", "operator_password", str,
+      _operator_pair),
     V("INVOICE_INTERVAL", "3h", "time between rounds: seconds or a number with s/m/h/d", "invoice_interval_s",
       _seconds(allow_zero=False)),
     V("INVOICE_MIN", "8", "fewest invoices in a round", "invoice_min", _whole(1, MAX_ROUND_SIZE)),
@@ -166,7 +180,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 # Fields whose values repr() hides.
-_SECRET_FIELDS = frozenset({"private_key", "webhook_username", "webhook_password"})
+_SECRET_FIELDS = frozenset({"private_key", "webhook_username", "webhook_password", "operator_username",
+                            "operator_password"})
 
 
 class Config(NamedTuple):
@@ -183,6 +198,8 @@ class Config(NamedTuple):
     port: int
     webhook_username: str
     webhook_password: str
+    operator_username: str  # "" (with operator_password): no operator endpoints over HTTP
+    operator_password: str
     invoice_interval_s: float
     invoice_min: int
     invoice_max: int
@@ -206,6 +223,11 @@ class Config(NamedTuple):
     def basic_auth(self):
         """Return True if HTTP basic auth is configured."""
         return bool(self.webhook_username and self.webhook_password)
+
+    @property
+    def operator_auth(self):
+        """Return True if the operator's credentials are configured (the operator endpoints exist)."""
+        return bool(self.operator_username and self.operator_password)
 
     def __repr__(self):
         shown = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)
@@ -239,6 +261,15 @@ def with_userinfo(url, username, password):
         return url
     userinfo = f"{urllib.parse.quote(username, safe='')}:{urllib.parse.quote(password, safe='')}"
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
+
+
+def local_url(host, port, path):
+    """Return the http URL of ``path`` on a service of this machine listening on ``host``:``port``.
+
+    A service listening on every address (``0.0.0.0``, ``::`` or empty) is reached at 127.0.0.1.
+    """
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}{path}"
 
 
 def read_dotenv(path, required=False):

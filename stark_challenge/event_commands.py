@@ -3,21 +3,16 @@
 
 Listing and showing read the database read-only (safe while the service runs). A
 replay writes, and the store has one writer: while the service runs (it holds the
-store's lock), the service replays, asked at ``POST /events/replay`` with the webhook's
+store's lock), the service replays, asked at ``POST /events/replay`` with the operator's
 basic auth; otherwise the command opens the store itself (``replay.replay``) and the
 event waits for the worker at the next start. Exit status: 0 done (stored or already
 there), 1 Stark Bank or the service unreachable, 2 an unknown event or a configuration error.
 """
 
-import base64
 import json
-import os
-import urllib.error
-import urllib.request
 
 from . import replay as replay_module
-from .commands import configured_bank, fail, load_config
-from .errors import BankError, ConfigError
+from .commands import ask_service, fail, outcome_printer, read_or_write, write_or_ask
 from .timing import utcnow
 
 __all__ = ["events", "REPLAY_TIMEOUT_S"]
@@ -30,22 +25,11 @@ _OUTCOME_WIDTH = 37
 
 def events(args):
     """List the events received (read-only), show one, or replay one."""
-    from .store import Store, StoreError
+    return read_or_write(args, "replay", _replay, lambda reader: reader.stored_event(args.event_id)
+                         if args.action == "show" else reader.recent_events(args.limit), _print_events)
 
-    try:
-        config = load_config(args, require_credentials=False)
-    except ConfigError as e:
-        return fail(str(e))
-    if args.action == "replay":
-        return _replay(args, config)
-    try:
-        reader = Store(config.database_path, read_only=True)
-        try:
-            found = reader.stored_event(args.event_id) if args.action == "show" else reader.recent_events(args.limit)
-        finally:
-            reader.close()
-    except StoreError as e:
-        return fail(str(e), 1)
+
+def _print_events(args, found):
     if args.action == "show":
         return _show(args.event_id, found, args.json)
     if args.json:
@@ -89,59 +73,15 @@ def _show(event_id, row, as_json):
 
 def _replay(args, config):
     """Replay one event: through the running service, or here when it is stopped."""
-    from .store import Store, StoreError, StoreLocked
-
-    if not os.path.exists(config.database_path):
-        return fail(f"{config.database_path}: no such database (set DATABASE_PATH)", 1)
-    try:
-        store = Store(config.database_path)
-    except StoreLocked:
-        return _replay_through_service(config, args.event_id)
-    except StoreError as e:
-        return fail(str(e), 1)
-    try:
-        try:
-            config, bank = configured_bank(args)
-        except ConfigError as e:
-            return fail(str(e))
-        try:
-            outcome = replay_module.replay(store, bank, args.event_id, utcnow())
-        except BankError as e:
-            return fail(f"Stark Bank did not answer, nothing stored: {e}", 1)
-    finally:
-        store.close()
-    suffix = "; the service processes it when it starts" if outcome.code == "stored" else ""
-    return _print_outcome(outcome.code, outcome.message + suffix)
+    return write_or_ask(args, config, lambda: _replay_through_service(config, args.event_id),
+                        lambda store, bank, _settings: replay_module.replay(store, bank, args.event_id, utcnow()),
+                        "nothing stored", ("stored", "; the service processes it when it starts"), _print_outcome)
 
 
-def _print_outcome(code, message):
-    if code in ("unknown", "invalid"):
-        return fail(message, 2)
-    print(message)
-    return 0
+_print_outcome = outcome_printer(("unknown", "invalid"))
 
 
 def _replay_through_service(config, event_id):
     """Ask the running service (it holds the store) to replay; return the exit status."""
-    if not config.basic_auth:
-        return fail("the service is running: set WEBHOOK_USERNAME and WEBHOOK_PASSWORD (as the service has them) "
-                    "to ask it for the replay", 2)
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}/events/replay"
-    token = base64.b64encode(f"{config.webhook_username}:{config.webhook_password}".encode()).decode()
-    request = urllib.request.Request(url, data=json.dumps({"event_id": event_id}).encode(), method="POST",
-                                     headers={"Authorization": "Basic " + token, "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=REPLAY_TIMEOUT_S) as answer:
-            body = json.loads(answer.read())
-    except urllib.error.HTTPError as e:
-        try:
-            body = json.loads(e.read())
-        except ValueError:
-            body = {}
-        if e.code in (404, 422):
-            return _print_outcome(body.get("outcome", "unknown"), body.get("message", f"HTTP {e.code}"))
-        return fail(f"the service answered {e.code}: {body.get('error', e.reason)}", 1)
-    except (OSError, ValueError) as e:
-        return fail(f"the service holds the database but does not answer at {url}: {e}", 1)
-    return _print_outcome(body["outcome"], body["message"])
+    return ask_service(config, "/events/replay", {"event_id": event_id}, REPLAY_TIMEOUT_S, "replay",
+                       {404: "unknown", 422: "unknown"}, _print_outcome)

@@ -152,6 +152,8 @@ def _service_maker(emulator, directory, made):
             "INVOICE_DURATION": "0",
             "EVENT_POLL_INTERVAL": "1h",
             "BANK_TIMEOUT": "3s",
+            "OPERATOR_USERNAME": "operator",  # GET /status and /metrics answer 404 without them
+            "OPERATOR_PASSWORD": "operator-password",
         })
         env.update({k: str(v) for k, v in values.items()})
         service = Service(env, str(home / "service.log"), cwd=str(home))

@@ -15,7 +15,8 @@ from support import ROOT
 
 UNIT = os.path.join(ROOT, "deploy", "stark-challenge.service")
 ENV_EXAMPLE = os.path.join(ROOT, "deploy", "env.example")
-SECRETS = ("STARK_PROJECT_ID", "STARK_PRIVATE_KEY", "WEBHOOK_USERNAME", "WEBHOOK_PASSWORD")
+SECRETS = ("STARK_PROJECT_ID", "STARK_PRIVATE_KEY", "WEBHOOK_USERNAME", "WEBHOOK_PASSWORD", "OPERATOR_USERNAME",
+           "OPERATOR_PASSWORD")
 
 
 def unit_settings(text):

@@ -86,10 +86,14 @@ def test_events_lists_shows_and_replays_without_moving_money_twice(emulator, ser
 def test_a_replay_through_the_service_needs_its_credentials(emulator, service_factory):
     service = service_factory(webhook=False, INVOICE_MIN=1, INVOICE_MAX=1, **AUTH)
     service.start()
-    wrong = cli(service, "events", "replay", "123", WEBHOOK_PASSWORD="wrong")
+    wrong = cli(service, "events", "replay", "123", OPERATOR_PASSWORD="wrong")
     assert wrong.returncode == 1 and "the service answered 401" in wrong.stderr
-    bad = service.request("POST", "/events/replay", b'{"event_id": "../x"}',
-                          {"Authorization": "Basic b3BzOnMzY3JldC1wYXNz"})
+    none = cli(service, "events", "replay", "123", OPERATOR_USERNAME="", OPERATOR_PASSWORD="")
+    assert none.returncode == 2 and "set OPERATOR_USERNAME and OPERATOR_PASSWORD" in none.stderr
+    webhooks = service.request("POST", "/events/replay", b'{"event_id": "123"}',
+                               {"Authorization": "Basic b3BzOnMzY3JldC1wYXNz"})  # ops:s3cret-pass, the webhook's
+    assert webhooks[0] == 401
+    bad = service.operate("POST", "/events/replay", b'{"event_id": "../x"}')
     assert bad[0] == 400
 
 

@@ -86,8 +86,11 @@ def metric(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0)
 
 
-def get_metrics(service, auth=True):
-    headers = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret-pass").decode()} if auth else {}
+def get_metrics(service, auth="operator"):
+    """GET /metrics with the operator's credentials, the webhook's (``auth="webhook"``), or none (None)."""
+    credentials = {"operator": f"{service.env['OPERATOR_USERNAME']}:{service.env['OPERATOR_PASSWORD']}",
+                   "webhook": f"{service.env['WEBHOOK_USERNAME']}:{service.env['WEBHOOK_PASSWORD']}"}.get(auth)
+    headers = {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()} if credentials else {}
     request = urllib.request.Request(service.url + "/metrics", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
@@ -143,7 +146,9 @@ def test_metrics_need_auth_and_equal_the_emulators_records(emulator, service_fac
               "Digital-Signature": base64.b64encode(b"0" * 70).decode()}
     assert service.request("POST", "/webhook", b'{"event": {}}', forged)[0] == 401
 
-    status, content_type, body = get_metrics(service, auth=False)
+    status, content_type, body = get_metrics(service, auth=None)
+    assert status == 401 and "stark_challenge" not in body
+    status, content_type, body = get_metrics(service, auth="webhook")  # the password in the webhook's URL
     assert status == 401 and "stark_challenge" not in body
     status, content_type, body = get_metrics(service)
     assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
@@ -250,10 +255,14 @@ def test_a_rejected_transfer_retried_moves_the_money_once(emulator, service_fact
     unknown = cli(service, "transfers", "retry", "123456789")
     assert unknown.returncode == 2 and "no transfer in the ledger" in unknown.stderr
     # The service holds the store: the command must reach it, with the same credentials.
-    wrong = cli(service, "transfers", "retry", a, WEBHOOK_PASSWORD="wrong")
+    wrong = cli(service, "transfers", "retry", a, OPERATOR_PASSWORD="wrong")
     assert wrong.returncode == 1 and "the service answered 401" in wrong.stderr
-    no_auth = cli(service, "transfers", "retry", a, WEBHOOK_USERNAME="", WEBHOOK_PASSWORD="")
-    assert no_auth.returncode == 2 and "set WEBHOOK_USERNAME and WEBHOOK_PASSWORD" in no_auth.stderr
+    webhooks = cli(service, "transfers", "retry", a, OPERATOR_USERNAME=AUTH["WEBHOOK_USERNAME"],
+                   OPERATOR_PASSWORD=AUTH["WEBHOOK_PASSWORD"])  # the webhook's pair: refused before asking
+    assert webhooks.returncode == 2 and webhooks.stderr == (
+        "stark_challenge: OPERATOR_PASSWORD: must differ from WEBHOOK_PASSWORD\n")
+    no_auth = cli(service, "transfers", "retry", a, OPERATOR_USERNAME="", OPERATOR_PASSWORD="")
+    assert no_auth.returncode == 2 and "set OPERATOR_USERNAME and OPERATOR_PASSWORD" in no_auth.stderr
     elsewhere = cli(service, "transfers", "retry", a, PORT=str(free_port()))
     assert elsewhere.returncode == 1 and "does not answer" in elsewhere.stderr
     assert len(by_invoice(emulator, a)) == 1
