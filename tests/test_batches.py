@@ -188,7 +188,8 @@ def test_stopping_while_settling_an_unanswered_batch_puts_the_rest_back_to_pendi
     emulator.fail_next_after("POST", "/v2/transfer")
     asked = []
     sender.send_due(stopping=lambda: asked.append(1) or len(asked) > 1)  # stop after the first lookup
-    assert store.transfer(ids[0]).state == "created"
+    # Found as Stark Bank has it by then: the emulator moves a transfer on after 50 ms.
+    assert store.transfer(ids[0]).state in ("created", "processing")
     assert [store.transfer(ext).state for ext in ids[1:]] == ["pending", "pending"]
     sender.send_due()  # refused as duplicates, then found one by one
     made = made_once(emulator, ids)
