@@ -22,7 +22,7 @@ from . import config as config_module, logs, report
 from .errors import BankError, BankRejected, ConfigError
 from .timing import utcnow
 
-__all__ = ["status", "transfers", "check", "keygen", "webhook", "load_config", "fail"]
+__all__ = ["read_report", "status", "transfers", "check", "keygen", "webhook", "load_config", "fail"]
 
 # Seconds the retry command waits for the running service's answer (it asks Stark Bank once).
 RETRY_TIMEOUT_S = 60.0
@@ -57,7 +57,7 @@ def fail(message, status=2):
     return status
 
 
-def _report(path):
+def read_report(path):
     """Return the status report of the database at ``path``, read-only; raise StoreError."""
     from .store import Store
 
@@ -73,7 +73,7 @@ def status(args):
     from .store import StoreError
 
     try:
-        data = _report(load_config(args, require_credentials=False).database)
+        data = read_report(load_config(args, require_credentials=False).database)
     except ConfigError as e:
         return fail(str(e))
     except StoreError as e:
@@ -274,7 +274,7 @@ def _database_plan(config):
     if not config.database_url and not os.path.exists(config.database_path):
         return "new: the first round is issued at start"
     try:
-        data = _report(config.database)
+        data = read_report(config.database)
     except StoreError as e:
         return f"unreadable: {e}"
     r = data["rounds"]
