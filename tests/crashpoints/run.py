@@ -66,8 +66,9 @@ def count(certificates, keep=False, base=None):
     return found, problems, time.monotonic() - began, kept
 
 
-def run_point(point, certificates, keep=False, base=None):
-    """Run the story with the service killed at ``point``; return its Result (directory: see ``count``)."""
+def run_point(point, certificates, keep=False, base=None, timed=True):
+    """Run the story with the service killed at ``point``; return its Result (directory: see ``count``;
+    ``timed``: see ``invariants.check``)."""
     workdir = tempfile.mkdtemp(prefix="crash-point-", dir=base)
     restart_s = settle_s = None
     commit_kill = (point.launch, point.n) if point.kind == points.COMMIT else None
@@ -82,7 +83,7 @@ def run_point(point, certificates, keep=False, base=None):
                 began = time.monotonic() - restart_s
                 run.wait(_settled(run), "everything to settle", SETTLE_S)
                 settle_s = time.monotonic() - began
-                problems = invariants.check(run, restart_s)
+                problems = invariants.check(run, restart_s, timed)
         except (Crashed, StoryStuck, AssertionError) as e:
             problems = [f"after the restart: {e}"]
     kept = workdir if problems or keep else None
