@@ -32,7 +32,10 @@ class App:
     def __init__(self, config, bank, store):
         self.config, self.bank, self.store = config, bank, store
         self.counters = metrics.Counters()  # the process's own counts, for GET /metrics
-        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters)
+        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters,
+                             reconcile_interval_s=config.reconcile_interval_s,
+                             reconcile_after_s=config.reconcile_after_s, alarm_after_s=config.alarm_after_s,
+                             lease_s=4 * config.bank_timeout_s + 60)
         self.gate = Gate(store, bank, config, clock=utcnow, on_event=self.worker.wake,
                          health=self.health, report=self.status_page, counters=self.counters,
                          metrics_page=self.metrics_page, retry=self.retry_transfer)

@@ -93,20 +93,33 @@ def transfers(args):
         reader = Store(config.database_path, read_only=True)
         try:
             rows = reader.transfers(states=(args.state,) if args.state else None)
+            alarms = {(a["subject"]) for a in reader.alarms()}
         finally:
             reader.close()
     except StoreError as e:
         return fail(str(e), 1)
     if args.json:
-        print(json.dumps([{**t._asdict(), "errors": [list(e) for e in t.errors]} for t in rows], indent=2))
+        print(json.dumps([{**t._asdict(), "errors": [list(e) for e in t.errors],
+                            "alarm": _alarmed(t, alarms), **_times(t)} for t in rows], indent=2))
         return 0
     for t in rows:
         error = "; ".join(f"{c}: {m}" if c else m for c, m in t.errors[-1:])
-        print(f"{t.state:<10}  invoice {t.invoice_id}  attempt {t.attempt}  {report.reais(t.amount):>14}  "
+        flag = "ALARM " if _alarmed(t, alarms) else ""
+        print(f"{flag}{t.state:<10}  invoice {t.invoice_id}  attempt {t.attempt}  {report.reais(t.amount):>14}  "
               f"{t.external_id}  {t.transfer_id or '-'}{'  ' + error if error else ''}")
     if not rows:
         print("no transfers" + (f" in state {args.state}" if args.state else ""))
     return 0
+
+
+def _alarmed(transfer, alarm_subjects):
+    """Return True if a standing alarm is about this transfer or its invoice."""
+    return transfer.external_id in alarm_subjects or transfer.invoice_id in alarm_subjects
+
+
+def _times(transfer):
+    return {name: value.isoformat() for name, value in transfer._asdict().items()
+            if hasattr(value, "isoformat")}
 
 
 def _retry(args, config):
@@ -134,7 +147,7 @@ def _retry(args, config):
             return fail(f"Stark Bank did not answer, nothing queued: {e}", 1)
     finally:
         store.close()
-    suffix = "; the service sends it when it starts" if outcome.code == "queued" else ""
+    suffix = "; the service acts on it when it starts" if outcome.code in ("queued", "resent") else ""
     return _print_outcome(outcome.code, outcome.message + suffix)
 
 

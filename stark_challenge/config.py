@@ -145,6 +145,12 @@ VARIABLES = (
     V("EVENT_POLL_INTERVAL", "10m", "how often undelivered events are pulled from Stark Bank; 0 = only at start-up",
       "event_poll_interval_s", _seconds(allow_zero=True)),
     V("BANK_TIMEOUT", "15s", "timeout of every call to Stark Bank", "bank_timeout_s", _seconds(allow_zero=False)),
+    V("RECONCILE_INTERVAL", "5m", "how often the reconciliation pass asks Stark Bank about open transfers and "
+      "updates the alarms", "reconcile_interval_s", _seconds(allow_zero=False)),
+    V("RECONCILE_AFTER", "2m", "an open transfer quiet for this long is asked about at Stark Bank by the "
+      "reconciliation pass", "reconcile_after_s", _seconds(allow_zero=True)),
+    V("ALARM_AFTER", "1h", "a transfer still open after this, or an invoice with our tag Stark Bank has not found "
+      "for this long, is an alarm", "alarm_after_s", _seconds(allow_zero=False)),
     V("MAX_CONNECTIONS", "32", "HTTP requests handled at once (one thread each) and as many queued; "
                                "more get 503; 16 connections held per thread while they send",
       "max_connections", _whole(1, 1024)),
@@ -194,6 +200,9 @@ class Config(NamedTuple):
     instance_tag: str
     event_poll_interval_s: float  # 0 = only at start-up
     bank_timeout_s: float
+    reconcile_interval_s: float
+    reconcile_after_s: float
+    alarm_after_s: float
     max_connections: int
     request_timeout_s: float  # a stalled client is cut off after this
     log_level: str

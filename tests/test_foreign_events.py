@@ -283,12 +283,12 @@ def test_stark_bank_answers_for_our_workspace_only_and_not_found_is_definite(emu
                                                             tags=[TAG])], user=user)
     emulator.pay(ours.id)
 
-    assert bank.get_invoice(ours.id) == {"id": ours.id, "amount": 5000, "fee": FEE, "status": "paid", "tags": [TAG]}
-    assert bank.get_invoice(theirs.id) is None  # another workspace's: Stark Bank shows us nothing
-    assert bank.get_invoice("../transfer") is None  # not an id of Stark Bank's: never sent
+    assert bank.get("invoice", ours.id) == {"id": ours.id, "amount": 5000, "fee": FEE, "status": "paid", "tags": [TAG]}
+    assert bank.get("invoice", theirs.id) is None  # another workspace's: Stark Bank shows us nothing
+    assert bank.get("invoice", "../transfer") is None  # not an id of Stark Bank's: never sent
     emulator.fail_next("GET", f"/v2/invoice/{ours.id}", status=500)
     with pytest.raises(BankUnavailable):
-        bank.get_invoice(ours.id)
+        bank.get("invoice", ours.id)
     assert [(c["path"], c["status"]) for c in emulator.requests if c["method"] == "GET"] == [
         (f"/v2/invoice/{ours.id}", 200), (f"/v2/invoice/{theirs.id}", 400), (f"/v2/invoice/{ours.id}", 500)]
 

@@ -9,6 +9,8 @@ import sqlite3
 
 import pytest
 
+from stark_challenge.vocabulary import Outcome
+
 from stark_challenge import report
 from stark_challenge.store import Store, StoreError
 
@@ -168,7 +170,8 @@ def test_status_reads_while_the_service_writes_without_blocking_it(emulator, fil
             assert reader.summary()["events"]["received"] == before
         assert reader.summary()["events"]["received"] == before + 1
         with pytest.raises(StoreError, match="readonly"):
-            reader.finish_event("9100000000000001", "deleted", datetime.datetime.now(datetime.timezone.utc))
+            reader.finish_event("9100000000000001", Outcome("ignored", "deleted"),
+                                datetime.datetime.now(datetime.timezone.utc))
     finally:
         reader.close()
     assert status_json(database, tmp_path)["events"]["received"] == before + 1
@@ -223,7 +226,7 @@ def test_a_read_only_store_refuses_a_file_that_is_not_our_database(tmp_path):
 def test_one_line_status_summarises_the_report():
     summary = {
         "schedule": None, "rounds": {"issued": 3, "issuing": 0, "failed": 0}, "invoices": {},
-        "credits": {"count": 4, "amount": 50000, "fee": 200, "net": 49800, "skipped": 0},
+        "credits": {"count": 4, "amount": 50000, "fee": 200, "net": 49800},
         "transfers": {"success": {"count": 3, "amount": 39800}, "pending": {"count": 1, "amount": 10000}},
         "transferred": 39800, "events": {"received": 20, "pending": 2, "last_webhook_at": None},
     }

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from stark_challenge.bank import Bank
-from stark_challenge.transfers import MAX_TRIES, Sender
+from stark_challenge.transfers import MAX_BACKOFF_S, Sender
 
 from support import sdk_config
 
@@ -70,14 +70,29 @@ def test_a_refusal_is_recorded_with_its_codes_and_not_retried(emulator, sender, 
     assert sender.send_due() == 0 and emulator.transfers() == []
 
 
-def test_unanswered_tries_are_bounded_then_resumed_at_start_up(emulator, sender, store, clock):
-    emulator.fail_next("POST", "/v2/transfer", count=MAX_TRIES, status=500)
-    for _ in range(MAX_TRIES + 2):
-        sender.send_due()
-        clock.advance(3600)
-    assert store.transfer(EXT).state == "stalled"
-    assert store.transfer(EXT).tries == MAX_TRIES
-    assert sender.recover() == 1  # a restart tries again
+def test_unanswered_tries_go_on_under_the_same_external_id_with_a_capped_backoff(emulator, sender, store, clock):
+    emulator.fail_next("POST", "/v2/transfer", count=12, status=500)
+    emulator.fail_next("GET", "/v2/transfer", count=12, status=400)  # and every lookup refused
+    for _ in range(12):
+        assert sender.send_due() == 1
+        t = store.transfer(EXT)
+        assert t.state == "pending" and (t.next_try_at - clock()).total_seconds() <= MAX_BACKOFF_S
+        clock.advance(MAX_BACKOFF_S)
+    sender.send_due()
+    assert store.transfer(EXT).state == "created" and len(emulator.transfers()) == 1
+    sent = [c for c in emulator.requests if (c["method"], c["path"]) == ("POST", "/v2/transfer")]
+    assert len(sent) == 13 and store.transfer(EXT).tries == 13
+
+
+def test_a_refusal_after_unanswered_tries_is_not_final(emulator, sender, store, clock):
+    # An earlier create may still land: only the external id's one create call can prove nothing was made.
+    emulator.fail_next("POST", "/v2/transfer", status=500)
+    sender.send_due()
+    emulator.fail_next("POST", "/v2/transfer", status=400)
+    clock.advance(3600)
+    sender.send_due()
+    assert store.transfer(EXT).state == "pending"
+    clock.advance(3600)
     sender.send_due()
     assert store.transfer(EXT).state == "created" and len(emulator.transfers()) == 1
 
@@ -85,7 +100,6 @@ def test_unanswered_tries_are_bounded_then_resumed_at_start_up(emulator, sender,
 def test_a_crash_mid_call_is_settled_at_start_up(emulator, sender, store, clock):
     store.claim_transfer(EXT, clock())  # the process died after claiming, before or during the call
     assert sender.recover() == 1
-    assert store.transfer(EXT).state == "pending"  # nothing at Stark Bank: send it (after the backoff)
-    clock.advance(60)
+    assert store.transfer(EXT).state == "pending"  # nothing at Stark Bank: sent again under its external id
     sender.send_due()
     assert len(emulator.transfers()) == 1

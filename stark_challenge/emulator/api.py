@@ -123,6 +123,14 @@ def _matcher(query, parent=None):
     return lambda row: all(check(row) for check in checks)
 
 
+def _external_ids(body):
+    """Return the externalIds a transfer create call sent (whatever became of it), for the record."""
+    try:
+        return [t.get("externalId") for t in json.loads(body)["transfers"] if isinstance(t, dict)]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
 class Api:
     """The routes over a `Ledger`; see the module docstring for the order of checks."""
 
@@ -245,6 +253,8 @@ class Api:
             call = {"method": method, "path": path, "query": parts.query, "status": status}
             if drop:
                 call["dropped"] = True
+            if (method, path) == ("POST", "/v2/transfer"):
+                call["external_ids"] = _external_ids(body)
             self._calls.append(call)
         return Reply(status, json.dumps(payload).encode("utf-8"), drop)
 
@@ -290,7 +300,7 @@ class Api:
             cursor = query.get("cursor") or None
             if cursor is not None and not cursor.isdigit():
                 raise _bad("invalidCursor", "cursor %r was not issued by this server" % cursor)
-            rows = [(sequence, row) for sequence, row in reversed(bank.rows(kind))
+            rows = [(sequence, row) for sequence, row in reversed(bank.rows(kind, lagged=True))
                     if (cursor is None or sequence < int(cursor)) and matches(row)]
             page = rows[:int(limit)]
             next_cursor = str(page[-1][0]) if len(rows) > len(page) else None
@@ -299,7 +309,7 @@ class Api:
 
     def _getter(self, kind, singular, code):
         def get_row(bank, _query, _payload, row_id):
-            row = bank.get(kind, row_id)
+            row = bank.get(kind, row_id, lagged=True)
             if row is None:
                 raise _bad(code, "%s %s does not exist" % (singular, row_id))
             return {singular: row}

@@ -44,6 +44,8 @@ SUBSCRIPTIONS = (
 _PENDING_TRANSFER = ("created", "processing")
 _PAYABLE_INVOICE = ("created", "registered", "overdue")
 _DEFAULT_TRANSFER_ERRORS = ["Simulated failure: the receiving institution refused the transfer"]
+_DUPLICATE_ERROR = "externalId was already used by another transfer"
+_LAGGED = ("invoice", "transfer")  # the kinds whose reads the read_lag_s knob delays
 
 
 class Rejected(Exception):
@@ -119,21 +121,38 @@ class Ledger:
         self._external_ids = set()  # every externalId ever used in the workspace
         self._implicit_keys = set()  # (UTC day, amount, receiver) of transfers without externalId
         self._doomed = {}  # transfer id -> errors it will fail with instead of succeeding
+        self._history = {}  # (kind, id) -> [(time, row copy)] of invoices and transfers, for read_lag_s
         self._balance = 0  # cents: credited invoices minus transfers that did not fail
         with self._lock:
             self.workspace_id = self._new_id()
 
     # -- reading --------------------------------------------------------------------
 
-    def rows(self, kind):
-        """Return [(sequence, row copy)] of a kind ("invoice", "event", ...), oldest first."""
-        with self._lock:
-            return copy.deepcopy(self._tables[kind].rows())
+    def rows(self, kind, lagged=False):
+        """Return [(sequence, row copy)] of a kind ("invoice", "event", ...), oldest first.
 
-    def get(self, kind, row_id):
-        """Return a copy of one row, or None if there is no such id."""
+        ``lagged``: as an API read sees them under the read_lag_s knob (``_as_read``).
+        """
         with self._lock:
-            return copy.deepcopy(self._tables[kind].get(row_id))
+            rows = self._tables[kind].rows()
+            if lagged:
+                rows = [(n, seen) for n, seen in ((n, self._as_read(kind, row)) for n, row in rows) if seen]
+            return copy.deepcopy(rows)
+
+    def get(self, kind, row_id, lagged=False):
+        """Return a copy of one row, or None if there is no such id (``lagged``: as ``rows``)."""
+        with self._lock:
+            row = self._tables[kind].get(row_id)
+            return copy.deepcopy(self._as_read(kind, row) if lagged and row is not None else row)
+
+    def _as_read(self, kind, row):
+        """Return ``row`` as it was read_lag_s ago (None: it did not exist yet); lock held."""
+        lag = self._knobs.read_lag_s
+        if not lag or kind not in _LAGGED:
+            return row
+        seen = self._now() - datetime.timedelta(seconds=lag)
+        versions = [version for at, version in self._history.get((kind, row["id"]), ()) if at <= seen]
+        return versions[-1] if versions else None
 
     def balance(self):
         """Return the workspace balance in cents."""
@@ -260,11 +279,14 @@ class Ledger:
         with self._lock:
             moment = self._now()
             now, day = iso(moment), moment.date().isoformat()
-            errors, external_ids, implicit_keys = [], set(), set()
+            errors, external_ids, implicit_keys, duplicates = [], set(), set(), set()
             for index, fields in enumerate(transfers):
                 external_id = fields["externalId"]
                 if external_id is not None:
-                    if external_id in self._external_ids or external_id in external_ids:
+                    repeated = external_id in self._external_ids or external_id in external_ids
+                    if repeated and self._knobs.duplicate_external_id == "fail_later":
+                        duplicates.add(index)
+                    elif repeated:
                         errors.append({"code": "invalidExternalId",
                                        "message": "Element %d: externalId %r was already used" % (index, external_id)})
                     external_ids.add(external_id)
@@ -281,7 +303,7 @@ class Ledger:
             self._external_ids |= external_ids
             self._implicit_keys |= implicit_keys
             created, events = [], []
-            for fields in transfers:
+            for index, fields in enumerate(transfers):
                 transfer = dict(fields, id=self._new_id(), fee=0, status="created", transactionIds=[],
                                 metadata={}, created=now, updated=now)
                 if transfer["description"] is None:
@@ -290,6 +312,8 @@ class Ledger:
                 self._balance -= transfer["amount"]
                 if self._chance.random() < self._knobs.transfer_fail_ratio:
                     self._doomed[transfer["id"]] = list(_DEFAULT_TRANSFER_ERRORS)
+                if index in duplicates:
+                    self._doomed[transfer["id"]] = [_DUPLICATE_ERROR]
                 events.append(self._log("transfer", transfer, "created"))
                 created.append(copy.deepcopy(transfer))
         self._publish(events)
@@ -379,6 +403,8 @@ class Ledger:
         return self._ids.new()
 
     def _log(self, kind, entity, log_type, errors=()):
+        if kind in _LAGGED:  # every change of an invoice or transfer is logged: keep the version read_lag_s reads
+            self._history.setdefault((kind, entity["id"]), []).append((self._now(), copy.deepcopy(entity)))
         now = iso(self._now())
         log = {"id": self._new_id(), "type": log_type, "created": now, "errors": list(errors),
                kind: copy.deepcopy(entity)}
