@@ -277,8 +277,7 @@ class Worker:
                 return _RATE_LIMITED
             found = self._bank.get("invoice", asked.key)
             if found is None and events.carries_tag(event, self._tag):
-                received = self._store.event_received_at(event.id) or self._clock()
-                if self._clock() - received < self._alarm_after:
+                if self._within_grace(event):
                     return "Stark Bank does not find this invoice with our tag yet"
             elif found is None or self._tag not in (found.get("tags") or []):
                 self._remember_not_ours(asked.key, found)
@@ -290,8 +289,18 @@ class Worker:
         elif asked.kind == "lookup":
             transfer = self._store.transfer(asked.key)
             if transfer is not None and transfer.transfer_id is None and not self._sender.lookup(transfer):
+                if self._within_grace(event):  # our own new transfer may not be listed yet
+                    return "Stark Bank does not list our transfer with this external id yet"
                 not_created.add(asked.key)
         return None
+
+    def _within_grace(self, event):
+        """Return True while a read that does not find our own entity counts as "not yet" for ``event``.
+
+        That is ``reconcile_after_s`` from the event's arrival: reads may lag writes.
+        """
+        received = self._store.event_received_at(event.id) or self._clock()
+        return self._clock() - received < self._check_after
 
     def _remember_not_ours(self, invoice_id, answer):
         self._not_ours[invoice_id] = answer
