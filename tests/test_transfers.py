@@ -103,3 +103,37 @@ def test_a_crash_mid_call_is_settled_at_start_up(emulator, sender, store, clock)
     assert store.transfer(EXT).state == "pending"  # nothing at Stark Bank: sent again under its external id
     sender.send_due()
     assert len(emulator.transfers()) == 1
+
+
+def test_a_duplicate_refusal_whose_lookup_gets_a_5xx_is_looked_up_until_found_never_sent_again(
+        emulator, sender, store, clock):
+    emulator.fail_next_after("POST", "/v2/transfer")  # made at Stark Bank, the answer lost
+    emulator.fail_next("GET", "/v2/transfer", status=503)  # and the lookup after it unanswered
+    sender.send_due()
+    assert store.transfer(EXT).state == "pending"
+    clock.advance(3600)
+    emulator.fail_next("GET", "/v2/transfer", status=502)
+    sender.send_due()  # refused: the external id exists; its lookup unanswered again
+    assert store.transfer(EXT).state == "exists"
+    clock.advance(86400)
+    assert sender.send_due() == 0  # never sent again
+    assert sender.check_due() == 1  # looked up: found
+    (t,) = emulator.transfers()
+    assert store.transfer(EXT).transfer_id == t["id"] and store.transfer(EXT).state in ("created", "processing",
+                                                                                          "success")
+    sent = [c for c in emulator.requests if (c["method"], c["path"]) == ("POST", "/v2/transfer")]
+    assert [c["external_ids"] for c in sent] == [[EXT], [EXT]] and [c["status"] for c in sent] == [200, 400]
+
+
+def test_recovery_while_lookups_fail_sends_nothing_blind_and_settles_once_they_answer(emulator, sender, store, clock):
+    assert store.claim_transfer(EXT, clock(), "gone", clock())  # the process died during the create call
+    emulator.fail_next("GET", "/v2/transfer", count=2, status=500)
+    assert sender.recover() == 1
+    assert store.transfer(EXT).state == "sending" and sender.send_due() == 0  # unsettled: held, not sent
+    clock.advance(3600)  # past the lease taken at recovery
+    assert sender.check_due() == 1 and store.transfer(EXT).state == "sending"  # the lookup fails again
+    clock.advance(3600)
+    assert sender.check_due() == 1  # answered: nothing there, so it is sent again under its external id
+    assert store.transfer(EXT).state == "pending"
+    assert sender.send_due() == 1 and store.transfer(EXT).state == "created"
+    assert [c["external_ids"] for c in emulator.requests if c["method"] == "POST"] == [[EXT]]
