@@ -21,7 +21,9 @@ our own credentials (whose ``get`` answers only for our workspace):
   two events is one credit) and its transfer queued in the same transaction.
   Anything else moves nothing: ``not issued here`` (logged at WARNING) or
   ``invalid: ...`` (logged as an error), and no credit row is written, so a foreign
-  or broken event cannot block the genuine credit of the same id.
+  or broken event cannot block the genuine credit of the same id. An invoice that
+  carries our tag but that Stark Bank did not find is ``not_ours_not_found`` (the
+  worker asked again for a while first: reads may lag writes).
 - other ``invoice`` logs (created, paid, overdue, canceled, expired, ...): the
   status of an invoice the store knows follows. ``paid`` may come after ``credited``.
 - ``transfer`` logs: change our transfer only when their transfer id is the Stark
@@ -37,7 +39,8 @@ Nothing here calls Stark Bank: ``question`` says what the worker must ask before
 ``process`` can decide, and ``process`` leaves the event pending (returns None)
 while an answer it needs is missing. Bad data never raises: a field of the wrong
 type makes the outcome say what was wrong, and the event is marked processed so it
-cannot block the queue.
+cannot block the queue. Every outcome is a ``vocabulary.Outcome``: a code (what the
+metrics and the status count) and its prose for people.
 """
 
 import logging

@@ -129,8 +129,9 @@ def _alarm_samples(alarms):
 def service_families(report, credit_outcomes, counters, public_key_fetches, last_pass_at, version, verifier):
     """Return the service's metric families.
 
-    ``report`` is ``report.build``'s dict (the store's numbers), ``credit_outcomes`` the
-    store's ``credit_outcomes()`` ({outcome code: events}), ``counters`` the process's Counters, ``last_pass_at``
+    ``report`` is ``report.build``'s dict (the store's numbers, its standing alarms
+    included), ``credit_outcomes`` the store's ``credit_outcomes()`` ({outcome code:
+    events}), ``counters`` the process's Counters, ``last_pass_at``
     the worker's last complete pass (aware datetime or None). Every transfer state gets
     a sample, 0 if none.
     """

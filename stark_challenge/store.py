@@ -658,7 +658,8 @@ class Store:
         """
         with self.atomic():
             cur = self._conn.execute(
-                "update event set processed_at = ?, outcome = ?, outcome_code = ? where id = ? and processed_at is null",
+                "update event set processed_at = ?, outcome = ?, outcome_code = ?"
+                " where id = ? and processed_at is null",
                 (_iso(now), outcome.text[:200], outcome.code, event_id),
             )
             return cur.rowcount == 1
@@ -855,7 +856,7 @@ class Store:
         return min(times) if times else None
 
     def claim_transfers(self, external_ids, now, owner, lease_until):
-        """Move pending transfers to ``sending`` under a lease, counting the try, in one transaction; return those claimed.
+        """Move pending transfers to ``sending`` under a lease, counting the try, in one transaction; return those.
 
         Written before the create call, so a crash mid-call leaves ``sending``: once
         ``lease_until`` is past, the claim is settled by lookup at Stark Bank, never sent
@@ -898,9 +899,9 @@ class Store:
         Return the external ids recorded. A status only moves a transfer up
         (``transfer_states``): a bare ``created`` leaves a ``success`` that beat the
         answer, and a ``failed`` found this way is recorded as ``created`` (a failure
-        counts only once confirmed: ``apply_transfer_status``), due to be asked about at
-        once. ``check_at``: when to ask Stark Bank about it if nothing is heard
-        (default: now). ``owner``: the claim's lease holder, when it is ``sending``.
+        counts only once confirmed: ``apply_transfer_status``). ``check_at``: when to ask
+        Stark Bank about it if nothing is heard (default: now). ``owner``: the claim's lease
+        holder, when it is ``sending``.
         """
         recorded = []
         with self.atomic():
@@ -1190,6 +1191,13 @@ def _open_read_only(path):
         conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("select count(*) from schedule").fetchone()
+        version = (conn.execute("select version from schema_version").fetchone()
+                   if conn.execute("select 1 from sqlite_master where name = 'schema_version'").fetchone() else None)
     except sqlite3.Error as e:
         raise StoreError(f"{path}: cannot read the database ({e})") from None
+    if version is None or version[0] != SCHEMA_VERSION:
+        conn.close()
+        raise StoreError(f"{path}: written by another version of stark_challenge (schema "
+                         f"{version[0] if version else 0}, this one reads {SCHEMA_VERSION}); start the service "
+                         "once to upgrade it")
     return conn

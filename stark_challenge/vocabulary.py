@@ -13,7 +13,7 @@ Pure data and pure functions; imports nothing of the service.
 
 from typing import NamedTuple
 
-__all__ = ["external_id", "invoice_tag", "transfer_tags", "invoice_of_tag", "ROUND_STATES", "Outcome",
+__all__ = ["external_id", "invoice_tag", "transfer_tags", "ROUND_STATES", "Outcome",
            "OUTCOMES", "NOT_OURS_CODES", "INVALID_CODES", "CREDIT_CODES", "ALARMS"]
 
 
@@ -33,11 +33,6 @@ _INVOICE_TAG = "invoice-"
 def invoice_tag(invoice_id):
     """Return the tag every transfer attempt of an invoice carries, to find them all at Stark Bank."""
     return _INVOICE_TAG + str(invoice_id)
-
-
-def invoice_of_tag(tag):
-    """Return the invoice id an ``invoice_tag`` names, or None if ``tag`` is not one."""
-    return tag[len(_INVOICE_TAG):] if isinstance(tag, str) and tag.startswith(_INVOICE_TAG) else None
 
 
 def transfer_tags(instance_tag, invoice_id, external_id_):

@@ -306,3 +306,25 @@ def test_credit_outcomes_are_counted_by_reason_class(store):
     # No pass yet: the timestamp gauge has no sample (absent() alerts on it), every state has one.
     assert not any(name == "stark_challenge_worker_last_pass_timestamp_seconds" for name, _ in samples)
     assert sum(1 for name, _ in samples if name == "stark_challenge_transfers") == 8
+
+
+def test_standing_alarms_are_in_the_status_table_its_line_and_the_metrics(store):
+    from stark_challenge import report
+    from stark_challenge.metrics import service_families
+    from support import FakeClock
+
+    now = FakeClock()()
+    store.sync_alarms("transfer_open", {"x-1": "invoice 1, 9950 cents, pending"}, now)
+    store.sync_alarms("credit_refused", {"6001": "invalid: fee 900 is not in 0..amount 100"}, now)
+    built = report.build(store.summary(), now)
+    lines = [" ".join(line.split()) for line in report.render(built).splitlines()]
+    assert "ALARMS 2 standing: a person must look" in lines
+    assert ("transfer_open x-1: invoice 1, 9950 cents, pending (since 2026-11-28T12:00:00.000000+00:00)"
+            in lines)
+    assert report.one_line(built).endswith("; 2 ALARMS")
+    samples = parse_exposition(exposition(service_families(built, {}, Counters(), 0, None, "1.0", "pure")))
+    alarms = {dict(labels)["kind"]: value for (name, labels), value in samples.items()
+              if name == "stark_challenge_alarms"}
+    assert alarms == {"transfer_open": 1, "credit_refused": 1, "invoice_not_found": 0, "attempts_moving": 0}
+    store.sync_alarms("transfer_open", {}, now)  # resolved
+    assert [a["kind"] for a in store.alarms()] == ["credit_refused"]

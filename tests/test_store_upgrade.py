@@ -86,3 +86,31 @@ def test_a_new_database_starts_at_the_current_version(tmp_path):
         assert store.schema_version() == SCHEMA_VERSION
     finally:
         store.close()
+
+
+def test_a_reader_of_a_database_not_upgraded_yet_is_told_to_start_the_service_once(tmp_path):
+    import pytest
+
+    from stark_challenge.store import StoreError
+
+    path = str(tmp_path / "old.sqlite3")
+    _version_0_database(path)
+    with pytest.raises(StoreError, match="start the service once to upgrade it"):
+        Store(path, read_only=True)
+
+
+def test_a_database_of_a_newer_version_is_refused(tmp_path):
+    import sqlite3 as sql
+
+    import pytest
+
+    from stark_challenge.store import StoreError
+
+    path = str(tmp_path / "new.sqlite3")
+    Store(path).close()
+    conn = sql.connect(path)
+    conn.execute("update schema_version set version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer version"):
+        Store(path)

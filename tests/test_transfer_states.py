@@ -45,6 +45,7 @@ def test_the_table_keeps_the_rules_money_depends_on():
     # What Stark Bank said exists, or refused, is never sent again.
     for state in ("exists", "rejected", "created", "processing", "success", "failed"):
         assert not allowed(state, "pending") and not allowed(state, "sending")
+    assert not allowed("pending", "unknown") and not allowed("unknown", "pending")
     # Statuses only move up.
     assert not allowed("processing", "created") and not allowed("success", "processing")
     # A new external id follows only a confirmed final state that moved no money.
