@@ -163,3 +163,24 @@ def test_a_lookup_that_finds_our_transfer_and_its_failure_settles_both_in_one_pa
     assert worker.process_events() == 1  # one pass: the lookup finds it, the get confirms its failure
     assert [(t.attempt, t.state, t.transfer_id) for t in store.attempts("77")] == [
         (1, "failed", made["id"]), (2, "pending", None)]
+
+
+def test_a_failure_stark_banks_listing_does_not_show_yet_is_not_confirmed(emulator, sdk, store, clock):
+    from stark_challenge.vocabulary import transfer_tags
+
+    bank = Bank(sdk_config(sdk))
+    bank.configure()
+    sender = Sender(store, bank, "stark-challenge", clock)
+    ext = "stark-challenge-inv-78"
+    store.add_credit("78", "ev1", 10000, 50, ext, clock())
+    store.claim_transfer(ext, clock())
+    emulator.set(transfer_delay_s=600)
+    made = bank.create_transfer(9950, ext, transfer_tags("stark-challenge", "78", ext))
+    store.transfer_created(ext, made["id"], made["status"], clock())
+    emulator.fail_transfer(made["id"])
+    failed = bank.get("transfer", made["id"])
+    emulator.set(read_lag_s=600)  # the listing by tag does not show it yet
+    assert sender.confirm_failure(failed) is None
+    emulator.set(read_lag_s=0)
+    assert sender.confirm_failure(failed) == "failed"
+    assert sender.confirm_failure({"id": "1", "external_id": "someone-else", "tags": []}) == "failed"  # not ours
