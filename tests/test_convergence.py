@@ -72,9 +72,8 @@ def rows(service, invoice_id):
 
 
 def operator_retry(service, invoice_id):
-    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    return service.request("POST", "/transfers/retry", json.dumps({"invoice_id": invoice_id}).encode(),
-                           {"Authorization": "Basic " + token, "Content-Type": "application/json"})
+    return service.operate("POST", "/transfers/retry", json.dumps({"invoice_id": invoice_id}).encode(),
+                           {"Content-Type": "application/json"})
 
 
 def test_1_a_late_create_after_unanswered_retries_and_an_operator_retry_pays_once(emulator, service_factory,
