@@ -122,7 +122,7 @@ def test_3_a_failure_the_read_does_not_confirm_yet_is_checked_again_and_sent_onc
     emulator.pay(invoice["id"])
     wait_for(lambda: query(service, "select state from transfer") == [("created",)], message="created")
     (first,) = transfers_of(emulator, invoice["id"])
-    emulator.set(read_lag_s=4.0, transfer_delay_s=0.05)  # reads answer what was true 4 s ago
+    emulator.set(read_lag_s=2.0, transfer_delay_s=0.05)  # reads answer what was true 2 s ago
     emulator.fail_transfer(first["id"])
     wait_for(lambda: query(service, "select outcome_code from event where log_type = 'failed'")
              == [("transfer_failed_unconfirmed",)], message="the failure not confirmed at first")
@@ -166,7 +166,7 @@ def test_5_a_lookup_that_lags_our_own_new_transfer_does_not_misfile_its_events(e
                                                                                 duplicates):
     service, (invoice,) = started(emulator, service_factory, RECONCILE_AFTER="5s")
     ext = f"{TAG}-inv-{invoice['id']}"
-    emulator.set(read_lag_s=3.0)  # the lookup by tag does not list it for 3 s
+    emulator.set(read_lag_s=1.5)  # the lookup by tag does not list it for 1.5 s
     emulator.fail_next_after("POST", "/v2/transfer")  # carried out, answer lost
     emulator.pay(invoice["id"])
     wait_for(lambda: paid_once(emulator, invoice), message="paid", timeout=60)
@@ -181,7 +181,7 @@ def test_5_an_invoice_of_ours_that_the_read_does_not_find_yet_is_forwarded_once(
     # An invoice with our tag that this store never recorded (issued before it, say), paid under a read lag.
     (invoice,) = starkbank.invoice.create([starkbank.Invoice(amount=7777, name="Payer", tax_id="012.345.678-90",
                                                              tags=[TAG])])
-    emulator.set(read_lag_s=3.0)
+    emulator.set(read_lag_s=1.5)
     emulator.pay(invoice.id)
     wait_for(lambda: query(service, "select invoice_id, amount from credit where invoice_id = ?", (invoice.id,))
              == [(invoice.id, 7777)], message="forwarded once found", timeout=30)
