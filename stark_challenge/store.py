@@ -516,17 +516,20 @@ class Store:
         """Record the invoices Stark Bank created for chunk ``chunk`` of round ``n``.
 
         ``invoices`` are dicts with id, amount, name, tax_id, status. Idempotent: an
-        invoice already recorded is left as it is. Return how many were new.
+        invoice already recorded is left as it is. Return how many were new. One whose
+        credit was recorded first (its ``credited`` event, confirmed by Stark Bank, beat
+        this record) is recorded ``credited``, with the credit's fee.
         """
         with self.atomic():
             added = 0
             for inv in invoices:
                 cur = self._conn.execute(
-                    "insert or ignore into invoice"
-                    " (id, round_n, chunk, amount, name, tax_id, status, created_at, updated_at)"
-                    " values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (inv["id"], n, chunk, inv["amount"], inv["name"], inv["tax_id"],
-                     inv.get("status") or "created", _iso(now), _iso(now)),
+                    "insert into invoice"
+                    " (id, round_n, chunk, amount, name, tax_id, status, fee, created_at, updated_at)"
+                    " values (?, ?, ?, ?, ?, ?, coalesce((select 'credited' from credit where invoice_id = ?), ?),"
+                    " (select fee from credit where invoice_id = ?), ?, ?) on conflict do nothing",
+                    (inv["id"], n, chunk, inv["amount"], inv["name"], inv["tax_id"], inv["id"],
+                     inv.get("status") or "created", inv["id"], _iso(now), _iso(now)),
                 )
                 added += cur.rowcount
             return added
@@ -698,16 +701,16 @@ class Store:
     def update_invoice(self, invoice_id, status, now, fee=None):
         """Record a new status (and fee, when known) of one of our invoices; return True if known.
 
-        A ``paid`` that arrives after ``credited`` does not move the status back:
-        logs can arrive in any order.
+        A ``created`` or ``paid`` that arrives after ``credited`` (a redelivery, say) does
+        not move the status back: logs can arrive in any order.
         """
         with self.atomic():
             cur = self._conn.execute(
                 "update invoice set status = ?, fee = coalesce(?, fee), updated_at = ?"
-                " where id = ? and not (status = 'credited' and ? = 'paid')",
+                " where id = ? and not (status = 'credited' and ? in ('created', 'paid'))",
                 (status, fee, _iso(now), invoice_id, status),
             )
-            # No row changed: not ours, or a late 'paid' after 'credited' (ours, left as it is).
+            # No row changed: not ours, or a late 'created' or 'paid' after 'credited' (ours, left as it is).
             return cur.rowcount == 1 or self._one("select 1 from invoice where id = ?", (invoice_id,)) is not None
 
     def has_invoice(self, invoice_id):
