@@ -53,8 +53,9 @@ def _short(error, limit=200):
 
 
 # Error codes of a 400 that mean "no such entity for our credentials" (``get`` sees our workspace only).
-_NOT_FOUND_CODES = {"invoice": frozenset({"invalidInvoiceId"}), "transfer": frozenset({"invalidTransferId"}),
-                    "event": frozenset({"invalidEventId"})}
+_NOT_FOUND_CODES = {"invoice": frozenset({"invalidInvoice", "invalidInvoiceId"}),
+                    "transfer": frozenset({"invalidTransfer", "invalidTransferId"}),
+                    "event": frozenset({"invalidEvent", "invalidEventId"})}
 # The fields ``get`` returns, by resource: {our name: Stark Bank's JSON name}.
 _FIELDS = {
     "invoice": {"id": "id", "amount": "amount", "fee": "fee", "status": "status", "tags": "tags"},

@@ -42,6 +42,9 @@ class Knobs:
     ``update``; an unknown name raises TypeError, a bad value ValueError.
     """
 
+    # Balance in cents of each workspace when made (Emulator.set_balance changes it later):
+    # R$ 10 million, so no test runs out by accident; a transfer it cannot cover fails.
+    starting_balance = 10 ** 9
     # Share of newly created invoices the simulated payer pays, as the sandbox pays some.
     pay_ratio = 0.5
     # Seconds between an invoice's creation and its simulated payment.
@@ -80,6 +83,7 @@ class Knobs:
     read_lag_s = 0.0
 
     _checks = {
+        "starting_balance": _cents,
         "pay_ratio": _ratio,
         "pay_delay_s": _seconds,
         "invoice_fee": _cents,
