@@ -7,6 +7,7 @@ Each call goes through, in order:
 
 1. the latency_s knob (a wait),
 2. injected faults (`faults`): answer an error without acting, or act and then drop,
+   and the tripwire (`tripwire`), which may stop the client just before or after the call,
 3. routing by method and path (404 if none),
 4. authentication (`auth`; 401) for every route but GET /v2/public-key; the project
    authenticated picks the workspace (ledger) the call sees and acts on: a project
@@ -37,6 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import documents, query as queries, validate
 from .faults import DROP, SLOW
+from .tripwire import Tripwire
 from .validate import Rejected
 
 __all__ = ["Api", "Reply"]
@@ -95,6 +97,7 @@ class Api:
         self._in_flight = []  # {"method", "path", "query"} of calls received, not yet answered
         self._held = []  # one threading.Event per call held by answer_late; set to release it
         self._public_key_fetches = 0
+        self.tripwire = Tripwire()  # numbers the calls; crash tests stop the client at one (tripwire.py)
         # (method, path pattern, handler, needs authentication); first match wins.
         self._routes = [(method, re.compile(pattern + "$"), handler, signed) for method, pattern, handler, signed in (
             ("GET", r"/v2/public-key", self._public_key, False),
@@ -200,12 +203,16 @@ class Api:
         if fault is not None and fault[0] == SLOW:
             self._hold(fault[1])
             fault = None
+        ticket = self.tripwire.before(method, path, parts.query)
         drop = False
-        if fault is not None and fault[0] != DROP:
+        if ticket is None:  # the tripwire stopped the client before Stark Bank acted: nothing is done
+            status, payload, drop = 0, {}, True
+        elif fault is not None and fault[0] != DROP:
             status, payload = fault[1], {"errors": [{"code": "injectedFault", "message": "injected by the emulator"}]}
         else:
             drop = fault is not None
             status, payload = self._route(method, path, query, headers, body)
+        drop = self.tripwire.after(ticket) or drop
         with self._lock:
             call = {"method": method, "path": path, "query": parts.query, "status": status}
             if drop:

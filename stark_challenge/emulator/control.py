@@ -240,6 +240,11 @@ class Emulator(LedgerView):
         return self._api.public_key_fetches
 
     @property
+    def tripwire(self):
+        """The `tripwire.Tripwire` numbering the API calls: crash tests arm it to stop a client at one."""
+        return self._api.tripwire
+
+    @property
     def requests_in_flight(self):
         """API calls received and not yet answered (waiting out latency_s, say), oldest
         first: dicts with method, path, query."""
@@ -254,9 +259,17 @@ class Emulator(LedgerView):
 
     # -- making things happen -------------------------------------------------------
 
-    def release_deliveries(self):
-        """Send every held delivery now; return how many were held."""
-        return self._courier.release()
+    def release_deliveries(self, count=None):
+        """Send the ``count`` oldest held deliveries now (every one by default); return how many were sent."""
+        return self._courier.release(count)
+
+    def deliveries_held(self):
+        """Return how many deliveries are held (hold_deliveries)."""
+        return self._courier.held()
+
+    def deliveries_sending(self):
+        """Return True while a delivery is being sent or waits to be tried again (held ones aside)."""
+        return self._courier.busy()
 
     def set(self, **knobs):
         """Change knobs (see `Knobs`), e.g. set(deliver_times=2, hold_deliveries=True).
@@ -283,6 +296,11 @@ class Emulator(LedgerView):
         as usual: with delay_s above the client's timeout, the client gives up while the
         call still takes effect (shown in requests_in_flight meanwhile)."""
         self._faults.add(SLOW, method, path_prefix, count, delay_s=delay_s)
+
+    def clear_faults(self):
+        """Forget the fault rules of fail_next, fail_next_after and answer_late not used up yet
+        (calls already held stay held: see answer_held_calls)."""
+        self._faults.clear()
 
     def answer_held_calls(self):
         """End the delay of every call answer_late holds now: each is performed and answered

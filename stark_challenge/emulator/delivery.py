@@ -91,10 +91,12 @@ class Courier:
                         continue
                 self._send(delivery)
 
-    def release(self):
-        """Send every held delivery now (hold_deliveries stays as set); return how many."""
+    def release(self, count=None):
+        """Send the ``count`` oldest held deliveries now (all by default; hold_deliveries stays as set);
+        return how many."""
         with self._lock:
-            held, self._held = self._held, []
+            cut = len(self._held) if count is None else count
+            held, self._held = self._held[:cut], self._held[cut:]
         for delivery in held:
             self._send(delivery)
         return len(held)
