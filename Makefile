@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test run bench clean
+.PHONY: test run bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/webhook_bench.py
+
+# The service under steady traffic for SOAK_MINUTES (default 30): memory, threads, files and
+# the database sampled every 30 s; writes bench/soak.json and bench/soak.svg (README, "Soak").
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .coverage .coverage.*

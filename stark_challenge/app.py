@@ -11,11 +11,13 @@ import logging
 import threading
 from http import HTTPStatus
 
-from . import __version__, metrics, report, resend
+from . import __version__, memory, metrics, report, resend
 from .gate import Gate
 from .invoicer import Invoicer
+from .retention import Retention
 from .scheduler import Schedule, open_window
 from .server import Server
+from .store import CACHE_KIB
 from .timing import utcnow
 from .worker import Worker
 
@@ -32,10 +34,16 @@ class App:
     def __init__(self, config, bank, store):
         self.config, self.bank, self.store = config, bank, store
         self.counters = metrics.Counters()  # the process's own counts, for GET /metrics
-        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters)
+        figures = None  # GET /debug/memory, only when DEBUG_MEMORY asks for it
+        if config.debug_memory != "off":
+            if config.debug_memory == "trace":
+                memory.start_tracing()
+            figures = memory.Figures(cache_kib=CACHE_KIB).read
+        self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters,
+                             retention=Retention(store, config.event_retention_s, utcnow))
         self.gate = Gate(store, bank, config, clock=utcnow, on_event=self.worker.wake,
                          health=self.health, report=self.status_page, counters=self.counters,
-                         metrics_page=self.metrics_page, retry=self.retry_transfer)
+                         metrics_page=self.metrics_page, retry=self.retry_transfer, memory_page=figures)
         self._retry_lock = threading.Lock()  # one operator retry at a time (the store's key is the guarantee)
         self.schedule = None  # built by start(), once the service listens
         self.server = None

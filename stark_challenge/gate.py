@@ -12,7 +12,9 @@ and the service's details, and ``GET /metrics``, the same numbers for Prometheus
 both behind the webhook's basic auth; ``POST /transfers/retry`` (``{"invoice_id": ...}``),
 an operator's retry of a stuck transfer (``resend``), only when basic auth is
 configured (403 otherwise: it moves money). Any other path is 404, another method on a
-known path 405 (with ``Allow``). Every answer is JSON, except the metrics.
+known path 405 (with ``Allow``). ``GET /debug/memory``, the process's memory figures
+(``memory``), exists only when ``DEBUG_MEMORY`` is on (404 otherwise), behind the same basic
+auth. Every answer is JSON, except the metrics.
 
 The checks of a webhook, cheapest first, and the answer each failure gets:
 
@@ -83,6 +85,7 @@ ROUTES = {
     "/status": {"GET": "status", "HEAD": "status"},
     "/metrics": {"GET": "metrics", "HEAD": "metrics"},
     "/transfers/retry": {"POST": "retry"},
+    "/debug/memory": {"GET": "debug_memory"},
 }
 
 # The longest invoice id a retry request may name (Stark Bank's ids are about 16 digits).
@@ -261,14 +264,15 @@ class Gate:
     ``() -> dict`` for ``GET /status``; ``on_event`` is called after a new event is stored.
     ``counters`` (``metrics.Counters``) counts webhooks by outcome and signature verdicts;
     ``metrics_page`` is ``() -> str`` for ``GET /metrics``; ``retry`` is
-    ``(invoice_id) -> resend.Outcome`` for ``POST /transfers/retry``.
+    ``(invoice_id) -> resend.Outcome`` for ``POST /transfers/retry``; ``memory_page`` is
+    ``() -> dict`` for ``GET /debug/memory``, None (the default) to leave that route 404.
     """
 
     # A hook: overridable to add a realm per deployment.
     realm = "stark_challenge"
 
     def __init__(self, store, bank, config, clock, on_event=None, health=None, report=None, counters=None,
-                 metrics_page=None, retry=None):
+                 metrics_page=None, retry=None, memory_page=None):
         self._store = store
         self._bank = bank
         self._username = config.webhook_username
@@ -280,6 +284,7 @@ class Gate:
         self.counters = counters or metrics.Counters()
         self._metrics_page = metrics_page or str
         self._retry = retry
+        self._memory_page = memory_page  # None: DEBUG_MEMORY is off and the route answers 404
         self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
         self._receiving = 0  # webhooks in receive(): each may be an event about to be stored
         self._receiving_lock = threading.Lock()
@@ -324,6 +329,16 @@ class Gate:
             self.refusals.log(logger, logging.WARNING, "metrics refused: bad or missing basic auth from %s", client)
             return denied
         return Reply(HTTPStatus.OK, self._metrics_page(), (("Content-Type", metrics.CONTENT_TYPE),))
+
+    def debug_memory(self, headers, body, client):
+        """GET /debug/memory: the memory figures (``memory.Figures``), behind basic auth; 404 unless enabled."""
+        if self._memory_page is None:
+            return _error(HTTPStatus.NOT_FOUND, "not found")
+        denied = self.authorize(headers)
+        if denied is not None:
+            self.refusals.log(logger, logging.WARNING, "debug refused: bad or missing basic auth from %s", client)
+            return denied
+        return Reply(HTTPStatus.OK, self._memory_page())
 
     def retry(self, headers, body, client):
         """POST /transfers/retry: ``{"invoice_id": "..."}``, an operator's retry (``resend.retry``), behind basic auth.
