@@ -943,16 +943,15 @@ class Store:
         }
 
     def _storage(self):
-        """Return the database's size: bytes in use and free (pages the file keeps for reuse), the log's bytes."""
+        """Return the database's size: bytes in use, bytes free (pages the file keeps for reuse), the oldest event's time.
+
+        The write-ahead log beside it is left out: it comes and goes with checkpoints,
+        and is cut back to ``WAL_LIMIT_BYTES`` after each.
+        """
         page = self._one("pragma page_size")[0]
         pages, free = self._one("pragma page_count")[0], self._one("pragma freelist_count")[0]
         oldest = self._one("select min(received_at) from event")[0]
-        try:
-            wal = os.path.getsize(self.path + "-wal")
-        except OSError:
-            wal = 0
-        return {"bytes": (pages - free) * page, "free_bytes": free * page, "wal_bytes": wal,
-                "oldest_event_at": oldest}
+        return {"bytes": (pages - free) * page, "free_bytes": free * page, "oldest_event_at": oldest}
 
 
 def _open_read_only(path):
