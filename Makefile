@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test run bench soak clean
+.PHONY: help test run bench soak clean
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "make %-6s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +20,7 @@ $(STAMP): pyproject.toml
 # [tool.coverage] in pyproject.toml): one combined branch-coverage report, then the runtime.
 # Fails if a test fails or coverage is under fail_under.
 test: export COVERAGE_FILE = $(CURDIR)/.coverage
-test: $(STAMP)
+test: $(STAMP) ## the whole suite under coverage (installs what it needs into .venv)
 	@started=$$(date +%s); \
 	rm -f .coverage .coverage.*; \
 	$(BIN)/python -m coverage run -m pytest -q; tests=$$?; \
@@ -27,7 +31,7 @@ test: $(STAMP)
 
 # Your Stark Bank project when STARK_PROJECT_ID is set (environment or .env),
 # otherwise the built-in emulator: nothing to configure to try it.
-run: $(STAMP)
+run: $(STAMP) ## run the service: your project if STARK_PROJECT_ID is set, else the built-in emulator
 	@if [ -n "$$STARK_PROJECT_ID" ] || grep -Eqs '^(export +)?STARK_PROJECT_ID *= *[^ ]' .env; then \
 		$(BIN)/python -m stark_challenge; \
 	else \
@@ -35,13 +39,13 @@ run: $(STAMP)
 		$(BIN)/python -m stark_challenge --emulator; \
 	fi
 
-bench: $(STAMP)
+bench: $(STAMP) ## the webhook benchmark (prints figures)
 	$(BIN)/python bench/webhook_bench.py
 
 # The service under steady traffic for SOAK_MINUTES (default 30): memory, threads, files and
 # the database sampled every 30 s; writes bench/soak.json and bench/soak.svg (README, "Soak").
-soak: $(STAMP)
+soak: $(STAMP) ## the soak run: SOAK_MINUTES (30) of steady traffic, memory sampled
 	$(BIN)/python bench/soak.py
 
-clean:
+clean: ## remove .venv, build files and coverage data
 	rm -rf $(VENV) .pytest_cache build *.egg-info .coverage .coverage.*

@@ -263,19 +263,22 @@ class Soak:
         self.emulator = Emulator(pay_ratio=PAY_RATIO, pay_delay_s=3.0, transfer_delay_s=1.0, invoice_fee=50,
                                  delivery_attempts=8, delivery_backoff_s=0.5, seed=27).start()
         project_id, private_key = self.emulator.create_project()
-        password = secrets.token_urlsafe(18)
-        env = {k: v for k, v in clean_env().items() if not k.startswith(("STARK_", "WEBHOOK_", "INVOICE_"))}
+        password, operator_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+        env = {k: v for k, v in clean_env().items()
+               if not k.startswith(("STARK_", "WEBHOOK_", "INVOICE_", "OPERATOR_"))}
         env.update(self.emulator.env(project_id, private_key))
         port = free_port()
         env.update({
             "HOST": "127.0.0.1", "PORT": str(port), "DATABASE_PATH": self.db_path,
             "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "INSTANCE_TAG": INSTANCE_TAG,
             "WEBHOOK_USERNAME": "stark", "WEBHOOK_PASSWORD": password,
+            "OPERATOR_USERNAME": "operator", "OPERATOR_PASSWORD": operator_password,
             "INVOICE_INTERVAL": f"{ROUND_S}s", "INVOICE_DURATION": "0", "INVOICE_MIN": "8", "INVOICE_MAX": "12",
             "EVENT_POLL_INTERVAL": POLL, "BANK_TIMEOUT": "10s", "EVENT_RETENTION": RETENTION,
             "DEBUG_MEMORY": os.environ.get("DEBUG_MEMORY", "on"),  # trace: tracemalloc's figures too
         })
         self.auth = "Basic " + base64.b64encode(f"stark:{password}".encode()).decode()
+        self.operator = "Basic " + base64.b64encode(f"operator:{operator_password}".encode()).decode()
         self.service = Service(env, os.path.join(self.workdir, "service.log"))
         self.service.pure = False  # the verifier a user's install picks
         self.emulator.add_webhook(with_userinfo(f"http://127.0.0.1:{port}/webhook", "stark", password))
@@ -297,7 +300,7 @@ class Soak:
         return (time.monotonic() - self.began) / 60
 
     def _get_json(self, path):
-        status, body = http_get(self.service.port, path, {"Authorization": self.auth}, timeout=10)
+        status, body = http_get(self.service.port, path, {"Authorization": self.operator}, timeout=10)
         if status != 200:
             raise RuntimeError(f"GET {path} answered {status}")
         return json.loads(body)

@@ -1,7 +1,7 @@
 """Benchmark of the HTTP transport alone: the server's CPU per request, with a trivial answer.
 
-Not a test, and not part of ``make bench``: a measure of ``server``, ``handler`` and
-``gate.read_head`` apart from the signature check and the store, which dwarf them in
+Not a test, and not part of ``make bench``: a measure of ``server``, ``pool`` and
+``wire`` apart from the signature check and the store, which dwarf them in
 ``webhook_bench.py``. It starts a ``server.Server`` in this process whose Gate answers
 ``GET /health`` (sent with a webhook's headers), drives it from a client in another
 process over ``CONNS`` keep-alive connections, ``PER`` requests each, and prints the
@@ -11,7 +11,7 @@ requests per second and this process's CPU (user + system) per request::
     CONNS=8 PER=2000 MAX_CONNECTIONS=32 BURN_ITERATIONS=15000 .venv/bin/python bench/transport_bench.py
 
 ``BURN_ITERATIONS`` makes each answer first spin a pure-Python loop that holds the GIL
-(15000 iterations: about 1 ms on the benchmark machine), a stand-in for the
+(15000 iterations: about 1 ms on the machine of README, Benchmark), a stand-in for the
 verification, to see the transport under the GIL contention of the real service.
 """
 
@@ -66,7 +66,8 @@ def cpu_s():
 
 
 def main():
-    config = SimpleNamespace(webhook_username="", webhook_password="")  # no basic auth: /health needs none
+    # No credentials: /health needs none.
+    config = SimpleNamespace(webhook_username="", webhook_password="", operator_username="", operator_password="")
     gate = Gate(None, None, config, None, health=health)
     server = Server(("127.0.0.1", 0), gate, max_connections=MAX_CONNECTIONS).start()
     try:

@@ -536,19 +536,22 @@ class Bench:
     def _start_emulator(self):
         self.emulator = Emulator(pay_ratio=0.0, transfer_delay_s=0.5, invoice_fee=50, seed=6).start()
         project_id, private_key = self.emulator.create_project()
-        password = secrets.token_urlsafe(18)
-        env = {k: v for k, v in clean_env().items() if not k.startswith(("STARK_", "WEBHOOK_", "INVOICE_"))}
+        password, operator_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+        env = {k: v for k, v in clean_env().items()
+               if not k.startswith(("STARK_", "WEBHOOK_", "OPERATOR_", "INVOICE_"))}
         env.update(self.emulator.env(project_id, private_key))
         env.update({
             "HOST": "127.0.0.1", "PORT": str(free_port()), "DATABASE_PATH": self.db_path,
             "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "INSTANCE_TAG": INSTANCE_TAG,
             "WEBHOOK_USERNAME": "stark", "WEBHOOK_PASSWORD": password,
+            "OPERATOR_USERNAME": "bench", "OPERATOR_PASSWORD": operator_password,
             "INVOICE_INTERVAL": "24h", "INVOICE_DURATION": "0", "INVOICE_MIN": "8", "INVOICE_MAX": "8",
             "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "5s",
         })
         self.service = Service(env, os.path.join(self.workdir, "service.log"))
         self.auth = "Basic " + base64.b64encode(f"stark:{password}".encode()).decode()
         self.bad_auth = "Basic " + base64.b64encode(b"stark:not-the-password").decode()
+        self.operator_auth = "Basic " + base64.b64encode(f"bench:{operator_password}".encode()).decode()
         # The SDK in this process creates and reads the invoices of the transfer phases.
         bench_project, bench_key = self.emulator.create_project()
         os.environ.update({k: v for k, v in self.emulator.env(bench_project, bench_key).items()
@@ -579,7 +582,7 @@ class Bench:
 
     def _check_cpu_s(self):
         """Return the CPU seconds the service has spent on signature checks (its /metrics counter)."""
-        status, body = http_get(self.service.port, "/metrics", {"Authorization": self.auth}, timeout=10)
+        status, body = http_get(self.service.port, "/metrics", {"Authorization": self.operator_auth}, timeout=10)
         if status != 200:
             raise RuntimeError(f"GET /metrics answered {status}")
         return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()

@@ -4,19 +4,21 @@
     python3 -m stark_challenge               # run against the Stark Bank project in the environment or .env
 
 Here: the parser, the wiring of ``run`` (``app.App``) and its signals. The other
-subcommands (``status``, ``transfers``, ``check``, ``keygen``, ``webhook``) are in ``commands``.
+subcommands (``status``, ``transfers``, ``check``, ``keygen``, ``webhook``) are in ``commands``,
+``events`` in ``event_commands``.
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
 
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 
-from . import __version__, commands, config as config_module, logs, report, transfer_states
+from . import __version__, commands, config as config_module, event_commands, logs, report, transfer_states
 from .commands import fail, load_config
 from .errors import ConfigError, StarkChallengeError
 
@@ -43,19 +45,28 @@ def _add_run_options(parser, defaults):
     # Given both before and after "run"; the subcommand's copy must not reset what
     # the top level parsed, hence SUPPRESS there (an argparse subparser quirk).
     keep = {} if defaults else {"default": argparse.SUPPRESS}
-    parser.add_argument("--env-file", metavar="PATH", **({"default": ".env"} if defaults else keep),
+    parser.add_argument("--env-file", metavar="PATH", **({"default": None} if defaults else keep),
                         help="read configuration from this file too (default: .env; the environment wins)")
     parser.add_argument("--emulator", action="store_true", **keep,
                         help="run against a built-in Stark Bank emulator with a throwaway project: "
                              "no account needed, short intervals, a temporary database unless DATABASE_PATH is set")
+    parser.add_argument("--keep-database", action="store_true", **keep,
+                        help="with --emulator: keep the temporary database at exit (and print the status command "
+                             "that reads it); by default it is deleted")
     parser.add_argument("--host", **keep, help="override HOST")
     parser.add_argument("--port", type=int, **keep, help="override PORT")
+
+
+def _program_name():
+    """Return the command as the user typed it: the console script's name, or ``python -m stark_challenge``."""
+    typed = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return typed if typed == "stark-challenge" else "python -m stark_challenge"
 
 
 def build_parser():
     """Return the argparse parser of the whole command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m stark_challenge",
+        prog=_program_name(),
         description="Issue Stark Bank invoices on a schedule and forward every credited invoice, "
                     "minus fees, by transfer, exactly once.",
         epilog=_variables_help() + "\n\nexit status: 0 ok, 1 runtime failure, 2 usage or configuration error",
@@ -88,10 +99,31 @@ def build_parser():
     retry = transfer_actions.add_parser("retry", help="queue one more attempt for a stuck credit", description=(
         "Queue attempt N+1 (<tag>-inv-<id>-<N+1>) for INVOICE_ID, whose attempt N is rejected, failed or "
         "stalled, unless Stark Bank shows an attempt of it created, processing or paid (recorded, nothing "
-        "sent). A running service does it (POST /transfers/retry on HOST:PORT, WEBHOOK_USERNAME/PASSWORD); a "
+        "sent). A running service does it (POST /transfers/retry on HOST:PORT, OPERATOR_USERNAME/PASSWORD); a "
         "stopped one sends it at its next start. Exit 0 queued or recorded, 2 refused or unknown invoice, 1 "
         "Stark Bank or the service unreachable."))
     retry.add_argument("invoice_id", metavar="INVOICE_ID")
+
+    events = sub.add_parser("events", help="list the events received, show one, or replay one from Stark Bank",
+                            description=(
+        "List the events received, newest last (read-only, safe while the service runs): when, event id, "
+        "source (webhook or pull), type, subject (invoice or transfer id) and outcome. 'show ID' prints one "
+        "with its body; 'replay ID' asks Stark Bank for it again and feeds it through the normal path: an "
+        "event already stored is a duplicate and nothing happens, a new one is processed like any other. A "
+        "running service does the replay (POST /events/replay on HOST:PORT, OPERATOR_USERNAME/PASSWORD); a "
+        "stopped one processes it at its next start. Exit 0 stored or already there, 2 unknown event, 1 "
+        "Stark Bank or the service unreachable."))
+    events.add_argument("--limit", type=int, default=20, metavar="N", help="how many events to list (default: 20)")
+    events.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    event_actions = events.add_subparsers(dest="action", metavar="ACTION")
+    show = event_actions.add_parser("show", help="print one event, its outcome and its body",
+                                    description="Print event ID as stored: type, subject, source, outcome, body.")
+    show.add_argument("event_id", metavar="ID")
+    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    replay = event_actions.add_parser("replay", help="ask Stark Bank for an event again, through the normal path",
+                                      description="Fetch event ID from Stark Bank with the project's credentials "
+                                                  "and accept it as a pulled event: deduplication decides.")
+    replay.add_argument("event_id", metavar="ID")
 
     keygen = sub.add_parser("keygen", help="write a new project key pair",
                             description="Write private-key.pem (mode 0600) and public-key.pem to DIR. "
@@ -125,16 +157,36 @@ def _route_sdk_through(emulator):
 
 
 def _emulator_config(args, emulator):
-    """Return the Config of a try-it run against ``emulator``: its throwaway project, fast rounds unless set."""
+    """Return (Config, throwaway directory or None) of a try-it run against ``emulator``.
+
+    The project is the emulator's throwaway one, rounds are fast unless set, and the
+    database goes in a new temporary directory (returned, for ``run`` to delete at exit)
+    unless DATABASE_PATH is set.
+    """
     project_id, private_key = emulator.create_project()
-    env_file = config_module.read_dotenv(args.env_file) if args.env_file else {}
+    env_file = config_module.read_dotenv(args.env_file or ".env", required=args.env_file is not None)
     given = lambda name: os.environ.get(name) or env_file.get(name)  # noqa: E731
     fast = {k: v for k, v in EMULATOR_DEFAULTS.items() if not given(k)}
+    directory = None
     if not given("DATABASE_PATH"):
         directory = tempfile.mkdtemp(prefix="stark_challenge-")
         fast["DATABASE_PATH"] = os.path.join(directory, "stark_challenge.sqlite3")
     fast.update({"STARK_PROJECT_ID": project_id, "STARK_PRIVATE_KEY": private_key, "STARK_ENVIRONMENT": "sandbox"})
-    return load_config(args, extra=fast)
+    try:
+        return load_config(args, extra=fast), directory
+    except ConfigError:
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _leave_throwaway(directory, database_path, keep):
+    """Delete the try-it's temporary database directory, or, if ``keep``, say how to read it."""
+    if keep:
+        print(f"stark_challenge: the database is kept; read it with: DATABASE_PATH={database_path} "
+              f"{_program_name()} status", file=sys.stderr)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Signals:
@@ -172,14 +224,19 @@ def run(args):
     from .store import Store, StoreError
 
     signals = Signals()  # first: a signal during start-up then stops cleanly once started
-    emulator = None
+    emulator = throwaway = None
     try:
         if args.emulator:
             from .emulator import Emulator  # only here: the service never imports the emulator otherwise
+            from .emulator.certs import CertificateError
 
-            emulator = Emulator(pay_ratio=0.6, pay_delay_s=4.0, transfer_delay_s=2.0).start()
+            try:
+                emulator = Emulator(pay_ratio=0.6, pay_delay_s=4.0, transfer_delay_s=2.0).start()
+            except CertificateError as e:
+                return fail(f"--emulator: {e} (install it, e.g. apt install openssl; or run against your own "
+                            "Stark Bank project)")
             _route_sdk_through(emulator)
-            config = _emulator_config(args, emulator)
+            config, throwaway = _emulator_config(args, emulator)
         else:
             config = load_config(args)
         logs.setup(config.log_level, config.log_format)
@@ -189,23 +246,28 @@ def run(args):
         bank.configure()
         if not config.basic_auth:
             logger.warning("WEBHOOK_USERNAME/WEBHOOK_PASSWORD not set: POST /webhook relies on signatures alone")
+        if not config.operator_auth:
+            logger.info("OPERATOR_USERNAME/OPERATOR_PASSWORD not set: /status, /metrics and /transfers/retry "
+                        "answer 404 (the status and transfers commands still work on this host)")
         try:
             store = Store(config.database_path)
         except StoreError as e:
             return fail(str(e), 1)
         app = App(config, bank, store)
+        # The try-it's webhook is registered once the port is known and before round 0
+        # goes out, so that round's events are pushed, not pulled later.
+        register = (lambda port: _register_emulator_webhook(bank, config, port)) if emulator else None
         try:
-            app.start()
+            app.start(before_rounds=register)
         except OSError as e:
             app.stop()
-            return fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}", 1)
-        if emulator:
-            _register_emulator_webhook(bank, config, app.server.port)
+            return fail(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}; "
+                        "choose another port with PORT (or --port)")
 
         # The port is bound and the store open: ready (sd_notify; a no-op outside systemd).
         notifier = Notifier()
-        notifier.send(READY=1, STATUS=report.one_line(app.status_report()))
-        notifier.start(healthy=app.healthy, status=lambda: report.one_line(app.status_report()))
+        notifier.send(READY=1, STATUS=report.one_line(app.console.status_report()))
+        notifier.start(healthy=app.healthy, status=lambda: report.one_line(app.console.status_report()))
 
         while not signals.wait(1.0):
             pass
@@ -220,24 +282,31 @@ def run(args):
     finally:
         if emulator:
             emulator.stop()
+        if throwaway:
+            _leave_throwaway(throwaway, config.database_path, args.keep_database)
 
 
 def _register_emulator_webhook(bank, config, port):
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
-    url = config_module.with_userinfo(f"http://{host}:{port}/webhook", config.webhook_username,
-                                      config.webhook_password)
+    url = config_module.with_userinfo(config_module.local_url(config.host, port, "/webhook"),
+                                      config.webhook_username, config.webhook_password)
     hook = bank.create_webhook(url, ["invoice", "transfer"])
     logger.info("emulator: webhook %s registered for port %d; invoices are paid a few seconds after each round",
                 hook["id"], port)
 
 
 COMMANDS = {None: run, "run": run, "status": commands.status, "check": commands.check,
-            "keygen": commands.keygen, "webhook": commands.webhook, "transfers": commands.transfers}
+            "keygen": commands.keygen, "webhook": commands.webhook, "transfers": commands.transfers,
+            "events": event_commands.events}
 
 
 def main(argv=None):
     """Parse the command line, run the command, return its exit status."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "emulator", False) and args.command not in (None, "run"):
+        return fail(f"--emulator goes with run only; {args.command} uses the Stark Bank project configured "
+                    "(environment, .env or --env-file)")
+    if getattr(args, "keep_database", False) and not getattr(args, "emulator", False):
+        return fail("--keep-database goes with --emulator only (it keeps the try-it's temporary database)")
     try:
         return COMMANDS[args.command](args)
     except StarkChallengeError as e:

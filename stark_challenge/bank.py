@@ -7,44 +7,27 @@ network errors into our own:
 ``BankRejected`` for a 4xx answer (Stark Bank's error codes kept), ``BankUnavailable``
 for everything transient (timeout, connection error, 5xx, an unreadable answer).
 Every call has the configured timeout; retrying is the caller's decision.
+Webhook signatures are checked in ``verify``; this module only fetches Stark Bank's
+public key for it (``fetch_public_key``).
 
-It also verifies webhook signatures. ``starkbank.event.parse`` verifies the body
-with the cached public key and, when that fails, fetches the key again and retries:
-so each forged request would cost an outbound call. ``verify_event`` keeps the SDK's
-checks (ECDSA over the exact body, then over the key-sorted body: ``verify``, with
-libsecp256k1 when the ``[fast]`` extra is installed, else the SDK's own
-``ellipticcurve``) and its key cache, but fetches the key at most once a minute.
-A test holds the two to the same verdicts. ``verdict_at_once`` gives the same verdict
-without ever fetching, when the check is cheap (the native verifier), or says it cannot.
-
-Threads: calls may come from any thread; the key cache has its own lock. The SDK's
-module globals are set only by ``configure``.
+Threads: calls may come from any thread. The SDK's module globals are set only by
+``configure``.
 """
 
 import logging
-import threading
-import time
 
 import starkbank
 from ellipticcurve import PrivateKey
 from starkcore.utils.api import api_json
 
-from . import verify
-from .errors import BankRejected, BankUnavailable, ConfigError, SignatureError
+from .errors import BankRejected, BankUnavailable, ConfigError
 
-__all__ = ["Bank", "KeyCache", "KEY_REFRESH_S"]
+__all__ = ["Bank"]
 
 logger = logging.getLogger(__name__)
 
-# A failed verification may mean Stark Bank rotated its key; refetch it at most this often,
-# so a flood of forged requests costs at most one outbound call a minute.
-KEY_REFRESH_S = 60.0
-# With no key at all (Stark Bank unreachable at start), try again at most this often.
-KEY_RETRY_S = 5.0
 # Stark Bank takes at most 100 entities per create call; the SDK does not split.
 MAX_PER_CALL = 100
-# Why a well-formed signature is refused (the refusal log line's kind too).
-_NO_MATCH = "Digital-Signature does not match Stark Bank's public key"
 
 
 def _translate(call, what):
@@ -151,21 +134,12 @@ def _transfer_dict(transfer):
     }
 
 
-def _parsed_signature(signature):
-    """Return the parsed Digital-Signature header; raise SignatureError if it is malformed."""
-    try:
-        return verify.parse_signature(signature)
-    except verify.MalformedSignature:
-        raise SignatureError("malformed Digital-Signature") from None
-
-
 class _Project(starkbank.Project):
     """A ``starkbank.Project`` whose private key is parsed once, here (a bad PEM raises now).
 
-    The SDK's ``private_key()`` parses the PEM again, deriving the public key from it
-    (about 2.6 ms of pure-Python curve arithmetic, five times the signature itself), for
-    every request it signs. A parsed key is never modified, so one serves every call
-    and thread.
+    The SDK's ``private_key()`` parses the PEM again, deriving the public key from it in
+    pure-Python curve arithmetic, for every request it signs. A parsed key is never
+    modified, so one serves every call and thread.
     """
 
     def __init__(self, **kwargs):
@@ -176,94 +150,11 @@ class _Project(starkbank.Project):
         return self._private_key
 
 
-class KeyCache:
-    """Stark Bank's public key, fetched through the SDK and refreshed at most once a minute.
-
-    ``fetch`` is the callable that returns the PEM (a hook, so tests can count calls).
-    ``clock`` is a monotonic clock in seconds.
-    """
-
-    def __init__(self, fetch, clock=time.monotonic, refresh_s=KEY_REFRESH_S, retry_s=KEY_RETRY_S):
-        self._fetch = fetch
-        self._clock = clock
-        self._refresh_s = refresh_s
-        self._retry_s = retry_s
-        self._lock = threading.Lock()
-        self._key = None  # ellipticcurve PublicKey
-        self._fetched_at = None  # clock time of the last fetch attempt
-        self.fetches = 0  # fetch attempts, for /health and the benchmark
-
-    def get(self):
-        """Return the cached key, fetching it if there is none; raise BankUnavailable if that fails."""
-        key = self._key
-        if key is not None:
-            return key
-        with self._lock:
-            if self._key is None:
-                if self._fetched_at is not None and self._clock() - self._fetched_at < self._retry_s:
-                    raise BankUnavailable("Stark Bank's public key is not available yet")
-                self._load()
-            return self._key
-
-    def cached(self):
-        """Return the cached key, or None if there is none yet. Never fetches."""
-        return self._key
-
-    def refresh_due(self):
-        """Return True if ``refresh`` would fetch the key now (its refresh period is over)."""
-        fetched_at = self._fetched_at
-        return fetched_at is None or self._clock() - fetched_at >= self._refresh_s
-
-    def refresh(self, stale):
-        """Return a newer key than ``stale`` if one may be fetched now, else None.
-
-        At most one fetch per refresh period, whatever the number of callers. Raise
-        BankUnavailable if the fetch fails.
-        """
-        with self._lock:
-            if self._key is not stale:  # another thread refreshed meanwhile
-                return self._key
-            if self._fetched_at is not None and self._clock() - self._fetched_at < self._refresh_s:
-                return None
-            self._load()
-            return self._key
-
-    def _load(self):
-        self._fetched_at = self._clock()
-        self.fetches += 1
-        pem = self._fetch()
-        try:
-            self._key = verify.load_key(pem)
-        except ValueError as e:
-            raise BankUnavailable(f"Stark Bank's public key is unreadable: {e}") from None
-        logger.info("fetched Stark Bank's public key")
-
-
 class Bank:
-    """The service's view of Stark Bank. Build one in ``__main__``, call ``configure()`` once.
+    """The service's view of Stark Bank. Build one in ``__main__``, call ``configure()`` once."""
 
-    ``verifier`` checks webhook signatures (``verify.best_verifier()`` by default: native
-    when ``coincurve`` is importable); the ``verifier`` property names the one that runs.
-    """
-
-    def __init__(self, config, clock=time.monotonic, verifier=None):
+    def __init__(self, config):
         self._config = config
-        self.keys = KeyCache(self._fetch_public_key, clock=clock)
-        self._verifier = verifier or verify.best_verifier()
-        # One signature check at a time. A pure-Python check holds the GIL throughout, and
-        # the native one gives it up and takes it back at each call into libsecp256k1:
-        # checks side by side only take turns, handing the GIL to each other on the way.
-        self._checking = threading.Lock()
-
-    @property
-    def verifier(self):
-        """The name of the signature verifier in use, e.g. ``"native (coincurve)"``."""
-        return self._verifier.name
-
-    @property
-    def checks_at_once(self):
-        """True if a signature check is cheap enough for the HTTP selector thread (``verdict_at_once``)."""
-        return self._verifier.cheap
 
     def configure(self):
         """Set the SDK's user and timeout from the config; raise ConfigError if the key is unusable."""
@@ -407,49 +298,17 @@ class Bank:
         )
         return [api_json(e) for e in events]
 
+    def get_event(self, event_id):
+        """Return the event ``event_id`` of our workspace as Stark Bank has it (a webhook-shaped dict), or None
+        if Stark Bank has no such event for us. Raise BankUnavailable if it does not answer."""
+        return _get_one("event", event_id)
+
     def mark_delivered(self, event_id):
         """Tell Stark Bank an event was received, so it is not offered again."""
         _translate(lambda: starkbank.event.update(event_id, is_delivered=True), "mark event delivered")
 
-    def verify_event(self, content, signature):
-        """Check that ``signature`` (the Digital-Signature header) signs ``content`` (the raw body, str).
-
-        Return None if it does. Raise SignatureError if it is malformed or does not
-        match, BankUnavailable if the public key cannot be fetched. Thread-safe.
-        """
-        parsed = _parsed_signature(signature)
-        key = self.keys.get()
-        if self._matches(content, parsed, key):
-            return
-        fresher = self.keys.refresh(stale=key)
-        if fresher is not None and fresher is not key and self._matches(content, parsed, fresher):
-            return
-        raise SignatureError(_NO_MATCH)
-
-    def verdict_at_once(self, content, signature):
-        """``verify_event``'s verdict when it is cheap and waits for nothing: for the HTTP selector thread.
-
-        Return True if ``signature`` signs ``content``; raise SignatureError if it surely
-        does not (malformed, or no match while a key refetch is not due); return None
-        when only ``verify_event`` can tell: the verifier is not cheap (the pure one:
-        about a millisecond holding the GIL), no key is cached yet, or a failed check
-        calls for a refetch (Stark Bank may have rotated its key). Thread-safe.
-        """
-        key = self.keys.cached()
-        if not self._verifier.cheap or key is None:
-            return None
-        if self._matches(content, _parsed_signature(signature), key):
-            return True
-        if self.keys.refresh_due() or self.keys.cached() is not key:  # a refetch is due, or just happened
-            return None
-        raise SignatureError(_NO_MATCH)
-
-    def _matches(self, content, parsed, key):
-        """Return True if ``parsed`` signs ``content`` (or its key-sorted form) for ``key``; one check at a time."""
-        with self._checking:
-            return verify.signature_matches(content, parsed, key, self._verifier)
-
-    def _fetch_public_key(self):
+    def fetch_public_key(self):
+        """Return the PEM of Stark Bank's current public key (it signs webhooks). Raise BankUnavailable on failure."""
         response = _translate(
             lambda: starkbank.request.get("public-key", query={"limit": 1}), "fetch public key"
         )

@@ -34,8 +34,10 @@ def load_config(args, require_credentials=True, extra=None):
         overrides["HOST"] = args.host
     if args.port is not None:
         overrides["PORT"] = str(args.port)
-    return config_module.load(dotenv_path=args.env_file, overrides=overrides,
-                              require_credentials=require_credentials, isatty=sys.stderr.isatty())
+    # --env-file names a file that must exist; the default .env is read only if there.
+    return config_module.load(dotenv_path=args.env_file or ".env", overrides=overrides,
+                              require_credentials=require_credentials, isatty=sys.stderr.isatty(),
+                              dotenv_required=args.env_file is not None, journald=logs.under_journald(sys.stderr))
 
 
 def configured_bank(args):
@@ -81,22 +83,37 @@ def status(args):
 
 def transfers(args):
     """List the transfer attempts (read-only), or ``retry`` one stuck credit."""
+    states = (args.state,) if args.state else None
+    return read_or_write(args, "retry", _retry, lambda reader: reader.transfers(states=states), _print_transfers)
+
+
+def read_or_write(args, write_action, write, read, show):
+    """Run an operator's command: ``write(args, config)`` for ``write_action``, else ``show(args, read(store))``.
+
+    The configuration is loaded without Stark Bank's credentials (exit 2 if it is wrong);
+    ``read`` gets the database opened read-only, safe while the service runs (exit 1 if
+    it cannot be read). Return the exit status.
+    """
     from .store import Store, StoreError
 
     try:
         config = load_config(args, require_credentials=False)
     except ConfigError as e:
         return fail(str(e))
-    if args.action == "retry":
-        return _retry(args, config)
+    if args.action == write_action:
+        return write(args, config)
     try:
         reader = Store(config.database_path, read_only=True)
         try:
-            rows = reader.transfers(states=(args.state,) if args.state else None)
+            found = read(reader)
         finally:
             reader.close()
     except StoreError as e:
         return fail(str(e), 1)
+    return show(args, found)
+
+
+def _print_transfers(args, rows):
     if args.json:
         print(json.dumps([{**t._asdict(), "errors": [list(e) for e in t.errors]} for t in rows], indent=2))
         return 0
@@ -111,6 +128,24 @@ def transfers(args):
 
 def _retry(args, config):
     """Retry one stuck credit: through the running service, or here when it is stopped."""
+    from . import resend
+
+    return write_or_ask(args, config, lambda: _retry_through_service(config, args.invoice_id),
+                        lambda store, bank, settings: resend.retry(store, bank, settings.instance_tag,
+                                                                   args.invoice_id, utcnow()),
+                        "nothing queued", ("queued", "; the service sends it when it starts"), _print_outcome)
+
+
+def write_or_ask(args, config, ask, act, nothing, later, print_outcome):
+    """Make an operator's write to the store here, or ask the running service, which holds it; return the exit status.
+
+    While the service holds the store's lock: ``ask()``. Otherwise the store is opened
+    here and ``act(store, bank, config)`` returns an Outcome, printed by
+    ``print_outcome(code, message)``; ``later`` is (an outcome code, what to add to its
+    message: the service finishes the work at its next start). Exit 1 without a
+    database or if Stark Bank does not answer (``nothing`` says what was left undone),
+    2 for a configuration error.
+    """
     from .store import Store, StoreError, StoreLocked
 
     if not os.path.exists(config.database_path):
@@ -118,7 +153,7 @@ def _retry(args, config):
     try:
         store = Store(config.database_path)
     except StoreLocked:
-        return _retry_through_service(config, args.invoice_id)
+        return ask()
     except StoreError as e:
         return fail(str(e), 1)
     try:
@@ -126,50 +161,66 @@ def _retry(args, config):
             config, bank = configured_bank(args)
         except ConfigError as e:
             return fail(str(e))
-        from . import resend
-
         try:
-            outcome = resend.retry(store, bank, config.instance_tag, args.invoice_id, utcnow())
+            outcome = act(store, bank, config)
         except BankError as e:
-            return fail(f"Stark Bank did not answer, nothing queued: {e}", 1)
+            return fail(f"Stark Bank did not answer, {nothing}: {e}", 1)
     finally:
         store.close()
-    suffix = "; the service sends it when it starts" if outcome.code == "queued" else ""
-    return _print_outcome(outcome.code, outcome.message + suffix)
+    code, suffix = later
+    return print_outcome(outcome.code, outcome.message + (suffix if outcome.code == code else ""))
 
 
-def _print_outcome(code, message):
-    if code in ("refused", "unknown"):
-        return fail(message, 2)
-    print(message)
-    return 0
+def outcome_printer(refusals):
+    """Return ``print_outcome(code, message) -> exit status``: 0 with ``message`` printed, or 2 with it on
+    stderr for a code in ``refusals`` (the operator asked for what cannot be done)."""
+    def print_outcome(code, message):
+        if code in refusals:
+            return fail(message, 2)
+        print(message)
+        return 0
+    return print_outcome
+
+
+_print_outcome = outcome_printer(("refused", "unknown"))
 
 
 def _retry_through_service(config, invoice_id):
     """Ask the running service (it holds the store) to retry; return the exit status."""
-    if not config.basic_auth:
-        return fail("the service is running: set WEBHOOK_USERNAME and WEBHOOK_PASSWORD (as the service has them) "
-                    "to ask it for the retry", 2)
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}/transfers/retry"
-    token = base64.b64encode(f"{config.webhook_username}:{config.webhook_password}".encode()).decode()
-    request = urllib.request.Request(url, data=json.dumps({"invoice_id": invoice_id}).encode(), method="POST",
-                                     headers={"Authorization": "Basic " + token,
-                                              "Content-Type": "application/json"})
+    return ask_service(config, "/transfers/retry", {"invoice_id": invoice_id}, RETRY_TIMEOUT_S, "retry",
+                       {409: "refused", 404: "refused"}, _print_outcome)
+
+
+def ask_service(config, path, payload, timeout_s, what, reported, print_outcome):
+    """POST ``payload`` (JSON) to the running service's operator endpoint ``path``; return the exit status.
+
+    With the operator's credentials (exit 2 without them, naming them). An answer 200,
+    or one whose HTTP status is in ``reported`` (status -> the outcome code when the body
+    names none), goes to ``print_outcome(code, message)``, whose exit status is returned;
+    any other answer, or none within ``timeout_s``, is exit 1. ``what`` names the request
+    in the messages.
+    """
+    if not config.operator_auth:
+        return fail("the service is running: set OPERATOR_USERNAME and OPERATOR_PASSWORD (as the service has them) "
+                    f"to ask it for the {what}", 2)
+    url = config_module.local_url(config.host, config.port, path)
+    token = base64.b64encode(f"{config.operator_username}:{config.operator_password}".encode()).decode()
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Authorization": "Basic " + token, "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=RETRY_TIMEOUT_S) as answer:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
             body = json.loads(answer.read())
     except urllib.error.HTTPError as e:
         try:
             body = json.loads(e.read())
         except ValueError:
             body = {}
-        if e.code in (409, 404):
-            return _print_outcome(body.get("outcome", "refused"), body.get("message", f"HTTP {e.code}"))
-        return fail(f"the service answered {e.code}: {body.get('error', e.reason)}", 1)
+        if e.code not in reported:
+            return fail(f"the service answered {e.code}: {body.get('error', e.reason)}", 1)
+        return print_outcome(body.get("outcome", reported[e.code]), body.get("message", f"HTTP {e.code}"))
     except (OSError, ValueError) as e:
         return fail(f"the service holds the database but does not answer at {url}: {e}", 1)
-    return _print_outcome(body["outcome"], body["message"])
+    return print_outcome(body["outcome"], body["message"])
 
 
 def check(args):
@@ -178,6 +229,7 @@ def check(args):
     Exit 0 if all is well, 2 if a variable, the key or the credentials are wrong,
     1 if Stark Bank could not be reached (nothing was proven either way).
     """
+    from . import verify
     from .scheduler import round_count
 
     try:
@@ -199,9 +251,10 @@ def check(args):
           f"{duration(config.invoice_interval_s)} {window}, tagged {config.instance_tag!r}")
     print(f"  credits forwarded to: {config.transfer_name}, bank {config.transfer_bank_code}, "
           f"branch {config.transfer_branch}, account {config.transfer_account} ({config.transfer_account_type})")
-    print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}")
+    print(f"  listening on {config.host}:{config.port}, basic auth {'on' if config.basic_auth else 'OFF'}, "
+          f"operator endpoints {'on' if config.operator_auth else 'off (404)'}")
     print(f"  database: {config.database_path} ({_database_plan(config.database_path)})")
-    print(f"  webhook signatures verified by: {bank.verifier}")
+    print(f"  webhook signatures verified by: {verify.best_verifier().name}")
     return 0
 
 

@@ -15,7 +15,8 @@ from typing import NamedTuple
 from .errors import ConfigError
 from .taxid import is_valid_tax_id
 
-__all__ = ["Config", "VARIABLES", "load", "parse_duration", "format_duration", "with_userinfo", "read_dotenv"]
+__all__ = ["Config", "VARIABLES", "load", "local_url", "parse_duration", "format_duration", "with_userinfo",
+           "read_dotenv"]
 
 
 class Variable(NamedTuple):
@@ -98,6 +99,14 @@ def _auth_pair(values, _required):
         raise ConfigError("WEBHOOK_USERNAME and WEBHOOK_PASSWORD: set both or neither")
 
 
+def _operator_pair(values, _required):
+    if bool(values["operator_username"]) != bool(values["operator_password"]):
+        raise ConfigError("OPERATOR_USERNAME and OPERATOR_PASSWORD: set both or neither")
+    if values["operator_password"] and values["operator_password"] == values["webhook_password"]:
+        # The webhook's credentials travel in the URL registered at Stark Bank.
+        raise ConfigError("OPERATOR_PASSWORD: must differ from WEBHOOK_PASSWORD")
+
+
 def _round_bounds(values, _required):
     if values["invoice_min"] > values["invoice_max"]:
         raise ConfigError("INVOICE_MIN: must not be more than INVOICE_MAX")
@@ -118,9 +127,14 @@ VARIABLES = (
       _one_of(("sandbox", "production"), "must be sandbox or production")),
     V("HOST", "0.0.0.0", "address the HTTP server listens on", "host", _text),
     V("PORT", "8000", "port the HTTP server listens on", "port", _whole(0, 65535)),
-    V("WEBHOOK_USERNAME", "", "with WEBHOOK_PASSWORD: HTTP basic auth required on POST /webhook and GET /status",
+    V("WEBHOOK_USERNAME", "", "with WEBHOOK_PASSWORD: HTTP basic auth required on POST /webhook",
       "webhook_username", _matching(r"[^:]*", "must not contain ':'", strip=False)),
     V("WEBHOOK_PASSWORD", "", "see WEBHOOK_USERNAME", "webhook_password", str, _auth_pair),
+    V("OPERATOR_USERNAME", "", "with OPERATOR_PASSWORD: HTTP basic auth of GET /status, GET /metrics, "
+      "POST /transfers/retry and POST /events/replay, which answer 404 without them", "operator_username",
+      _matching(r"[^:]*", "must not contain ':'", strip=False)),
+    V("OPERATOR_PASSWORD", "", "see OPERATOR_USERNAME; must differ from WEBHOOK_PASSWORD", "operator_password", str,
+      _operator_pair),
     V("INVOICE_INTERVAL", "3h", "time between rounds: seconds or a number with s/m/h/d", "invoice_interval_s",
       _seconds(allow_zero=False)),
     V("INVOICE_MIN", "8", "fewest invoices in a round", "invoice_min", _whole(1, MAX_ROUND_SIZE)),
@@ -129,8 +143,10 @@ VARIABLES = (
       _seconds(allow_zero=True)),
     V("TRANSFER_BANK_CODE", "20018183", "receiver of forwarded money: bank code (ISPB or 3-digit code)",
       "transfer_bank_code", _matching(r"\d{3}|\d{8}", "must be an 8-digit ISPB or a 3-digit bank code")),
+    # Stark Bank's form (the SDK's Transfer docstring, its API refusing anything else):
+    # a branch of at most 4 digits, an account of digits, each with an optional -digit.
     V("TRANSFER_BRANCH", "0001", "receiver: branch", "transfer_branch",
-      _matching(r"\d{1,6}(-\d)?", "must be digits, optionally with -digit")),
+      _matching(r"\d{1,4}(-\d)?", "must be at most 4 digits, optionally with -digit (e.g. 0001 or 1357-9)")),
     V("TRANSFER_ACCOUNT", "6341320293482496", "receiver: account number", "transfer_account",
       _matching(r"\d{1,20}(-[0-9Xx])?", "must be digits, optionally with -digit")),
     V("TRANSFER_NAME", "Stark Bank S.A.", "receiver: name", "transfer_name", _not_empty),
@@ -158,8 +174,9 @@ VARIABLES = (
       _one_of(("off", "on", "trace"), "must be off, on or trace")),
     V("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", "log_level",
       _one_of(("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR", case=str.upper)),
-    V("LOG_FORMAT", "", "text or json (default: text on a terminal, json otherwise)", "log_format",
-      _one_of(("text", "json"), "must be text or json")),
+    V("LOG_FORMAT", "", "text, json or journal (journald's native protocol, with fields); default: journal "
+      "when stderr is systemd's journal stream, text on a terminal, json otherwise", "log_format",
+      _one_of(("text", "json", "journal"), "must be text, json or journal")),
 )
 del V
 
@@ -169,7 +186,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 # Fields whose values repr() hides.
-_SECRET_FIELDS = frozenset({"private_key", "webhook_username", "webhook_password"})
+_SECRET_FIELDS = frozenset({"private_key", "webhook_username", "webhook_password", "operator_username",
+                            "operator_password"})
 
 
 class Config(NamedTuple):
@@ -186,6 +204,8 @@ class Config(NamedTuple):
     port: int
     webhook_username: str
     webhook_password: str
+    operator_username: str  # "" (with operator_password): no operator endpoints over HTTP
+    operator_password: str
     invoice_interval_s: float
     invoice_min: int
     invoice_max: int
@@ -205,12 +225,17 @@ class Config(NamedTuple):
     event_retention_s: float  # 0 = events are kept forever
     debug_memory: str  # "off", "on" or "trace"
     log_level: str
-    log_format: str  # "text" or "json"
+    log_format: str  # "text", "json" or "journal"
 
     @property
     def basic_auth(self):
         """Return True if HTTP basic auth is configured."""
         return bool(self.webhook_username and self.webhook_password)
+
+    @property
+    def operator_auth(self):
+        """Return True if the operator's credentials are configured (the operator endpoints exist)."""
+        return bool(self.operator_username and self.operator_password)
 
     def __repr__(self):
         shown = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)
@@ -246,17 +271,30 @@ def with_userinfo(url, username, password):
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
 
-def read_dotenv(path):
-    """Return the KEY=VALUE pairs of a .env file as a dict; {} if it does not exist.
+def local_url(host, port, path):
+    """Return the http URL of ``path`` on a service of this machine listening on ``host``:``port``.
+
+    A service listening on every address (``0.0.0.0``, ``::`` or empty) is reached at 127.0.0.1.
+    """
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}{path}"
+
+
+def read_dotenv(path, required=False):
+    """Return the KEY=VALUE pairs of a .env file as a dict; {} if it does not exist and is not ``required``.
 
     Blank lines and ``#`` comments are skipped, ``export `` is allowed, one pair of
-    matching quotes around a value is removed. A line that is not KEY=VALUE raises
-    ConfigError naming the line number.
+    matching quotes around a value is removed (a comment may follow them). A line that
+    is not KEY=VALUE, or an unquoted value followed by `` #`` (systemd's EnvironmentFile=
+    would keep the comment in the value, a shell would drop it: ambiguous), raises
+    ConfigError naming the line number; so does a missing file that is ``required``.
     """
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: no such file (given with --env-file)") from None
         return {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
@@ -269,8 +307,12 @@ def read_dotenv(path):
         if not match:
             raise ConfigError(f"{path}, line {number}: expected NAME=value")
         name, value = match.groups()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1].replace("\\n", "\n") if value[0] == '"' else value[1:-1]
+        quoted = re.fullmatch(r"""(["'])(.*?)\1\s*(?:#.*)?""", value)
+        if quoted:
+            value = quoted.group(2).replace("\\n", "\n") if quoted.group(1) == '"' else quoted.group(2)
+        elif re.search(r"\s#", value):
+            raise ConfigError(f"{path}, line {number}: {name}: a comment after the value; "
+                              "put the comment on a line of its own, or quote the value")
         values[name] = value
     return values
 
@@ -297,20 +339,22 @@ def _default_database_path(environ):
     return os.path.join(state_dir or ".", "stark_challenge.sqlite3")
 
 
-def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=True, isatty=False):
+def load(environ=None, dotenv_path=".env", overrides=None, require_credentials=True, isatty=False,
+         dotenv_required=False, journald=False):
     """Return the validated Config; raise ConfigError naming the first bad variable.
 
-    ``environ`` (default ``os.environ``) wins over the ``.env`` file at ``dotenv_path``;
+    ``environ`` (default ``os.environ``) wins over the ``.env`` file at ``dotenv_path``
+    (which must exist if ``dotenv_required``: a file the operator named);
     ``overrides`` (from command-line flags) win over both. Empty values count as unset.
     With ``require_credentials`` false (``status`` reads only the database), the Stark Bank
     project variables may be missing.
     """
     environ = dict(os.environ if environ is None else environ)
     env = dict(DEFAULTS)
-    merged = {**(read_dotenv(dotenv_path) if dotenv_path else {}), **environ, **(overrides or {})}
+    merged = {**(read_dotenv(dotenv_path, dotenv_required) if dotenv_path else {}), **environ, **(overrides or {})}
     env.update({k: v for k, v in merged.items() if k in DEFAULTS and v != ""})
     if not env["LOG_FORMAT"].strip():
-        env["LOG_FORMAT"] = "text" if isatty else "json"
+        env["LOG_FORMAT"] = "journal" if journald else "text" if isatty else "json"
 
     values = {}
     for variable in VARIABLES:

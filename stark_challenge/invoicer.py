@@ -23,6 +23,7 @@ import logging
 import random
 from typing import NamedTuple, Optional
 
+from . import logs
 from .bank import MAX_PER_CALL
 from .errors import BankRejected, BankUnavailable
 from .people import random_amount, random_person
@@ -109,8 +110,10 @@ class Invoicer:
         issued = self._store.finish_round(n, self._clock())
         late = (now - due_at).total_seconds()
         logger.info(
-            "round %d issued: %d invoices, total %s%s",
-            n, issued.count, reais(issued.total), f" ({late:.0f} s late)" if late >= 60 else "",
+            "round %d issued: %d invoice%s, total %s%s",
+            n, issued.count, "" if issued.count == 1 else "s", reais(issued.total),
+            f" ({late:.0f} s late)" if late >= 60 else "",
+            extra=logs.fields(round=n, invoices=issued.count, amount_cents=issued.total),
         )
         return Outcome("issued", None)
 
@@ -145,7 +148,8 @@ class Invoicer:
             created = self._bank.create_invoices(invoices)
             self._store.record_invoices(n, chunk, created, self._clock())
             for inv in created:
-                logger.debug("invoice %s: %s to %s", inv["id"], reais(inv["amount"]), mask_tax_id(inv["tax_id"]))
+                logger.debug("invoice %s: %s to %s", inv["id"], reais(inv["amount"]), mask_tax_id(inv["tax_id"]),
+                             extra=logs.fields(invoice_id=inv["id"], amount_cents=inv["amount"], round=n))
 
     def _retry_or_fail(self, n, attempt, error):
         now = self._clock()
@@ -153,7 +157,8 @@ class Invoicer:
         detail = f"{error}" + (f" [{codes}]" if codes and codes not in str(error) else "")
         if attempt >= MAX_ATTEMPTS:
             self._store.fail_round(n, detail, now)
-            logger.error("round %d failed after %d attempts, giving up: %s", n, attempt, detail)
+            logger.error("round %d failed after %d attempts, giving up: %s", n, attempt, detail,
+                         extra=logs.fields(round=n))
             return Outcome("failed", None)
         delay = backoff(attempt, self._retry_base_s, MAX_BACKOFF_S, self._rng)
         retry_at = now + datetime.timedelta(seconds=delay)

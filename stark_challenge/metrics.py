@@ -10,6 +10,12 @@ Two kinds of number, and where each comes from:
   process, as Prometheus expects of a counter (``rate`` and ``increase`` handle the
   reset).
 
+Every label value the service can give a counter is listed in ``KNOWN_LABELS`` and
+shown from the start at 0, so a series exists before its first event (an alert on
+``increase(...{reason="bad_signature"}[5m])`` has something to read). ``process_families``
+adds Prometheus's standard ``process_*`` metrics (CPU, memory, descriptors, start
+time), read from ``/proc`` where there is one.
+
 ``exposition`` writes families as text: ``# HELP`` and ``# TYPE`` lines, then one
 sample a line, label values escaped (backslash, double quote, newline). Counters'
 names end in ``_total``. Not a client library: no registry, no global state.
@@ -19,14 +25,33 @@ webhook path; ``snapshot`` copies under the same lock.
 """
 
 import math
+import os
+import resource
 import threading
+import time
 from typing import NamedTuple
 
 from . import transfer_states
 
-__all__ = ["Counters", "Family", "exposition", "service_families", "CONTENT_TYPE"]
+__all__ = ["Counters", "Family", "exposition", "service_families", "process_families", "CONTENT_TYPE",
+           "KNOWN_LABELS"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Every label set the service's code counts, per counter: each is exposed at 0 until it is
+# first counted. A label set counted but not listed here still appears, once counted.
+KNOWN_LABELS = {
+    "stark_challenge_webhooks_total": (
+        (("outcome", "stored"),), (("outcome", "duplicate"),),
+        *((("outcome", "refused"), ("reason", reason)) for reason in (
+            "auth", "length_required", "no_signature", "not_utf8", "bad_signature", "malformed")),
+        (("outcome", "unavailable"), ("reason", "public_key")), (("outcome", "unavailable"), ("reason", "store")),
+    ),
+    "stark_challenge_signature_verifications_total": ((("verdict", "valid"),), (("verdict", "invalid"),)),
+    "stark_challenge_signature_check_cpu_seconds_total": ((("verdict", "valid"),), (("verdict", "invalid"),)),
+    "stark_challenge_transfer_api_calls_total": (
+        (("result", "created"),), (("result", "rejected"),), (("result", "unavailable"),)),
+}
 
 
 class Counters:
@@ -51,10 +76,11 @@ class Counters:
             return self._values.get((name, labels), 0)
 
     def samples(self, name):
-        """Return [(labels, value)] of every counter called ``name``, in a stable order."""
+        """Return [(labels, value)] of every counter called ``name`` (``KNOWN_LABELS`` at 0 too), in a stable order."""
+        found = dict.fromkeys(KNOWN_LABELS.get(name, ()), 0)
         with self._lock:
-            found = [(labels, value) for (n, labels), value in self._values.items() if n == name]
-        return sorted(found)
+            found.update((labels, value) for (n, labels), value in self._values.items() if n == name)
+        return sorted(found.items())
 
 
 class Family(NamedTuple):
@@ -191,3 +217,52 @@ def service_families(report, credit_outcomes, counters, public_key_fetches, last
         Family("stark_challenge_worker_last_pass_timestamp_seconds", "gauge",
                "Unix time of the worker's last complete pass.", last_pass),
     ]
+
+
+def process_families(proc="/proc/self", clock=time.time):
+    """Return Prometheus's standard process metrics of this process, as client libraries name them.
+
+    ``process_cpu_seconds_total`` (user and system), ``process_max_fds`` and, where
+    ``proc`` (Linux's /proc/self) can be read, ``process_resident_memory_bytes``,
+    ``process_virtual_memory_bytes``, ``process_open_fds`` and
+    ``process_start_time_seconds`` (Unix time). A number that cannot be read is left out.
+    """
+    times = os.times()
+    families = [Family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
+                       [((), times.user + times.system)])]
+    try:
+        with open(os.path.join(proc, "statm"), encoding="ascii") as f:
+            virtual, resident = (int(n) * resource.getpagesize() for n in f.read().split()[:2])
+        families.append(Family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.",
+                               [((), virtual)]))
+        families.append(Family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+                               [((), resident)]))
+    except (OSError, ValueError):
+        pass
+    try:
+        families.append(Family("process_start_time_seconds", "gauge",
+                               "Start time of the process since unix epoch in seconds.",
+                               [((), round(_start_time(proc, clock), 2))]))
+    except (OSError, ValueError, IndexError, AttributeError):  # AttributeError: no CLOCK_BOOTTIME (not Linux)
+        pass
+    try:
+        families.append(Family("process_open_fds", "gauge", "Number of open file descriptors.",
+                               [((), len(os.listdir(os.path.join(proc, "fd"))))]))
+    except OSError:
+        pass
+    families.append(Family("process_max_fds", "gauge", "Maximum number of open file descriptors.",
+                           [((), resource.getrlimit(resource.RLIMIT_NOFILE)[0])]))
+    return families
+
+
+def _start_time(proc, clock=time.time):
+    """Return the Unix time the process started, from its start in clock ticks after boot (/proc/self/stat).
+
+    Boot is taken from CLOCK_BOOTTIME, the clock /proc counts in, rather than /proc/stat's
+    btime, which a unit's ProcSubset=pid hides.
+    """
+    with open(os.path.join(proc, "stat"), encoding="ascii", errors="replace") as f:
+        # The command name (field 2) is in parentheses and may hold spaces: count from after it.
+        fields = f.read().rsplit(")", 1)[1].split()
+    started_after_boot_s = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of the whole line
+    return clock() - time.clock_gettime(time.CLOCK_BOOTTIME) + started_after_boot_s

@@ -622,6 +622,23 @@ class Store:
             row = self._one("select processed_at from event where id = ?", (event_id,))
         return bool(row and row["processed_at"])
 
+    def recent_events(self, limit=20):
+        """Return the ``limit`` events received last, newest first, as dicts (``stored_event``'s, without body)."""
+        with self._lock:
+            rows = self._all(
+                "select id, subscription, log_type, entity_id, source, received_at, processed_at, outcome"
+                " from event order by received_at desc, id desc limit ?", (limit,))
+        return [dict(r) for r in rows]
+
+    def stored_event(self, event_id):
+        """Return the stored event ``event_id`` as a dict (id, subscription, log_type, entity_id, source,
+        received_at, processed_at, outcome and ``body``, the event as received), or None."""
+        with self._lock:
+            row = self._one(
+                "select id, subscription, log_type, entity_id, source, received_at, processed_at, outcome, body"
+                " from event where id = ?", (event_id,))
+        return None if row is None else {**dict(row), "body": json.loads(row["body"])}
+
     # -- invoices ---------------------------------------------------------------
 
     def update_invoice(self, invoice_id, status, now, fee=None):

@@ -29,7 +29,7 @@ __all__ = ["ROOT", "FakeClock", "Project", "Service", "child_env", "free_port", 
 # Variables that configure the service or steer its HTTP calls, besides config.VARIABLES.
 _OUTSIDE_CONFIG = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY", "HTTPS_PROXY", "https_proxy",
                    "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE",
-                   "CURL_CA_BUNDLE", "SSL_CERT_FILE", "STARK_SANDBOX_TEST")
+                   "CURL_CA_BUNDLE", "SSL_CERT_FILE", "STARK_SANDBOX_TEST", "JOURNAL_STREAM")
 
 
 @pytest.fixture(autouse=True)
@@ -152,6 +152,8 @@ def _service_maker(emulator, directory, made):
             "INVOICE_DURATION": "0",
             "EVENT_POLL_INTERVAL": "1h",
             "BANK_TIMEOUT": "3s",
+            "OPERATOR_USERNAME": "operator",  # GET /status and /metrics answer 404 without them
+            "OPERATOR_PASSWORD": "operator-password",
         })
         env.update({k: str(v) for k, v in values.items()})
         service = Service(env, str(home / "service.log"), cwd=str(home))

@@ -9,8 +9,10 @@ import starkbank
 from ellipticcurve import Ecdsa, PrivateKey
 
 from stark_challenge import verify
-from stark_challenge.bank import Bank, KeyCache
+from stark_challenge.bank import Bank
 from stark_challenge.errors import BankRejected, BankUnavailable, ConfigError, SignatureError
+
+from stark_challenge.verify import KeyCache, Signatures
 
 from support import sdk_config, signed_event, verifies, wait_for
 
@@ -32,6 +34,7 @@ def sdk_accepts(content, signature):
 
 
 def test_verdicts_match_the_sdks_parse(emulator, bank):
+    signatures = Signatures(bank.fetch_public_key)
     body, headers = signed_event(emulator, "1", {"id": "9", "amount": 100, "fee": 1, "tags": []})
     good = headers["Digital-Signature"]
     content = body.decode()
@@ -48,43 +51,45 @@ def test_verdicts_match_the_sdks_parse(emulator, bank):
         (content, "%%%"),
     ]
     for case in cases:
-        assert verifies(bank, *case) == sdk_accepts(*case), case
-    assert [verifies(bank, *c) for c in cases] == [True, False, False, False, True, False, False]
+        assert verifies(signatures, *case) == sdk_accepts(*case), case
+    assert [verifies(signatures, *c) for c in cases] == [True, False, False, False, True, False, False]
 
 
 def test_forged_signatures_refetch_the_key_at_most_once_a_minute(emulator, sdk):
     now = [1000.0]
-    bank = Bank(sdk_config(sdk), clock=lambda: now[0])
+    bank = Bank(sdk_config(sdk))
     bank.configure()
+    signatures = Signatures(bank.fetch_public_key, clock=lambda: now[0])
     body, headers = signed_event(emulator, "1", {"id": "9"})
     forged = Ecdsa.sign(body.decode(), PrivateKey()).toBase64()
     before = emulator.public_key_fetches
 
     for _ in range(200):
         with pytest.raises(SignatureError):
-            bank.verify_event(body.decode(), forged)
+            signatures.check(body.decode(), forged)
     assert emulator.public_key_fetches - before == 1  # the first fetch; the refresh is not due yet
 
     now[0] += 61
     for _ in range(50):
         with pytest.raises(SignatureError):
-            bank.verify_event(body.decode(), forged)
+            signatures.check(body.decode(), forged)
     assert emulator.public_key_fetches - before == 2
-    bank.verify_event(body.decode(), headers["Digital-Signature"])  # genuine ones still pass
+    signatures.check(body.decode(), headers["Digital-Signature"])  # genuine ones still pass
 
 
 def test_an_unreachable_key_is_unavailable_not_a_bad_signature(emulator, sdk):
     now = [0.0]
-    bank = Bank(sdk_config(sdk), clock=lambda: now[0])
+    bank = Bank(sdk_config(sdk))
     bank.configure()
+    signatures = Signatures(bank.fetch_public_key, clock=lambda: now[0])
     body, headers = signed_event(emulator, "1", {"id": "9"})
     emulator.fail_next("GET", "/v2/public-key", count=1, status=500)
     with pytest.raises(BankUnavailable):
-        bank.verify_event(body.decode(), headers["Digital-Signature"])
+        signatures.check(body.decode(), headers["Digital-Signature"])
     with pytest.raises(BankUnavailable):  # no new fetch within KEY_RETRY_S
-        bank.verify_event(body.decode(), headers["Digital-Signature"])
+        signatures.check(body.decode(), headers["Digital-Signature"])
     now[0] += 10
-    bank.verify_event(body.decode(), headers["Digital-Signature"])
+    signatures.check(body.decode(), headers["Digital-Signature"])
 
 
 def test_key_cache_counts_fetches_and_shares_a_refresh():
@@ -178,11 +183,12 @@ def test_signature_checks_run_one_at_a_time(emulator, sdk, monkeypatch):
     real_parse = verify.parse_signature
     monkeypatch.setattr(verify, "parse_signature", lambda text: parsed.append(text) or real_parse(text))
     watched = WatchedVerifier(parsed)
-    bank = Bank(sdk_config(sdk), verifier=watched)
+    bank = Bank(sdk_config(sdk))
     bank.configure()
+    signatures = Signatures(bank.fetch_public_key, watched)
     body, headers = signed_event(emulator, "1", {"id": "9"})
     results = []
-    threads = [threading.Thread(target=lambda: results.append(verifies(bank, body.decode(), headers["Digital-Signature"])))
+    threads = [threading.Thread(target=lambda: results.append(verifies(signatures, body.decode(), headers["Digital-Signature"])))
                for _ in range(3)]
     for t in threads:
         t.start()

@@ -94,18 +94,6 @@ def test_a_bad_value_in_dotenv_is_reported_without_its_value(project, tmp_path):
     assert line == "stark_challenge: WEBHOOK_USERNAME and WEBHOOK_PASSWORD: set both or neither"
 
 
-def test_run_exits_1_when_the_port_is_taken(project, tmp_path):
-    env, _ = project
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = cli("run", cwd=tmp_path, env={**env, "HOST": "127.0.0.1", "PORT": str(port),
-                                             "DATABASE_PATH": str(tmp_path / "db.sqlite3")})
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert f"stark_challenge: cannot listen on 127.0.0.1:{port}: " in done.stderr.splitlines()[-1]
-
-
 # -- check --------------------------------------------------------------------------
 
 
@@ -119,7 +107,7 @@ def test_check_with_good_credentials_calls_stark_bank_once_and_prints_the_plan(e
         "configuration ok; credentials accepted by Stark Bank (sandbox)",
         "  rounds: 8-12 invoices every 3h for 24h (8 rounds), tagged 'stark-challenge'",
         "  credits forwarded to: Stark Bank S.A., bank 20018183, branch 0001, account 6341320293482496 (payment)",
-        "  listening on 0.0.0.0:8000, basic auth OFF",
+        "  listening on 0.0.0.0:8000, basic auth OFF, operator endpoints off (404)",
         "  database: ./stark_challenge.sqlite3 (new: the first round is issued at start)",
         f"  webhook signatures verified by: {verify.best_verifier().name}",
     ]
@@ -173,7 +161,7 @@ def test_check_tells_that_a_start_resumes_an_existing_schedule(emulator, service
     service = service_factory(INVOICE_INTERVAL="1h", INVOICE_DURATION="24h")
     service.start()
     # /health answers before round 0 is issued: wait for the round, then stop.
-    wait_for(lambda: service.request("GET", "/status")[1]["service"]["scheduler"]["rounds_issued"] == 1,
+    wait_for(lambda: service.operate("GET", "/status")[1]["service"]["scheduler"]["rounds_issued"] == 1,
              message="round 0 issued")
     assert service.stop() == 0
     done = cli("check", "--offline", cwd=tmp_path, env=service.env)

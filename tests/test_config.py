@@ -45,6 +45,10 @@ def test_durations_accept_seconds_and_units(text, seconds):
     ({"TRANSFER_BANK_CODE": "2001"}, "TRANSFER_BANK_CODE"),
     ({"TRANSFER_ACCOUNT_TYPE": "current"}, "TRANSFER_ACCOUNT_TYPE"),
     ({"WEBHOOK_USERNAME": "user"}, "WEBHOOK_USERNAME and WEBHOOK_PASSWORD"),
+    ({"OPERATOR_PASSWORD": "pw"}, "OPERATOR_USERNAME and OPERATOR_PASSWORD"),
+    ({"OPERATOR_USERNAME": "a:b", "OPERATOR_PASSWORD": "pw"}, "OPERATOR_USERNAME"),
+    ({"WEBHOOK_USERNAME": "stark", "WEBHOOK_PASSWORD": "same", "OPERATOR_USERNAME": "ops",
+      "OPERATOR_PASSWORD": "same"}, "OPERATOR_PASSWORD: must differ from WEBHOOK_PASSWORD"),
     ({"INSTANCE_TAG": "Has Spaces"}, "INSTANCE_TAG"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ({"STARK_PROJECT_ID": ""}, "STARK_PROJECT_ID"),
@@ -67,9 +71,17 @@ def test_errors_never_repeat_the_value():
 
 
 def test_secrets_stay_out_of_repr():
-    c = load(WEBHOOK_USERNAME="u", WEBHOOK_PASSWORD="p4ssw0rd")
-    assert "p4ssw0rd" not in repr(c) and "BEGIN" not in repr(c)
-    assert c.basic_auth
+    c = load(WEBHOOK_USERNAME="u", WEBHOOK_PASSWORD="p4ssw0rd", OPERATOR_USERNAME="o", OPERATOR_PASSWORD="0p3r4t0r")
+    assert "p4ssw0rd" not in repr(c) and "0p3r4t0r" not in repr(c) and "BEGIN" not in repr(c)
+    assert c.basic_auth and c.operator_auth
+    assert not load().operator_auth
+
+
+def test_the_webhooks_pair_as_the_operators_exits_2_with_one_line(tmp_path):
+    proc = run_cli(cwd=tmp_path, env={**BASE, "WEBHOOK_USERNAME": "stark", "WEBHOOK_PASSWORD": "s3cret",
+                                      "OPERATOR_USERNAME": "stark", "OPERATOR_PASSWORD": "s3cret"})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["stark_challenge: OPERATOR_PASSWORD: must differ from WEBHOOK_PASSWORD"]
 
 
 def test_dotenv_is_read_and_the_environment_wins(tmp_path):

@@ -15,7 +15,8 @@ from support import ROOT
 
 UNIT = os.path.join(ROOT, "deploy", "stark-challenge.service")
 ENV_EXAMPLE = os.path.join(ROOT, "deploy", "env.example")
-SECRETS = ("STARK_PROJECT_ID", "STARK_PRIVATE_KEY", "WEBHOOK_USERNAME", "WEBHOOK_PASSWORD")
+SECRETS = ("STARK_PROJECT_ID", "STARK_PRIVATE_KEY", "WEBHOOK_USERNAME", "WEBHOOK_PASSWORD", "OPERATOR_USERNAME",
+           "OPERATOR_PASSWORD")
 
 
 def unit_settings(text):
@@ -141,3 +142,11 @@ def test_env_example_as_it_stands_gives_the_documented_defaults():
     from_example = config_module.load({}, dotenv_path=ENV_EXAMPLE, require_credentials=False)
     from_defaults = config_module.load({}, dotenv_path=None, require_credentials=False)
     assert from_example == from_defaults
+
+
+def test_unit_lets_journald_read_each_lines_priority(unit):
+    # The service picks LOG_FORMAT=journal itself under systemd (tests/test_journald.py);
+    # the unit must not force another format, and has journald read <N> prefixes.
+    assert unit[("Service", "SyslogLevelPrefix")] == ["yes"]
+    assert unit[("Service", "SyslogIdentifier")] == ["stark-challenge"]
+    assert not any("LOG_FORMAT" in line for line in unit[("Service", "Environment")])

@@ -23,7 +23,7 @@ def test_rounds_are_issued_on_schedule_with_valid_invoices(emulator, service_fac
 
     wait_for(lambda: len({tuple(i["tags"]) for i in emulator.invoices()}) >= 3, message="3 rounds")
     # The schedule is over once /status says so: counted after that, no round can follow.
-    wait_for(lambda: service.request("GET", "/status")[1]["service"]["scheduler"]["state"] == "finished",
+    wait_for(lambda: service.operate("GET", "/status")[1]["service"]["scheduler"]["state"] == "finished",
              message="finished")
 
     invoices = emulator.invoices()
@@ -40,7 +40,7 @@ def test_rounds_are_issued_on_schedule_with_valid_invoices(emulator, service_fac
         assert isinstance(invoice["amount"], int) and invoice["amount"] >= 1000
         assert "stark-challenge" in invoice["tags"]
     # One API call per round.
-    status, page = service.request("GET", "/status")
+    status, page = service.operate("GET", "/status")
     assert (page["service"]["scheduler"]["rounds_total"], page["service"]["scheduler"]["rounds_issued"]) == (3, 3)
     creates = [r for r in emulator.requests if r["method"] == "POST" and r["path"] == "/v2/invoice"]
     assert len(creates) == 3
@@ -124,7 +124,7 @@ def test_no_transfer_for_unpaid_invoices(emulator, service_factory):
     # The nine "created" events delivered and processed: the service has acted on all it got.
     wait_for(lambda: len([d for d in emulator.deliveries() if d["status"] == 200]) == 9, message="created events")
     wait_for(lambda: service_settled(service, emulator), message="the service settled")
-    status, report = service.request("GET", "/status")
+    status, report = service.operate("GET", "/status")
     assert status == 200 and report["events"]["received"] == 9
     assert query(service, "select log_type, count(*), count(processed_at) from event group by log_type") == [
         ("created", 9, 9)]

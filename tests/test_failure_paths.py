@@ -16,7 +16,7 @@ from ellipticcurve import Ecdsa, PrivateKey
 
 from stark_challenge import config as config_module
 from stark_challenge.app import App
-from stark_challenge.bank import KEY_REFRESH_S, Bank, KeyCache
+from stark_challenge.bank import Bank
 from stark_challenge.errors import BankUnavailable, ConfigError, SignatureError
 from stark_challenge.events import Event
 from stark_challenge.invoicer import Invoicer
@@ -24,6 +24,7 @@ from stark_challenge.notify import Notifier
 from stark_challenge.scheduler import Schedule
 from stark_challenge.store import Store, StoreError
 from stark_challenge.transfers import Sender
+from stark_challenge.verify import KEY_REFRESH_S, KeyCache, Signatures
 from stark_challenge.worker import Worker
 from support import Service, child_env, free_port, make_config, messages_matching, run_cli, sdk_config, wait_for
 
@@ -33,10 +34,10 @@ from support import Service, child_env, free_port, make_config, messages_matchin
 @pytest.mark.parametrize("variable, value, message", [
     ("STARK_PROJECT_ID", "12 34", "STARK_PROJECT_ID: must be the project's id"),
     ("WEBHOOK_USERNAME", "ops:root", "WEBHOOK_USERNAME: must not contain ':'"),
-    ("TRANSFER_BRANCH", "00-01", "TRANSFER_BRANCH: must be digits"),
+    ("TRANSFER_BRANCH", "00-01", "TRANSFER_BRANCH: must be at most 4 digits"),
     ("TRANSFER_ACCOUNT", "12ab", "TRANSFER_ACCOUNT: must be digits"),
     ("TRANSFER_NAME", "   ", "TRANSFER_NAME: must not be empty"),
-    ("LOG_FORMAT", "xml", "LOG_FORMAT: must be text or json"),
+    ("LOG_FORMAT", "xml", "LOG_FORMAT: must be text, json or journal"),
     ("INVOICE_MIN", "10001", "INVOICE_MIN: must be between 1 and 10000"),
     ("MAX_CONNECTIONS", "0", "MAX_CONNECTIONS: must be between 1 and 1024"),
     ("REQUEST_TIMEOUT", "0", "REQUEST_TIMEOUT: must be more than 0"),
@@ -79,23 +80,22 @@ def test_a_rotated_key_is_fetched_again_at_most_once_a_minute_and_then_accepted(
     old, new = PrivateKey(), PrivateKey()
     published = [old.publicKey().toPem()]
     clock = Monotonic()
-    bank = Bank(make_config())
-    bank.keys = KeyCache(lambda: published[-1], clock=clock)
+    signatures = Signatures(lambda: published[-1], clock=clock)
     body = '{"event": {"id": "1"}}'
-    bank.verify_event(body, signed(old, body))
-    assert bank.keys.fetches == 1
+    signatures.check(body, signed(old, body))
+    assert signatures.keys.fetches == 1
 
     published.append(new.publicKey().toPem())  # Stark Bank rotates its key
     clock.now += 1
     with pytest.raises(SignatureError):  # the refresh is too recent: no new fetch yet
-        bank.verify_event(body, signed(new, body))
-    assert bank.keys.fetches == 1
+        signatures.check(body, signed(new, body))
+    assert signatures.keys.fetches == 1
     clock.now += KEY_REFRESH_S
-    bank.verify_event(body, signed(new, body))  # fetched again, and the new key accepts it
-    assert bank.keys.fetches == 2
+    signatures.check(body, signed(new, body))  # fetched again, and the new key accepts it
+    assert signatures.keys.fetches == 2
     clock.now += KEY_REFRESH_S
     with pytest.raises(SignatureError):  # the old key is gone
-        bank.verify_event(body, signed(old, body))
+        signatures.check(body, signed(old, body))
 
 
 def test_a_refresh_after_another_thread_refreshed_returns_that_key_without_fetching():
@@ -210,7 +210,7 @@ def test_check_reports_the_flags_short_durations_and_what_a_start_would_do_with_
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[1] == "  rounds: 8-12 invoices every 90s forever, tagged 'stark-challenge'"
-    assert lines[3] == "  listening on 127.0.0.1:9123, basic auth OFF"
+    assert lines[3] == "  listening on 127.0.0.1:9123, basic auth OFF, operator endpoints off (404)"
     assert lines[4].startswith(f"  database: {not_sqlite} (unreadable: ")
 
     empty = tmp_path / "empty.sqlite3"

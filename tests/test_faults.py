@@ -661,7 +661,7 @@ def test_events_with_bad_data_are_stored_acknowledged_and_never_stop_the_worker(
     assert query(service, "select state from transfer") == [("success",)]
     assert query(service, "select count(*) from event where processed_at is null") == [(0,)]
     assert messages_matching(service, "fee 50 is not in 0..amount 40 .*not forwarded")
-    status, page = service.request("GET", "/status")
+    status, page = service.operate("GET", "/status")
     assert page["service"]["worker"]["alive"] and page["service"]["worker"]["last_error"] is None
 
 

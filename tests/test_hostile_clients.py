@@ -344,7 +344,8 @@ def test_health_tells_strangers_the_status_only_and_status_the_details_behind_au
     assert server == "stark_challenge" and "Python" not in server
     conn.close()
     assert shared_service.request("GET", "/status")[0] == 401
-    status, page = shared_service.request("GET", "/status", headers={"Authorization": AUTH})
+    assert shared_service.request("GET", "/status", headers={"Authorization": AUTH})[0] == 401  # the webhook's
+    status, page = shared_service.operate("GET", "/status")
     assert status == 200
     assert {"version", "store", "scheduler", "worker", "public_key_fetches"} <= set(page["service"])
 

@@ -95,7 +95,7 @@ def test_a_cli_run_ignores_the_users_dotenv_and_shell(hostile_setup, emulator_pr
     assert done.stdout.splitlines()[1:4] == [
         "  rounds: 8-12 invoices every 3h for 24h (8 rounds), tagged 'stark-challenge'",
         "  credits forwarded to: Stark Bank S.A., bank 20018183, branch 0001, account 6341320293482496 (payment)",
-        "  listening on 0.0.0.0:8000, basic auth OFF",
+        "  listening on 0.0.0.0:8000, basic auth OFF, operator endpoints off (404)",
     ]
 
 

@@ -9,18 +9,19 @@ from stark_challenge.events import Event
 from stark_challenge.store import CACHE_KIB, Store
 
 AUTH = {"WEBHOOK_USERNAME": "ops", "WEBHOOK_PASSWORD": "s3cret-pass"}
-GOOD = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret-pass").decode()}
 
 
 def test_the_debug_route_does_not_exist_by_default(service_factory):
     service = service_factory(**AUTH).start()
-    assert service.request("GET", "/debug/memory", headers=GOOD) == (404, {"error": "not found"})
+    assert service.operate("GET", "/debug/memory") == (404, {"error": "not found"})
 
 
-def test_the_debug_route_answers_the_figures_behind_basic_auth(service_factory):
+def test_the_debug_route_answers_the_figures_behind_the_operators_basic_auth(service_factory):
     service = service_factory(DEBUG_MEMORY="on", **AUTH).start()
     assert service.request("GET", "/debug/memory")[0] == 401
-    status, figures = service.request("GET", "/debug/memory", headers=GOOD)
+    webhook = "Basic " + base64.b64encode(b"ops:s3cret-pass").decode()
+    assert service.request("GET", "/debug/memory", headers={"Authorization": webhook})[0] == 401
+    status, figures = service.operate("GET", "/debug/memory")
     assert status == 200
     assert figures["rss_kib"] > 10_000 and 0 < figures["rss_anon_kib"] < figures["rss_kib"] <= figures["rss_peak_kib"]
     assert figures["threads"] >= 3 and figures["open_files"] >= 3
@@ -32,7 +33,7 @@ def test_the_debug_route_answers_the_figures_behind_basic_auth(service_factory):
 
 def test_trace_adds_tracemallocs_top_lines(service_factory):
     service = service_factory(DEBUG_MEMORY="trace", **AUTH).start()
-    status, figures = service.request("GET", "/debug/memory", headers=GOOD)
+    status, figures = service.operate("GET", "/debug/memory")
     traced = figures["tracemalloc"]
     assert status == 200 and 0 < traced["current_bytes"] <= traced["peak_bytes"]
     assert 0 < len(traced["top"]) <= memory.TOP_SITES

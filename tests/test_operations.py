@@ -75,8 +75,11 @@ def metric(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0)
 
 
-def get_metrics(service, auth=True):
-    headers = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret-pass").decode()} if auth else {}
+def get_metrics(service, auth="operator"):
+    """GET /metrics with the operator's credentials, the webhook's (``auth="webhook"``), or none (None)."""
+    credentials = {"operator": f"{service.env['OPERATOR_USERNAME']}:{service.env['OPERATOR_PASSWORD']}",
+                   "webhook": f"{service.env['WEBHOOK_USERNAME']}:{service.env['WEBHOOK_PASSWORD']}"}.get(auth)
+    headers = {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()} if credentials else {}
     request = urllib.request.Request(service.url + "/metrics", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
@@ -132,12 +135,14 @@ def test_metrics_need_auth_and_equal_the_emulators_records(emulator, service_fac
               "Digital-Signature": base64.b64encode(b"0" * 70).decode()}
     assert service.request("POST", "/webhook", b'{"event": {}}', forged)[0] == 401
 
-    status, content_type, body = get_metrics(service, auth=False)
+    status, content_type, body = get_metrics(service, auth=None)
+    assert status == 401 and "stark_challenge" not in body
+    status, content_type, body = get_metrics(service, auth="webhook")  # the password in the webhook's URL
     assert status == 401 and "stark_challenge" not in body
     status, content_type, body = get_metrics(service)
     assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
     samples = parse_exposition(body)
-    assert all(name.startswith("stark_challenge_") for name, _ in samples)
+    assert all(name.startswith(("stark_challenge_", "process_")) for name, _ in samples)
 
     invoices, transfers = emulator.invoices(), emulator.transfers()
     delivered = [d for d in emulator.deliveries() if d["status"] == 200]
@@ -176,28 +181,32 @@ def test_metrics_need_auth_and_equal_the_emulators_records(emulator, service_fac
 # -- transfers and transfers retry ----------------------------------------------------
 
 
-def test_a_rejected_transfer_fixed_by_configuration_and_retried_moves_the_money_once(emulator, service_factory, sdk):
-    # The emulator allows branches of at most 4 digits; the configuration allows 6: Stark Bank refuses (400).
-    emulator.set(pay_ratio=1.0, invoice_fee=FEE)
-    service = service_factory(INVOICE_MIN=2, INVOICE_MAX=2, TRANSFER_BRANCH="000001", **AUTH)
+def test_a_rejected_transfer_retried_moves_the_money_once(emulator, service_factory, sdk):
+    # Stark Bank refuses each credit's transfer (400), one credit at a time.
+    emulator.set(pay_ratio=0.0, invoice_fee=FEE)
+    service = service_factory(INVOICE_MIN=2, INVOICE_MAX=2, **AUTH)
     service.start()
-    wait_for(lambda: query(service, "select count(*) from transfer where state = 'rejected'") == [(2,)],
-             message="both transfers rejected")
+    wait_for(lambda: len(emulator.invoices()) == 2, message="round 0")
     a, b = sorted(i["id"] for i in emulator.invoices())
+    for n, invoice_id in enumerate((a, b), 1):
+        emulator.fail_next("POST", "/v2/transfer", status=400)
+        emulator.pay(invoice_id)
+        wait_for(lambda: query(service, "select count(*) from transfer where state = 'rejected'") == [(n,)],
+                 message=f"transfer {n} rejected")
     assert emulator.transfers() == []
     listed = cli(service, "transfers", "--state", "rejected", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = {r["invoice_id"]: r for r in json.loads(listed.stdout)}
     assert sorted((r["invoice_id"], r["attempt"], r["state"]) for r in rows.values()) == [
         (a, 1, "rejected"), (b, 1, "rejected")]
-    assert all(r["errors"][0][0] == "invalidBranchCode" for r in rows.values())
+    assert all(r["errors"][0][0] == "injectedFault" for r in rows.values())
     samples = parse_exposition(get_metrics(service)[2])
     assert metric(samples, "stark_challenge_credits_stuck") == 2
-    # Each transfer refused on its own call, after their batch was refused if they went as one.
+    # Each transfer refused on its own call.
     posts = [c["status"] for c in emulator.requests if c["method"] == "POST" and c["path"] == "/v2/transfer"]
     assert metric(samples, "stark_challenge_transfer_api_calls_total", result="rejected") == posts.count(400) >= 2
 
-    # Fixed by configuration; while the service is stopped, B turns out paid by hand at Stark Bank
+    # While the service is stopped, B turns out paid by hand at Stark Bank
     # under our own external id: the command (holding the store itself) records it and sends nothing.
     assert service.stop() == 0
     manual = starkbank.transfer.create([starkbank.Transfer(
@@ -212,7 +221,6 @@ def test_a_rejected_transfer_fixed_by_configuration_and_retried_moves_the_money_
                                                      " where invoice_id = ?", (b,))
     assert (attempt, transfer_id) == (1, manual.id) and state in ("created", "processing", "success")
 
-    service.env["TRANSFER_BRANCH"] = "0001"
     service.start()
     # Two operators retry A at once: one attempt is queued, and one transfer moves the money.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -236,10 +244,14 @@ def test_a_rejected_transfer_fixed_by_configuration_and_retried_moves_the_money_
     unknown = cli(service, "transfers", "retry", "123456789")
     assert unknown.returncode == 2 and "no transfer in the ledger" in unknown.stderr
     # The service holds the store: the command must reach it, with the same credentials.
-    wrong = cli(service, "transfers", "retry", a, WEBHOOK_PASSWORD="wrong")
+    wrong = cli(service, "transfers", "retry", a, OPERATOR_PASSWORD="wrong")
     assert wrong.returncode == 1 and "the service answered 401" in wrong.stderr
-    no_auth = cli(service, "transfers", "retry", a, WEBHOOK_USERNAME="", WEBHOOK_PASSWORD="")
-    assert no_auth.returncode == 2 and "set WEBHOOK_USERNAME and WEBHOOK_PASSWORD" in no_auth.stderr
+    webhooks = cli(service, "transfers", "retry", a, OPERATOR_USERNAME=AUTH["WEBHOOK_USERNAME"],
+                   OPERATOR_PASSWORD=AUTH["WEBHOOK_PASSWORD"])  # the webhook's pair: refused before asking
+    assert webhooks.returncode == 2 and webhooks.stderr == (
+        "stark_challenge: OPERATOR_PASSWORD: must differ from WEBHOOK_PASSWORD\n")
+    no_auth = cli(service, "transfers", "retry", a, OPERATOR_USERNAME="", OPERATOR_PASSWORD="")
+    assert no_auth.returncode == 2 and "set OPERATOR_USERNAME and OPERATOR_PASSWORD" in no_auth.stderr
     elsewhere = cli(service, "transfers", "retry", a, PORT=str(free_port()))
     assert elsewhere.returncode == 1 and "does not answer" in elsewhere.stderr
     assert len(by_invoice(emulator, a)) == 1

@@ -13,6 +13,8 @@ from stark_challenge.bank import Bank
 from stark_challenge.errors import BankUnavailable
 from stark_challenge.events import external_id
 from stark_challenge.gate import Gate
+from stark_challenge.verify import Signatures
+from stark_challenge.wire import Request
 
 from support import sdk_config
 
@@ -80,21 +82,23 @@ def _gate(store, bank, config, calls):
     def retry(invoice_id):
         calls.append(invoice_id)
         return resend.retry(store, bank, TAG, invoice_id, NOW)
-    return Gate(store, bank, config, lambda: NOW, retry=retry)
+    return Gate(store, Signatures(bank.fetch_public_key), config, lambda: NOW, retry=retry)
 
 
 def _post(gate, body, user="ops", password="pw"):
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return gate.answer("POST", "/transfers/retry", {"Authorization": "Basic " + token}, body, "127.0.0.1")
+    return gate.admit(Request("POST", "/transfers/retry", {"Authorization": "Basic " + token}, body, "127.0.0.1"))
 
 
 def test_the_retry_door_answers_each_case_with_its_status(store, bank, sdk, emulator):
     calls = []
-    config = sdk_config(sdk, WEBHOOK_USERNAME="ops", WEBHOOK_PASSWORD="pw")
+    config = sdk_config(sdk, OPERATOR_USERNAME="ops", OPERATOR_PASSWORD="pw", WEBHOOK_USERNAME="stark",
+                        WEBHOOK_PASSWORD="hook")
     gate = _gate(store, bank, config, calls)
     first = credit(store)
 
     assert _post(gate, b'{"invoice_id": "1"}', password="wrong").status == HTTPStatus.UNAUTHORIZED
+    assert _post(gate, b'{"invoice_id": "1"}', "stark", "hook").status == HTTPStatus.UNAUTHORIZED  # the webhook's
     for body in (None, b"", b"[]", b'{"invoice_id": 5}', b'{"invoice_id": "../x"}', b"{" * 100_000):
         assert _post(gate, body).status == HTTPStatus.BAD_REQUEST, body
     assert calls == []
@@ -113,8 +117,8 @@ def test_the_retry_door_answers_each_case_with_its_status(store, bank, sdk, emul
     assert (answer.status, answer.body["outcome"]) == (HTTPStatus.OK, "queued")
     assert rows(store) == [(1, first.external_id, "rejected"), (2, first.external_id + "-2", "pending")]
 
-    # Without basic auth configured, the door is shut: it would let anyone queue money.
-    open_gate = _gate(store, bank, sdk_config(sdk), calls)
+    # Without the operator's credentials configured, there is no door: it would let anyone queue money.
+    open_gate = _gate(store, bank, sdk_config(sdk, WEBHOOK_USERNAME="ops", WEBHOOK_PASSWORD="pw"), calls)
     before = list(calls)
-    assert _post(open_gate, json.dumps({"invoice_id": first.invoice_id}).encode()).status == HTTPStatus.FORBIDDEN
+    assert _post(open_gate, json.dumps({"invoice_id": first.invoice_id}).encode()).status == HTTPStatus.NOT_FOUND
     assert calls == before

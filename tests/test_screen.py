@@ -1,7 +1,7 @@
 """Screening: webhooks the HTTP selector thread decides itself, without a handler thread.
 
-With the native verifier a signature check costs tens of microseconds, so the selector
-thread checks each webhook as soon as it is whole (``Gate.screen``): a forged one is
+With the native verifier a signature check is cheap, so the selector thread has each
+webhook checked as soon as it is whole (``Gate.admit(request, may_wait=False)``): a forged one is
 refused there, on its keep-alive connection, and starts no handler thread; a genuine one
 goes to a handler only to be stored, and is verified once. The pure verifier, a key not
 yet fetched, or a failed check while a refetch of the key is due leave the webhook to a
@@ -19,9 +19,11 @@ import pytest
 from ellipticcurve import Ecdsa, PrivateKey
 
 from stark_challenge import verify
-from stark_challenge.bank import KEY_REFRESH_S, Bank
-from stark_challenge.gate import Gate, Screening
-from stark_challenge.server import serve
+from stark_challenge.bank import Bank
+from stark_challenge.gate import Gate
+from stark_challenge.server import Server
+from stark_challenge.verify import KEY_REFRESH_S, Signatures
+from stark_challenge.wire import Request
 
 from support import sdk_config, signed_event
 
@@ -29,15 +31,29 @@ pytestmark = pytest.mark.skipif(not verify.native_available(), reason="the [fast
 
 
 class WatchedGate(Gate):
-    """A Gate that records the thread of each request a handler brought to ``answer``."""
+    """A Gate that records the thread of each request whose decision was left to a thread that may wait."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.answered_by = []
 
-    def answer(self, method, path, headers, body, client, signed=False):
-        self.answered_by.append(threading.current_thread().name)
-        return super().answer(method, path, headers, body, client, signed)
+    def admit(self, request, may_wait=True):
+        decided = super().admit(request, may_wait)
+        if may_wait:
+            self.answered_by.append(threading.current_thread().name)
+        if not callable(decided):
+            return decided
+
+        def rest():
+            self.answered_by.append(threading.current_thread().name)
+            return decided()
+        return rest
+
+
+def screened(gate, method, path, headers, body):
+    """Return what ``admit`` decides without waiting: a Reply, or None when it left the request to a handler."""
+    decided = gate.admit(Request(method, path, headers, body, "127.0.0.1"), may_wait=False)
+    return None if callable(decided) else decided
 
 
 def forged(body, headers):
@@ -59,9 +75,9 @@ class Seconds:
 def gate_for(sdk, store, clock):
     def make(verifier=None, seconds=None, **values):
         config = sdk_config(sdk, **values)
-        bank = Bank(config, clock=seconds or Seconds(), verifier=verifier)
+        bank = Bank(config)
         bank.configure()
-        return WatchedGate(store, bank, config, clock)
+        return WatchedGate(store, Signatures(bank.fetch_public_key, verifier, clock=seconds or Seconds()), config, clock)
 
     return make
 
@@ -71,7 +87,7 @@ def server_for():
     servers = []
 
     def make(gate):
-        servers.append(serve("127.0.0.1", 0, gate, 4))
+        servers.append(Server(("127.0.0.1", 0), gate, 4).start())
         return servers[-1]
 
     yield make
@@ -106,12 +122,12 @@ def test_forged_webhooks_are_refused_on_the_selector_thread_and_reach_no_handler
     assert gate.counters.value("stark_challenge_signature_verifications_total", (("verdict", "invalid"),)) == 20
     assert gate.counters.value("stark_challenge_webhooks_total",
                                (("outcome", "refused"), ("reason", "bad_signature"))) == 20
-    assert gate._bank.keys.fetches == 1
+    assert gate._signatures.keys.fetches == 1
 
 
 def test_a_genuine_webhook_screened_is_verified_once_and_stored_before_its_200(emulator, gate_for, server_for, store):
     gate = gate_for()
-    gate._bank.keys.get()  # cached: every webhook can be screened
+    gate._signatures.keys.get()  # cached: every webhook can be screened
     server = server_for(gate)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     for n in range(3):
@@ -125,7 +141,7 @@ def test_a_genuine_webhook_screened_is_verified_once_and_stored_before_its_200(e
 
 def test_pipelined_requests_are_answered_in_order_and_close_when_asked(emulator, gate_for, server_for, store):
     gate = gate_for(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="s3cret")
-    gate._bank.keys.get()
+    gate._signatures.keys.get()
     server = server_for(gate)
     auth = {"Authorization": "Basic c3Rhcms6czNjcmV0"}  # stark:s3cret
 
@@ -148,9 +164,9 @@ def test_pipelined_requests_are_answered_in_order_and_close_when_asked(emulator,
 
 def test_with_the_pure_verifier_the_selector_decides_nothing(emulator, gate_for, server_for):
     gate = gate_for(verifier=verify.PureVerifier())
-    gate._bank.keys.get()
+    gate._signatures.keys.get()
     body, headers = forged(*signed_event(emulator, "ev-1", {"id": "inv-1"}))
-    assert gate.screen("POST", "/webhook", headers, body, "127.0.0.1") == Screening()
+    assert screened(gate, "POST", "/webhook", headers, body) is None
     assert gate.counters.value("stark_challenge_webhooks_total", (("outcome", "refused"), ("reason", "bad_signature"))) == 0
 
     server = server_for(gate)
@@ -162,41 +178,43 @@ def test_with_the_pure_verifier_the_selector_decides_nothing(emulator, gate_for,
 
 def test_only_webhooks_are_screened(emulator, gate_for):
     gate = gate_for()
-    gate._bank.keys.get()
+    gate._signatures.keys.get()
     body, headers = forged(*signed_event(emulator, "ev-1", {"id": "inv-1"}))
     for method, path in (("GET", "/health"), ("POST", "/transfers/retry"), ("PUT", "/webhook"), ("POST", "/nope")):
-        assert gate.screen(method, path, headers, body, "127.0.0.1") == Screening()
-    assert gate.screen("POST", "/webhook?x=1", headers, body, "127.0.0.1").reply.status == HTTPStatus.UNAUTHORIZED
+        assert screened(gate, method, path, headers, body) is None
+    assert screened(gate, "POST", "/webhook?x=1", headers, body).status == HTTPStatus.UNAUTHORIZED
 
 
 def test_without_a_cached_key_the_handler_decides(emulator, gate_for):
     gate = gate_for()
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"}, log_type="paid")
-    assert gate.screen("POST", "/webhook", headers, body, "127.0.0.1") == Screening()
-    assert gate._bank.keys.fetches == 0  # the selector thread never fetches
+    assert screened(gate, "POST", "/webhook", headers, body) is None
+    assert gate._signatures.keys.fetches == 0  # the selector thread never fetches
 
 
 def test_a_failed_check_while_a_refetch_is_due_is_left_to_the_handler_which_refetches(emulator, gate_for):
     seconds = Seconds()
     gate = gate_for(seconds=seconds)
-    gate._bank.keys.get()
+    gate._signatures.keys.get()
     body, headers = forged(*signed_event(emulator, "ev-1", {"id": "inv-1"}))
 
     seconds.now += KEY_REFRESH_S - 1  # the key was fetched less than a minute ago: refused at once
-    assert gate.screen("POST", "/webhook", headers, body, "127.0.0.1").reply.status == HTTPStatus.UNAUTHORIZED
+    assert screened(gate, "POST", "/webhook", headers, body).status == HTTPStatus.UNAUTHORIZED
 
     seconds.now += 2  # a minute later the key may have been rotated: only the handler, which may fetch, decides
-    assert gate.screen("POST", "/webhook", headers, body, "127.0.0.1") == Screening()
-    assert gate._bank.keys.fetches == 1
-    assert gate.answer("POST", "/webhook", headers, body, "127.0.0.1").status == HTTPStatus.UNAUTHORIZED
-    assert gate._bank.keys.fetches == 2
+    assert screened(gate, "POST", "/webhook", headers, body) is None
+    assert gate._signatures.keys.fetches == 1
+    assert gate.admit(Request("POST", "/webhook", headers, body)).status == HTTPStatus.UNAUTHORIZED
+    assert gate._signatures.keys.fetches == 2
 
 
 class BrokenScreenGate(WatchedGate):
-    """A Gate whose screening fails as a bug would."""
+    """A Gate whose decisions without waiting fail as a bug would."""
 
-    def screen(self, method, path, headers, body, client):
-        raise RuntimeError("a bug in a check")
+    def admit(self, request, may_wait=True):
+        if not may_wait:
+            raise RuntimeError("a bug in a check")
+        return super().admit(request, may_wait)
 
 
 def test_a_screening_that_fails_leaves_the_request_to_a_handler_and_the_selector_reading(
@@ -204,7 +222,7 @@ def test_a_screening_that_fails_leaves_the_request_to_a_handler_and_the_selector
     config = sdk_config(sdk)
     bank = Bank(config)
     bank.configure()
-    gate = BrokenScreenGate(store, bank, config, clock)
+    gate = BrokenScreenGate(store, Signatures(bank.fetch_public_key), config, clock)
     server = server_for(gate)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"}, log_type="paid")
@@ -220,7 +238,7 @@ def test_access_lines_at_debug_read_the_same_from_the_selector_and_from_a_handle
                                                                                    caplog):
     caplog.set_level(logging.DEBUG, logger="stark_challenge.server")
     gate = gate_for()
-    gate._bank.keys.get()
+    gate._signatures.keys.get()
     server = server_for(gate)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"}, log_type="paid")

@@ -11,9 +11,10 @@ import pytest
 
 from stark_challenge.bank import Bank
 from stark_challenge.gate import Gate
-from stark_challenge.server import serve
+from stark_challenge.server import Server
+from stark_challenge.verify import Signatures
 
-from support import sdk_config, signed_event
+from support import make_gate, sdk_config, signed_event
 
 
 @pytest.fixture
@@ -24,9 +25,9 @@ def server_for(sdk, store, clock):
         config = sdk_config(sdk, **values)
         bank = Bank(config)
         bank.configure()
-        gate = Gate(store, bank, config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
+        gate = Gate(store, Signatures(bank.fetch_public_key), config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}),
                     report=lambda: {"report": True})
-        server = serve("127.0.0.1", 0, gate, max_connections)
+        server = Server(("127.0.0.1", 0), gate, max_connections).start()
         started.append(server)
         return server
 
@@ -89,15 +90,27 @@ def test_a_body_without_length_is_refused(server_for):
 
 
 def test_basic_auth_guards_the_webhook_and_the_status(emulator, server_for):
-    server = server_for(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="s3cret")
+    server = server_for(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="s3cret", OPERATOR_USERNAME="ops",
+                        OPERATOR_PASSWORD="0p3r")
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"})
     status, answer_headers, reply = call(server, "POST", "/webhook", body, headers)
     assert status == 401 and "Basic" in answer_headers["WWW-Authenticate"] and reply == {"error": "authentication required"}
     assert call(server, "GET", "/status")[0] == 401
-    auth = {"Authorization": "Basic c3Rhcms6czNjcmV0"}  # stark:s3cret
-    assert call(server, "GET", "/status", None, auth)[2] == {"report": True}
+    auth = {"Authorization": "Basic c3Rhcms6czNjcmV0"}  # stark:s3cret, the webhook's
+    operator = {"Authorization": "Basic b3BzOjBwM3I="}  # ops:0p3r
+    assert call(server, "GET", "/status", None, auth)[0] == 401  # the webhook's credentials open no operator door
+    assert call(server, "GET", "/metrics", None, auth)[0] == 401
+    assert call(server, "GET", "/status", None, operator)[2] == {"report": True}
+    assert call(server, "POST", "/webhook", body, {**headers, **operator})[0] == 401  # nor the operator's the webhook
     assert call(server, "POST", "/webhook", body, {**headers, **auth})[0] == 200
     assert call(server, "GET", "/health")[0] == 200  # health stays open for probes
+
+
+def test_without_operator_credentials_the_operator_endpoints_do_not_exist(server_for):
+    server = server_for(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="s3cret")
+    auth = {"Authorization": "Basic c3Rhcms6czNjcmV0"}  # stark:s3cret, the webhook's
+    for method, path in (("GET", "/status"), ("GET", "/metrics"), ("POST", "/transfers/retry")):
+        assert call(server, method, path, b"{}", auth)[:3:2] == (404, {"error": "not found"}), path
 
 
 def test_a_malformed_request_line_gets_a_json_400(server_for):
@@ -131,7 +144,7 @@ def test_requests_beyond_the_handlers_and_their_queue_get_503_instead_of_a_threa
         release.wait(10)
         return HTTPStatus.OK, {"status": "ok"}
 
-    server = serve("127.0.0.1", 0, Gate(store, Bank(config), config, clock, health=stuck_health, report=dict), 1)
+    server = Server(("127.0.0.1", 0), make_gate(store, config, clock, health=stuck_health, report=dict), 1).start()
     socks = []
     try:
         def send():

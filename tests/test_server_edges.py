@@ -8,8 +8,12 @@ import pytest
 
 from stark_challenge.bank import Bank
 from stark_challenge.gate import Gate
-from stark_challenge.server import serve
-from support import sdk_config
+from stark_challenge.logs import Throttle
+from stark_challenge.server import Server
+from stark_challenge.verify import Signatures
+from stark_challenge.wire import Request
+
+from support import make_config, make_gate, sdk_config
 
 
 @pytest.fixture
@@ -17,8 +21,8 @@ def server(sdk, store, clock):
     config = sdk_config(sdk)
     bank = Bank(config)
     bank.configure()
-    gate = Gate(store, bank, config, clock, report=lambda: {"report": True})  # health: "ok"
-    server = serve("127.0.0.1", 0, gate, 4)
+    gate = Gate(store, Signatures(bank.fetch_public_key), config, clock, report=lambda: {"report": True})  # health: "ok"
+    server = Server(("127.0.0.1", 0), gate, 4).start()
     yield server
     server.stop(timeout=2)
 
@@ -65,3 +69,13 @@ def test_a_method_http_server_does_not_know_is_501_in_json_and_ends_the_connecti
     head, body = received.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 501") and b"Connection: close" in head
     assert json.loads(body) == {"error": "Unsupported method ('BREW')"}
+
+
+def test_unsupported_methods_of_any_name_share_one_throttled_refusal_line(store, clock, caplog):
+    # A client chooses the method's name: one kind of line for all, so they cannot grow the throttle.
+    gate = make_gate(store, make_config(), clock)
+    gate.refusals = Throttle(interval_s=3600)
+    for method in ("BREW", "SPAM", "X" * 100):
+        reply = gate.admit(Request(method, "/", {}, None, "127.0.0.1"))
+        assert (reply.status, reply.close) == (501, True)
+    assert len([r for r in caplog.records if "refused (501)" in r.getMessage()]) == 1

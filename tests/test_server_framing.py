@@ -1,4 +1,4 @@
-"""server: the head check (``check_head``), the held-connection bound, and unexpected errors, on a real socket."""
+"""server: the head check (``wire.read_head``'s framing), the held-connection bound, and unexpected errors, on a real socket."""
 
 import logging
 import socket
@@ -7,14 +7,21 @@ from http import HTTPStatus
 import pytest
 
 from stark_challenge.bank import Bank
-from stark_challenge.gate import MAX_BODY_BYTES, MAX_HEADER_LINES, Framing, Gate, check_head
+from stark_challenge.gate import Gate
 from stark_challenge.server import Server
+from stark_challenge.verify import Signatures
+from stark_challenge.wire import MAX_BODY_BYTES, MAX_HEADER_LINES, Framing, read_head
 
 from support import make_config, wait_for
 
 
 def head(*lines, request_line=b"POST /webhook HTTP/1.1"):
     return b"\r\n".join((request_line,) + lines)
+
+
+def check_head(raw):
+    """Return the Framing ``read_head`` gives a head."""
+    return read_head(raw).framing
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -63,7 +70,8 @@ def make_server(store, clock):
 
     def make(health=lambda: (HTTPStatus.OK, {"status": "ok"}), **kwargs):
         config = make_config()
-        server = Server(("127.0.0.1", 0), Gate(store, Bank(config), config, clock, health=health, report=dict),
+        signatures = Signatures(Bank(config).fetch_public_key)
+        server = Server(("127.0.0.1", 0), Gate(store, signatures, config, clock, health=health, report=dict),
                         **kwargs).start()
         started.append(server)
         return server

@@ -1,5 +1,6 @@
-"""server: a request's head is read once (``gate.read_head``), and the handler sets what
-``http.server`` would from it: command, path, version, headers, keep-alive or close."""
+"""server: a request's head is read once (``wire.read_head``), and the request the gate
+decides carries what ``http.server`` would read from it: method, path, headers, body;
+the connection is kept or closed as ``http.server`` would."""
 
 import email.utils
 import re
@@ -9,12 +10,11 @@ from http import HTTPStatus
 
 import pytest
 
-from stark_challenge.bank import Bank
-from stark_challenge.gate import Framing, Gate, Head, Headers, read_head
-from stark_challenge.handler import HttpDate
+from stark_challenge.gate import Gate
 from stark_challenge.server import Server
+from stark_challenge.wire import Framing, Head, Headers, HttpDate, read_head
 
-from support import make_config
+from support import make_config, make_gate
 
 
 def test_a_head_gives_its_request_line_and_fields_in_one_reading():
@@ -45,21 +45,21 @@ def test_a_refused_head_gives_its_framing_and_no_fields(raw):
 
 
 class _RecordingGate(Gate):
-    """A Gate that keeps what each request's handler passed to ``answer``."""
+    """A Gate that keeps each request the server brought to ``admit``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen = []
 
-    def answer(self, method, path, headers, body, client, signed=False):
-        self.seen.append((method, path, headers, body))
-        return super().answer(method, path, headers, body, client, signed)
+    def admit(self, request, may_wait=True):
+        self.seen.append((request.method, request.path, request.headers, request.body))
+        return super().admit(request, may_wait)
 
 
 @pytest.fixture
 def server(store, clock):
     config = make_config()
-    gate = _RecordingGate(store, Bank(config), config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}))
+    gate = make_gate(store, config, clock, _RecordingGate, health=lambda: (HTTPStatus.OK, {"status": "ok"}))
     server = Server(("127.0.0.1", 0), gate, max_connections=2).start()
     yield server
     server.stop(timeout=2)
@@ -73,7 +73,7 @@ def exchange(server, data):
     return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
 
 
-def test_the_handler_passes_the_gate_the_request_line_headers_and_body(server):
+def test_the_server_passes_the_gate_the_request_line_headers_and_body(server):
     assert exchange(server, b"POST /nope?a=b HTTP/1.1\r\nHost: x\r\nX-Token:  t1 \r\nContent-Length: 3\r\n"
                             b"Connection: close\r\n\r\nabc") == [404]
     ((method, path, headers, body),) = server.gate.seen

@@ -1,8 +1,9 @@
-"""server: answers leave on non-blocking sockets (``handler.send_all``): whole when the
+"""server: answers leave on non-blocking sockets (``wire.send_all``): whole when the
 client reads, given up after the request timeout when it does not, and never holding a
 handler thread past that bound; handler threads start as requests need them, up to
 ``max_connections``."""
 
+import functools
 import logging
 import socket
 import threading
@@ -10,12 +11,10 @@ from http import HTTPStatus
 
 import pytest
 
-from stark_challenge.bank import Bank
-from stark_challenge.gate import Gate, read_head
-from stark_challenge.handler import Handler, send_all
-from stark_challenge.server import Server
+from stark_challenge.server import Server, _Connection
+from stark_challenge.wire import read_head, request, send_all
 
-from support import make_config, wait_for
+from support import make_config, make_gate, wait_for
 
 BIG = bytes(range(256)) * 16 * 1024  # 4 MiB: more than a socket pair's buffers hold, so the send must wait
 
@@ -65,15 +64,17 @@ def test_a_connection_the_client_closed_raises_for_the_caller_to_close(pair):
 
 def test_an_answer_to_a_client_that_has_gone_is_dropped_quietly_and_its_connection_closed(store, clock, caplog):
     config = make_config()
-    gate = Gate(store, Bank(config), config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}))
+    gate = make_gate(store, config, clock, health=lambda: (HTTPStatus.OK, {"status": "ok"}))
     server = Server(("127.0.0.1", 0), gate)  # not started: a handler needs only its gate and bounds
     ours, client = socket.socketpair()
     ours.setblocking(False)
     client.close()
     caplog.set_level(logging.DEBUG, logger="stark_challenge.server")
     try:
-        handler = Handler(ours, read_head(b"GET /health HTTP/1.1\r\nHost: x"), b"", server)
-        assert handler.close_connection is True  # a keep-alive request, but nothing more can come
+        head = read_head(b"GET /health HTTP/1.1\r\nHost: x")
+        decide = functools.partial(gate.admit, request(head, b"", "127.0.0.1"))
+        server._serve((_Connection(ours, ("127.0.0.1", 1), 0.0), head, decide))  # as a handler thread does
+        assert ours.fileno() == -1  # a keep-alive request, but nothing more can come: closed
         assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     finally:
         ours.close()
@@ -96,7 +97,7 @@ def test_a_client_that_stops_reading_its_answers_does_not_hold_the_only_handler(
     # answers the next client.
     config = make_config()
     large = {"status": "x" * 60_000}
-    gate = Gate(store, Bank(config), config, clock, health=lambda: (HTTPStatus.OK, large))
+    gate = make_gate(store, config, clock, health=lambda: (HTTPStatus.OK, large))
     server = Server(("127.0.0.1", 0), gate, max_connections=1, request_timeout_s=0.5).start()
     caplog.set_level(logging.WARNING, logger="stark_challenge.server")
     request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -122,9 +123,9 @@ def test_handler_threads_start_as_requests_need_them_and_never_beyond_max_connec
         release.wait(30)
         return HTTPStatus.OK, {"status": "ok"}
 
-    gate = Gate(store, Bank(config), config, clock, health=held_health)
+    gate = make_gate(store, config, clock, health=held_health)
     server = Server(("127.0.0.1", 0), gate, max_connections=3).start()
-    handlers = lambda: [t for t in server._threads[1:] if t.is_alive()]  # noqa: E731
+    handlers = lambda: [t for t in server._pool.threads if t.is_alive()]  # noqa: E731
     clients = []
     try:
         assert handlers() == []  # idle: only the selector thread
@@ -136,7 +137,7 @@ def test_handler_threads_start_as_requests_need_them_and_never_beyond_max_connec
         release.set()
         answers = [read_until_closed(client) for client in clients]
         assert all(a.startswith(b"HTTP/1.1 200 OK") for a in answers)
-        assert len(server._threads) - 1 == 3  # none started beyond max_connections
+        assert len(server._pool.threads) == 3  # none started beyond max_connections
     finally:
         release.set()
         for client in clients:

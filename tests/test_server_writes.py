@@ -13,24 +13,24 @@ import socket
 
 import pytest
 
-from stark_challenge.bank import Bank
 from stark_challenge.gate import Gate
-from stark_challenge.server import serve
+from stark_challenge.server import Server
+from stark_challenge.verify import Signatures
 
 from support import make_config
 
 
-class _NoBank(Bank):
-    """A Bank whose key is never needed: these requests stop at basic auth."""
+class _NoSignatures(Signatures):
+    """Signatures never checked: these requests stop at basic auth."""
 
-    def verify_event(self, content, signature):  # pragma: no cover - not reached
+    def check(self, content, signature, may_wait=True):  # pragma: no cover - not reached
         raise AssertionError("no request here should get as far as the signature")
 
 
 @pytest.fixture
 def server(store, clock):
     config = make_config(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="secret")
-    server = serve("127.0.0.1", 0, Gate(store, _NoBank(config), config, clock), 4)  # health "ok", an empty report
+    server = Server(("127.0.0.1", 0), Gate(store, _NoSignatures(lambda: ""), config, clock), 4).start()  # health "ok", an empty report
     yield server
     server.stop(timeout=2)
 

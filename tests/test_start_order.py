@@ -15,7 +15,7 @@ def test_a_start_that_cannot_bind_its_port_records_no_schedule_window(emulator_p
         port = taken.getsockname()[1]
         done = run_cli("run", cwd=tmp_path, env={**emulator_project.env, "HOST": "127.0.0.1", "PORT": str(port),
                                                  "DATABASE_PATH": str(database)})
-    assert done.returncode == 1
+    assert done.returncode == 2  # a configuration error: the message suggests PORT
     assert f"stark_challenge: cannot listen on 127.0.0.1:{port}: " in done.stderr.splitlines()[-1]
     reader = Store(str(database), read_only=True)
     try:

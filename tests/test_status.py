@@ -140,12 +140,15 @@ def test_status_table_shows_the_figures_in_reais(module_emulator, shared_filled,
     ]
 
 
-def test_get_status_needs_basic_auth_and_equals_the_cli(module_emulator, shared_filled, tmp_path):
+def test_get_status_needs_the_operators_basic_auth_and_equals_the_cli(module_emulator, shared_filled, tmp_path):
     status, body = shared_filled.request("GET", "/status")
     assert (status, body) == (401, {"error": "authentication required"})
-    assert shared_filled.request("GET", "/status", headers=_basic("ops", "wrong"))[0] == 401
+    assert shared_filled.request("GET", "/status", headers=_basic("operator", "wrong"))[0] == 401
+    # The webhook's credentials, which travel in the URL registered at Stark Bank, open no operator door.
+    assert shared_filled.request("GET", "/status", headers=_basic("ops", PASSWORD))[0] == 401
+    assert shared_filled.request("POST", "/transfers/retry", b'{"invoice_id": "1"}', _basic("ops", PASSWORD))[0] == 401
 
-    status, served = shared_filled.request("GET", "/status", headers=_basic("ops", PASSWORD))
+    status, served = shared_filled.operate("GET", "/status")
     printed = status_json(shared_filled.env["DATABASE_PATH"], tmp_path)
     assert status == 200
     served.pop("generated_at"), printed.pop("generated_at")

@@ -5,12 +5,10 @@ import logging
 
 import pytest
 
-from stark_challenge.bank import Bank
-from stark_challenge.gate import Gate
 from stark_challenge.logs import Throttle
-from stark_challenge.server import serve
+from stark_challenge.server import Server
 
-from support import make_config
+from support import make_config, make_gate
 
 logger = logging.getLogger("stark_challenge.test_throttle")
 
@@ -74,7 +72,7 @@ def test_lines_below_the_level_are_neither_logged_nor_counted(caplog):
 @pytest.fixture
 def server(store, clock):
     config = make_config(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="secret")
-    server = serve("127.0.0.1", 0, Gate(store, Bank(config), config, clock), 4)  # health "ok", an empty report
+    server = Server(("127.0.0.1", 0), make_gate(store, config, clock), 4).start()  # health "ok", an empty report
     yield server
     server.stop(timeout=2)
 

@@ -31,6 +31,6 @@ def test_the_start_up_line_and_status_name_the_verifier(emulator, service_factor
     service.start()
     wait_for(lambda: service_settled(service, emulator), message="start-up settled")
     name = verify.best_verifier().name
-    assert service.request("GET", "/status")[1]["service"]["verifier"] == name
+    assert service.operate("GET", "/status")[1]["service"]["verifier"] == name
     wait_for(lambda: messages_matching(service, rf"listening on .*signatures verified by {re.escape(name)}"),
              message="the start-up line naming the verifier")

@@ -17,9 +17,7 @@ from ellipticcurve import PrivateKey, Signature
 from ellipticcurve.curve import secp256k1
 
 from stark_challenge import verify
-from stark_challenge.bank import Bank
 from stark_challenge.emulator.keys import EventKey
-from support import make_config
 
 try:
     import coincurve
@@ -77,8 +75,8 @@ def test_the_verifiers_are_named(verifiers):
     assert [v.name for v in verifiers] == ["pure Python (ellipticcurve)", "native (coincurve)"]
     assert verify.best_verifier().name == verify.NATIVE_NAME
     assert verify.best_verifier(native=False).name == verify.PURE_NAME
-    assert Bank(make_config()).verifier == verify.NATIVE_NAME
-    assert Bank(make_config(), verifier=verify.PureVerifier()).verifier == verify.PURE_NAME
+    assert verify.Signatures(str).name == verify.NATIVE_NAME
+    assert verify.Signatures(str, verify.PureVerifier()).name == verify.PURE_NAME
 
 
 def test_high_s_and_low_s_of_a_genuine_signature_both_verify(verifiers, signer):
@@ -195,8 +193,6 @@ BLOCKED = (
     "import sys; sys.modules['coincurve'] = None\n"
     "import json\n"
     "from stark_challenge import verify\n"
-    "from stark_challenge.bank import Bank\n"
-    "from support import make_config\n"
     "real = json.load(open(sys.argv[1]))\n"
     "v = verify.best_verifier()\n"
     "key = verify.load_key(real['public_key_pem'])\n"
@@ -207,7 +203,7 @@ BLOCKED = (
     "except RuntimeError as e:\n"
     "    demanded = str(e)\n"
     "print(json.dumps({'available': verify.native_available(), 'name': v.name,\n"
-    "    'bank': Bank(make_config()).verifier, 'demanded': demanded,\n"
+    "    'service': verify.Signatures(str).name, 'demanded': demanded,\n"
     "    'real': verify.signature_matches(real['body'], sig, key, v),\n"
     "    'tampered': verify.signature_matches(real['body'].replace('256', '257'), sig, key, v)}))\n"
 )
@@ -224,7 +220,7 @@ def test_without_coincurve_the_pure_verifier_is_chosen_and_works():
     assert seen == {
         "available": False,
         "name": verify.PURE_NAME,
-        "bank": verify.PURE_NAME,
+        "service": verify.PURE_NAME,
         "demanded": "the native verifier needs coincurve: pip install 'stark-challenge[fast]'",
         "real": True,
         "tampered": False,

@@ -1,6 +1,6 @@
 """webhook: the intake's checks in order, each failure's status, and storage before the 200.
 
-No sockets: ``Gate.receive`` takes headers and the raw body. The key is the emulator's, fetched
+No sockets: ``Gate.admit`` takes a request (headers and the raw body). The key is the emulator's, fetched
 through the real SDK; the events are signed with ``ellipticcurve`` as Stark Bank signs them."""
 
 import base64
@@ -13,6 +13,8 @@ from ellipticcurve import Ecdsa, PrivateKey
 
 from stark_challenge.bank import Bank
 from stark_challenge.gate import Gate, check_basic_auth
+from stark_challenge.verify import Signatures
+from stark_challenge.wire import Request
 
 from support import sdk_config, signed_event
 
@@ -49,11 +51,16 @@ def intake_for(sdk, store, clock):
         config = sdk_config(sdk, **values)
         bank = Bank(config)
         bank.configure()
-        intake = Gate(store, bank, config, clock, on_event=lambda: woken.append(1))
+        intake = Gate(store, Signatures(bank.fetch_public_key), config, clock, on_event=lambda: woken.append(1))
         intake.woken = woken
         return intake
 
     return make
+
+
+def post(gate, headers, body):
+    """Return the Gate's Reply to ``POST /webhook`` with these headers (a dict) and body."""
+    return gate.admit(Request("POST", "/webhook", headers, body, "127.0.0.1"))
 
 
 def stored_events(store):
@@ -63,7 +70,7 @@ def stored_events(store):
 def test_a_genuine_event_is_stored_before_the_200(emulator, intake_for, store):
     intake = intake_for()
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1", "amount": 1000, "fee": 10, "tags": []})
-    reply = intake.receive(headers, body)
+    reply = post(intake, headers, body)
     assert (reply.status, reply.body) == (HTTPStatus.OK, {"status": "stored", "event": "ev-1"})
     assert stored_events(store) == [("ev-1", "invoice", "credited")]
     assert intake.woken == [1]
@@ -73,7 +80,7 @@ def test_a_redelivered_event_is_acknowledged_and_not_stored_again(emulator, inta
     intake = intake_for()
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"}, log_type="paid")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda _: intake.receive(headers, body), range(8)))
+        replies = list(pool.map(lambda _: post(intake, headers, body), range(8)))
     assert [r.status for r in replies] == [HTTPStatus.OK] * 8
     assert sorted(r.body["status"] for r in replies) == ["duplicate"] * 7 + ["stored"]
     assert stored_events(store) == [("ev-1", "invoice", "paid")]
@@ -91,7 +98,7 @@ def test_forged_requests_are_refused_and_store_nothing(emulator, intake_for, sto
     intake = intake_for()
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1", "amount": 1000})
     mangled_body, mangled_headers = mangle(body, headers)
-    reply = intake.receive(mangled_headers, mangled_body)
+    reply = post(intake, mangled_headers, mangled_body)
     assert reply.status == status and "error" in reply.body
     assert stored_events(store) == []
 
@@ -106,21 +113,21 @@ def test_forged_requests_are_refused_and_store_nothing(emulator, intake_for, sto
 def test_signed_but_malformed_events_get_400(emulator, intake_for, store, document, message):
     intake = intake_for()
     body = json.dumps(document).encode()
-    reply = intake.receive({"Digital-Signature": emulator.sign(body)}, body)
+    reply = post(intake, {"Digital-Signature": emulator.sign(body)}, body)
     assert reply.status == HTTPStatus.BAD_REQUEST and message in reply.body["error"]
     assert stored_events(store) == []
 
 
 def test_signed_invalid_json_gets_400(emulator, intake_for, store):
     body = b'{"event": '
-    reply = intake_for().receive({"Digital-Signature": emulator.sign(body)}, body)
+    reply = post(intake_for(), {"Digital-Signature": emulator.sign(body)}, body)
     assert reply.status == HTTPStatus.BAD_REQUEST
     assert stored_events(store) == []
 
 
 def test_unknown_subscriptions_are_stored_and_acknowledged(emulator, intake_for, store):
     body = json.dumps({"event": {"id": "e9", "subscription": "boleto", "log": {"type": "paid", "boleto": {}}}}).encode()
-    reply = intake_for().receive({"Digital-Signature": emulator.sign(body)}, body)
+    reply = post(intake_for(), {"Digital-Signature": emulator.sign(body)}, body)
     assert reply.status == HTTPStatus.OK
     assert stored_events(store) == [("e9", "boleto", "paid")]
 
@@ -129,7 +136,7 @@ def test_an_unreachable_key_gets_503_so_stark_bank_delivers_again(emulator, inta
     intake = intake_for()
     emulator.fail_next("GET", "/v2/public-key", count=1, status=500)
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"})
-    assert intake.receive(headers, body).status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert post(intake, headers, body).status == HTTPStatus.SERVICE_UNAVAILABLE
     assert stored_events(store) == []
 
 
@@ -137,14 +144,15 @@ def test_a_closed_store_gets_503(emulator, intake_for, store):
     intake = intake_for()
     body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"})
     store.close()
-    reply = intake.receive(headers, body)
+    reply = post(intake, headers, body)
     assert reply.status == HTTPStatus.SERVICE_UNAVAILABLE and "internal" not in json.dumps(reply.body)
 
 
-def test_basic_auth_is_checked_when_configured(emulator, intake_for):
+def test_basic_auth_is_checked_when_configured(emulator, intake_for, store):
     intake = intake_for(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="s3cret")
-    denied = intake.authorize({"Authorization": basic("stark", "wrong")})
+    body, headers = signed_event(emulator, "ev-1", {"id": "inv-1"}, log_type="paid")
+    denied = post(intake, {**headers, "Authorization": basic("stark", "wrong")}, body)
     assert denied.status == HTTPStatus.UNAUTHORIZED
     assert dict(denied.headers)["WWW-Authenticate"].startswith("Basic realm=")
-    assert intake.authorize({"Authorization": basic("stark", "s3cret")}) is None
-    assert intake_for().authorize({}) is None  # not configured: signatures alone
+    assert stored_events(store) == []
+    assert post(intake, {**headers, "Authorization": basic("stark", "s3cret")}, body).status == HTTPStatus.OK

@@ -1,13 +1,16 @@
 """Configurations and Stark Bank-shaped data for in-process tests: a Config from variable
-names, one for an emulator project, webhook bodies signed with the emulator's key, and the
-service's verdict on a signature."""
+names, one for an emulator project, webhook bodies signed with the emulator's key, the
+service's verdict on a signature, and a Gate whose key comes from Stark Bank (the emulator)."""
 
 import json
 
 from stark_challenge import config as config_module
+from stark_challenge.bank import Bank
 from stark_challenge.errors import SignatureError
+from stark_challenge.gate import Gate
+from stark_challenge.verify import Signatures
 
-__all__ = ["make_config", "sdk_config", "signed_event", "verifies"]
+__all__ = ["make_config", "make_gate", "sdk_config", "signed_event", "verifies"]
 
 DUMMY_KEY = "-----BEGIN EC PRIVATE KEY-----\nx\n-----END EC PRIVATE KEY-----"
 
@@ -41,10 +44,15 @@ def signed_event(emulator, event_id, entity, log_type="credited", subscription="
     return body, {"Digital-Signature": emulator.sign(body), "Content-Type": "application/json"}
 
 
-def verifies(bank, content, signature):
-    """Return True if ``bank.verify_event`` accepts ``signature`` over ``content``, False if it refuses it."""
+def verifies(signatures, content, signature):
+    """Return True if ``signatures.check`` (``verify.Signatures``) accepts ``signature`` over ``content``, False if not."""
     try:
-        bank.verify_event(content, signature)
+        signatures.check(content, signature)
         return True
     except SignatureError:
         return False
+
+
+def make_gate(store, config, clock, gate=Gate, **kwargs):
+    """Return a ``gate`` (a Gate class) over ``store`` whose signature checks fetch the key through a Bank of ``config``."""
+    return gate(store, Signatures(Bank(config).fetch_public_key), config, clock, **kwargs)

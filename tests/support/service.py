@@ -3,6 +3,7 @@ of its own, with an environment built from an allow-list (see ``environment``), 
 read what it did: its log, its HTTP answers, its SQLite file (read-only) and ``status``.
 """
 
+import base64
 import json
 import os
 import re
@@ -100,6 +101,12 @@ class Service:
             except (ValueError, KeyError, TypeError):
                 continue
         return messages
+
+    def operate(self, method, path, body=None, headers=None, timeout=10):
+        """``request`` with the operator's basic auth (OPERATOR_USERNAME/PASSWORD of ``env``)."""
+        token = base64.b64encode(f"{self.env['OPERATOR_USERNAME']}:{self.env['OPERATOR_PASSWORD']}".encode())
+        return self.request(method, path, body, {**(headers or {}), "Authorization": "Basic " + token.decode()},
+                            timeout)
 
     def request(self, method, path, body=None, headers=None, timeout=10):
         """Return (status, parsed JSON body) of a request to the service."""

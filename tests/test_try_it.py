@@ -1,0 +1,61 @@
+"""The try-it (`--emulator`): its webhook is registered before round 0, its throwaway database
+is deleted at exit unless --keep-database, which prints the status command that reads it."""
+
+import re
+
+from support import Service, child_env, free_port, messages_matching, run_cli, wait_for
+
+
+def _try_it(tmp_path, *extra):
+    """Return a started try-it service whose temporary files go to tmp_path/tmp."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = free_port()
+    service = Service(child_env(tmp_path, LOG_FORMAT="json", PORT=port, TMPDIR=scratch), str(tmp_path / "try.log"),
+                      args=["--emulator", "--port", str(port), *extra])
+    service.start(timeout=30)
+    return service, scratch
+
+
+def _throwaways(scratch):
+    return sorted(p.name for p in scratch.iterdir() if p.name.startswith("stark_challenge-"))
+
+
+def test_the_webhook_is_registered_before_round_0_and_the_database_deleted_at_exit(tmp_path):
+    service, scratch = _try_it(tmp_path)
+    try:
+        wait_for(lambda: messages_matching(service, "^round 0 issued"), message="round 0")
+        assert len(_throwaways(scratch)) == 1  # the database, while the service runs
+        messages = service.log_messages()
+        registered = [i for i, m in enumerate(messages) if m.startswith("emulator: webhook")]
+        round_0 = [i for i, m in enumerate(messages) if m.startswith("round 0 issued")]
+        assert registered and registered[0] < round_0[0], messages
+        assert service.stop() == 0, service.logs()
+    finally:
+        service.close()
+    assert _throwaways(scratch) == []
+    assert "status" not in service.logs().splitlines()[-1]
+
+
+def test_keep_database_keeps_it_and_prints_the_status_command(tmp_path):
+    service, scratch = _try_it(tmp_path, "--keep-database")
+    try:
+        wait_for(lambda: messages_matching(service, "^round 0 issued"), message="round 0")
+        assert service.stop() == 0, service.logs()
+    finally:
+        service.close()
+    last = service.logs().splitlines()[-1]
+    found = re.fullmatch(r"stark_challenge: the database is kept; read it with: DATABASE_PATH=(\S+) "
+                         r"python -m stark_challenge status", last)
+    assert found, last
+    assert _throwaways(scratch) != []
+    done = run_cli("status", "--json", cwd=tmp_path, env={"DATABASE_PATH": found.group(1)})
+    assert done.returncode == 0 and '"issued": 1' in done.stdout, done.stdout + done.stderr
+
+
+def test_the_throwaway_database_is_deleted_when_the_start_fails(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    bad = run_cli("--emulator", cwd=tmp_path, env={"TMPDIR": scratch, "INVOICE_MIN": "eight"})
+    assert bad.returncode == 2 and bad.stderr.strip() == "stark_challenge: INVOICE_MIN: must be a whole number"
+    assert _throwaways(scratch) == []
