@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from stark_challenge.config import with_userinfo  # noqa: E402
 from stark_challenge.emulator import Emulator  # noqa: E402
+from stark_challenge.memory import ARENAS  # noqa: E402
 from stark_challenge.store import Store  # noqa: E402
 from stark_challenge.timing import utcnow  # noqa: E402
 from webhook_bench import (  # noqa: E402
@@ -577,7 +578,7 @@ def main():
         soak.close()
     table = figures(samples, starts)
     result = {"machine": machine(), "minutes": MINUTES, "rate_per_s": RATE, "sample_s": SAMPLE_S,
-              "warmup_min": WARMUP_MIN, "retention": RETENTION, "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
+              "warmup_min": WARMUP_MIN, "retention": RETENTION, "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX") or f"{ARENAS} (the service's own cap)",
               "restarts_at_minute": starts[1:], "figures": table, **outcome, "samples": samples}
     m = result["machine"]
     print(f"\n{m['nproc']} x {m['cpu_model']}, Python {m['python']}, commit {m['commit']}, "

@@ -1,12 +1,18 @@
 """memory: GET /debug/memory only when DEBUG_MEMORY asks for it, and SQLite's page cache held to its bound."""
 
 import base64
+import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
 from stark_challenge import memory
 from stark_challenge.events import Event
 from stark_challenge.store import CACHE_KIB, Store
+from support import ROOT
 
 AUTH = {"WEBHOOK_USERNAME": "ops", "WEBHOOK_PASSWORD": "s3cret-pass"}
 
@@ -56,3 +62,40 @@ def test_sqlites_page_cache_stays_within_its_bound_as_the_database_grows(tmp_pat
         assert CACHE_KIB * 1024 * 0.5 < cache <= CACHE_KIB * 1024 * 1.15
     finally:
         store.close()
+
+
+ARENA_PROBE = """
+import json, sys, threading
+from stark_challenge import memory
+applied = memory.limit_arenas()
+barrier = threading.Barrier(8)
+def allocate():
+    barrier.wait()
+    kept = [bytes(4096) for _ in range(64)]  # above pymalloc's 512 bytes: the C library's malloc
+    barrier.wait()
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+heaps = 0  # glibc's thread arenas: heaps mapped at 64 MiB boundaries
+with open("/proc/self/maps") as f:
+    for line in f:
+        fields = line.split()
+        if len(fields) == 5 and fields[1].startswith("rw") and int(fields[0].split("-")[0], 16) % (64 << 20) == 0:
+            heaps += 1
+print(json.dumps({"applied": applied, "thread_arenas": heaps}))
+"""
+
+
+def probe_arenas(**env):
+    done = subprocess.run([sys.executable, "-c", ARENA_PROBE], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env}, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_the_service_caps_mallocs_arenas_unless_the_environment_says():
+    capped = probe_arenas()
+    assert capped["applied"] == memory.ARENAS == 2
+    assert capped["thread_arenas"] <= memory.ARENAS - 1  # the main arena is the brk heap, not mapped
+    assert probe_arenas(MALLOC_ARENA_MAX="8") == {"applied": None, "thread_arenas": 7}  # the operator's cap holds
