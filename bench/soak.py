@@ -22,7 +22,7 @@ on loopback, with basic auth on, and for the whole run:
   than the service's ``EVENT_POLL_INTERVAL``: the missed-event pull finds and
   processes them, then they are delivered late (more redeliveries);
 - halfway, the service is stopped (SIGTERM) and started again on the same database;
-- events older than ``SOAK_RETENTION`` (10 minutes here, 90 days by default) are
+- events older than ``SOAK_RETENTION`` (5 minutes here, 90 days by default) are
   deleted by the service, so the database's size levels off within the run.
 
 Every ``SOAK_SAMPLE_S`` (30) seconds it samples, from ``/proc/<pid>``: resident memory
@@ -81,7 +81,7 @@ MINUTES = float(os.environ.get("SOAK_MINUTES", "30"))
 RATE = float(os.environ.get("SOAK_RATE", "20"))  # webhooks a second from the load generator
 SAMPLE_S = float(os.environ.get("SOAK_SAMPLE_S", "30"))
 WARMUP_MIN = float(os.environ.get("SOAK_WARMUP_MIN", "5"))
-RETENTION = os.environ.get("SOAK_RETENTION", "10m")
+RETENTION = os.environ.get("SOAK_RETENTION", "5m")
 RESTART = os.environ.get("SOAK_RESTART", "1") != "0"  # 0: no restart halfway (one process life to study)
 INSTANCE_TAG = "stark-soak"
 ROUND_S = 30  # the service's INVOICE_INTERVAL
