@@ -206,7 +206,7 @@ def test_unknown_invoice_id_gets_400(emulator, project):
     with pytest.raises(starkbank.error.InputErrors) as raised:
         starkbank.invoice.get("1111111111111111")
 
-    assert raised.value.errors[0].code == "invalidInvoiceId"
+    assert raised.value.errors[0].code == "invalidInvoice"  # as the SDK's own tests against Stark Bank expect
 
 
 def test_invoices_are_queried_by_any_of_their_tags_and_paged(emulator, project):
@@ -621,8 +621,8 @@ def test_each_workspace_sees_only_its_own_invoices_and_transfers(emulator, proje
     assert [t.id for t in starkbank.transfer.query(tags=["stark-challenge-inv-1"])] == []  # tags, not external id
     assert [t.id for t in starkbank.transfer.query()] == [our_transfer.id]
     assert [t.id for t in starkbank.transfer.query(user=user)] == [their_transfer.id]
-    for get, foreign, code in ((starkbank.invoice.get, theirs.id, "invalidInvoiceId"),
-                               (starkbank.transfer.get, their_transfer.id, "invalidTransferId")):
+    for get, foreign, code in ((starkbank.invoice.get, theirs.id, "invalidInvoice"),
+                               (starkbank.transfer.get, their_transfer.id, "invalidTransfer")):
         with pytest.raises(starkbank.error.InputErrors) as raised:
             get(foreign)
         assert raised.value.errors[0].code == code

@@ -7,17 +7,20 @@ Each call goes through, in order:
 
 1. the latency_s knob (a wait),
 2. injected faults (`faults`): answer an error without acting, or act and then drop,
+   and the tripwire (`tripwire`), which may stop the client just before or after the call,
 3. routing by method and path (404 if none),
 4. authentication (`auth`; 401) for every route but GET /v2/public-key; the project
    authenticated picks the workspace (ledger) the call sees and acts on: a project
    never sees another workspace's invoices, transfers, events or webhooks,
 5. JSON decoding of POST/PATCH bodies (400 invalidJson),
-6. the route itself: 200 with the SDK's JSON, or 400 with
-   ``{"errors": [{"code", "message"}]}`` (the SDK raises InputErrors for 400 only).
+6. the route itself: 200 with the SDK's JSON (or a PDF or PNG file for the pdf and
+   qrcode routes), or 400 with ``{"errors": [{"code", "message"}]}`` (the SDK raises
+   InputErrors for 400 only). A body field the route does not know is a 400 too.
 
-Lists are served newest first, up to `limit` (1..100, default 100) per page, with an
-opaque `cursor` for the next page, filtered by the query parameters the SDK sends
-(status, tags matching any, ids, after/before on the creation date, ...).
+Lists are served by `query.select` (newest first, paged, filtered and checked). An id
+that does not exist is a 400 with Stark Bank's code: invalidInvoice, invalidTransfer,
+invalidInvoiceLog, invalidTransferLog as the SDK's own tests against the real API expect;
+invalidEventId, invalidWebhookId and invalidEventAttemptId where nothing says otherwise.
 
 Every call is recorded (method, path, status) for tests to count once answered, and
 listed as in flight from its arrival until then (so a test can act while a call waits
@@ -33,17 +36,14 @@ import threading
 from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-from . import taxid, validate
-from .ledger import Rejected
+from . import documents, query as queries, validate
 from .faults import DROP, SLOW
+from .tripwire import Tripwire
+from .validate import Rejected
 
 __all__ = ["Api", "Reply"]
 
 logger = logging.getLogger(__name__)
-
-# The SDK never asks for more; Stark Bank refuses larger pages.
-_MAX_PAGE = 100
-
 
 class Reply(NamedTuple):
     """What to send back for one API call."""
@@ -52,6 +52,14 @@ class Reply(NamedTuple):
     body: bytes
     drop: bool = False
     """Close the connection without answering (the action, if any, was performed)."""
+    content_type: str = "application/json"
+
+
+class _File(NamedTuple):
+    """A route's answer that is a file, not JSON."""
+
+    content_type: str
+    body: bytes
 
 
 class _ApiError(Exception):
@@ -62,65 +70,7 @@ class _ApiError(Exception):
 
 
 def _bad(code, message):
-    return _ApiError(400, code, message)
-
-
-def _csv(query, name):
-    """Return the comma-separated values of a query parameter, or None if absent."""
-    if name not in query:
-        return None
-    return [value for value in query[name].split(",") if value]
-
-
-def _date(query, name):
-    if name not in query:
-        return None
-    try:
-        return datetime.date.fromisoformat(query[name][:10])
-    except ValueError:
-        raise _bad("invalid" + name[0].upper() + name[1:], "%s must be a date like 2024-01-31" % name) from None
-
-
-def _matcher(query, parent=None):
-    """Return a predicate over rows for the filters present in query; raise _ApiError if bad.
-
-    parent is "invoice" or "transfer" for logs, whose "<parent>Ids" filter looks inside.
-    """
-    checks = []
-    ids = _csv(query, "ids")
-    if ids is not None:
-        checks.append(lambda row: row["id"] in ids)
-    status = _csv(query, "status")
-    if status is not None:
-        checks.append(lambda row: row.get("status") in status)
-    tags = _csv(query, "tags")
-    if tags is not None:
-        wanted = {tag.lower() for tag in tags}
-        checks.append(lambda row: bool(wanted.intersection(row.get("tags") or ())))
-    types = _csv(query, "types")
-    if types is not None:
-        checks.append(lambda row: row.get("type") in types)
-    transaction_ids = _csv(query, "transactionIds")
-    if transaction_ids is not None:
-        checks.append(lambda row: bool(set(transaction_ids).intersection(row.get("transactionIds") or ())))
-    if "taxId" in query:
-        digits = taxid.digits_of(query["taxId"])
-        checks.append(lambda row: taxid.digits_of(row.get("taxId", "")) == digits)
-    if parent is not None:
-        parent_ids = _csv(query, parent + "Ids")
-        if parent_ids is not None:
-            checks.append(lambda row: row[parent]["id"] in parent_ids)
-    if "isDelivered" in query:
-        flag = query["isDelivered"].lower()
-        if flag not in ("true", "false"):
-            raise _bad("invalidIsDelivered", "isDelivered must be true or false")
-        checks.append(lambda row: row.get("isDelivered") == (flag == "true"))
-    after, before = _date(query, "after"), _date(query, "before")
-    if after is not None:
-        checks.append(lambda row: datetime.date.fromisoformat(row["created"][:10]) >= after)
-    if before is not None:
-        checks.append(lambda row: datetime.date.fromisoformat(row["created"][:10]) <= before)
-    return lambda row: all(check(row) for check in checks)
+    return Rejected.one(code, message)
 
 
 class Api:
@@ -139,22 +89,32 @@ class Api:
         self._in_flight = []  # {"method", "path", "query"} of calls received, not yet answered
         self._held = []  # one threading.Event per call held by answer_late; set to release it
         self._public_key_fetches = 0
+        self.tripwire = Tripwire()  # numbers the calls; crash tests stop the client at one (tripwire.py)
         # (method, path pattern, handler, needs authentication); first match wins.
         self._routes = [(method, re.compile(pattern + "$"), handler, signed) for method, pattern, handler, signed in (
             ("GET", r"/v2/public-key", self._public_key, False),
             ("GET", r"/v2/balance", self._balance, True),
             ("POST", r"/v2/invoice", self._create_invoices, True),
             ("GET", r"/v2/invoice", self._lister("invoice", "invoices"), True),
-            ("GET", r"/v2/invoice/log", self._lister("invoice-log", "logs", parent="invoice"), True),
-            ("GET", r"/v2/invoice/log/([^/]+)", self._getter("invoice-log", "log", "invalidInvoiceLogId"), True),
-            ("GET", r"/v2/invoice/([^/]+)", self._getter("invoice", "invoice", "invalidInvoiceId"), True),
+            ("GET", r"/v2/invoice/log", self._lister("invoice-log", "logs"), True),
+            ("GET", r"/v2/invoice/log/([^/]+)", self._getter("invoice-log", "log", "invalidInvoiceLog"), True),
+            ("GET", r"/v2/invoice/log/([^/]+)/pdf", self._invoice_log_pdf, True),
+            ("GET", r"/v2/invoice/([^/]+)", self._getter("invoice", "invoice", "invalidInvoice"), True),
             ("PATCH", r"/v2/invoice/([^/]+)", self._update_invoice, True),
+            ("GET", r"/v2/invoice/([^/]+)/pdf", self._invoice_pdf, True),
+            ("GET", r"/v2/invoice/([^/]+)/qrcode", self._invoice_qrcode, True),
+            ("GET", r"/v2/invoice/([^/]+)/payment", self._invoice_payment, True),
             ("POST", r"/v2/transfer", self._create_transfers, True),
             ("GET", r"/v2/transfer", self._lister("transfer", "transfers"), True),
-            ("GET", r"/v2/transfer/log", self._lister("transfer-log", "logs", parent="transfer"), True),
-            ("GET", r"/v2/transfer/log/([^/]+)", self._getter("transfer-log", "log", "invalidTransferLogId"), True),
-            ("GET", r"/v2/transfer/([^/]+)", self._getter("transfer", "transfer", "invalidTransferId"), True),
+            ("GET", r"/v2/transfer/log", self._lister("transfer-log", "logs"), True),
+            ("GET", r"/v2/transfer/log/([^/]+)", self._getter("transfer-log", "log", "invalidTransferLog"), True),
+            ("GET", r"/v2/transfer/([^/]+)", self._getter("transfer", "transfer", "invalidTransfer"), True),
+            ("DELETE", r"/v2/transfer/([^/]+)", self._cancel_transfer, True),
+            ("GET", r"/v2/transfer/([^/]+)/pdf", self._transfer_pdf, True),
             ("GET", r"/v2/event", self._lister("event", "events"), True),
+            ("GET", r"/v2/event/attempt", self._lister("event-attempt", "attempts"), True),
+            ("GET", r"/v2/event/attempt/([^/]+)", self._getter("event-attempt", "attempt", "invalidEventAttemptId"),
+             True),
             ("GET", r"/v2/event/([^/]+)", self._getter("event", "event", "invalidEventId"), True),
             ("PATCH", r"/v2/event/([^/]+)", self._update_event, True),
             ("DELETE", r"/v2/event/([^/]+)", self._deleter("event", "invalidEventId"), True),
@@ -235,17 +195,23 @@ class Api:
         if fault is not None and fault[0] == SLOW:
             self._hold(fault[1])
             fault = None
+        ticket = self.tripwire.before(method, path, parts.query)
         drop = False
-        if fault is not None and fault[0] != DROP:
+        if ticket is None:  # the tripwire stopped the client before Stark Bank acted: nothing is done
+            status, payload, drop = 0, {}, True
+        elif fault is not None and fault[0] != DROP:
             status, payload = fault[1], {"errors": [{"code": "injectedFault", "message": "injected by the emulator"}]}
         else:
             drop = fault is not None
             status, payload = self._route(method, path, query, headers, body)
+        drop = self.tripwire.after(ticket) or drop
         with self._lock:
             call = {"method": method, "path": path, "query": parts.query, "status": status}
             if drop:
                 call["dropped"] = True
             self._calls.append(call)
+        if isinstance(payload, _File):
+            return Reply(status, payload.body, drop, payload.content_type)
         return Reply(status, json.dumps(payload).encode("utf-8"), drop)
 
     def _route(self, method, path, query, headers, body):
@@ -281,20 +247,10 @@ class Api:
 
     # -- generic routes -------------------------------------------------------------
 
-    def _lister(self, kind, plural, parent=None):
+    def _lister(self, kind, plural):
         def list_rows(bank, query, _payload):
-            matches = _matcher(query, parent)
-            limit = query.get("limit", str(_MAX_PAGE))
-            if not limit.isdigit() or not 1 <= int(limit) <= _MAX_PAGE:
-                raise _bad("invalidLimit", "limit must be an integer from 1 to %d" % _MAX_PAGE)
-            cursor = query.get("cursor") or None
-            if cursor is not None and not cursor.isdigit():
-                raise _bad("invalidCursor", "cursor %r was not issued by this server" % cursor)
-            rows = [(sequence, row) for sequence, row in reversed(bank.rows(kind))
-                    if (cursor is None or sequence < int(cursor)) and matches(row)]
-            page = rows[:int(limit)]
-            next_cursor = str(page[-1][0]) if len(rows) > len(page) else None
-            return {plural: [row for _, row in page], "cursor": next_cursor}
+            page, cursor = queries.select(bank.rows(kind), query, kind)
+            return {plural: page, "cursor": cursor}
         return list_rows
 
     def _getter(self, kind, singular, code):
@@ -327,6 +283,7 @@ class Api:
                               "updated": now}], "cursor": None}
 
     def _create_invoices(self, bank, _query, payload):
+        validate.check_fields(payload, ("invoices",))
         now = datetime.datetime.now(datetime.timezone.utc)
         invoices, errors = validate.check_invoices(payload.get("invoices"), now)
         if errors:
@@ -334,6 +291,7 @@ class Api:
         return {"invoices": bank.create_invoices(invoices)}
 
     def _create_transfers(self, bank, _query, payload):
+        validate.check_fields(payload, ("transfers",))
         now = datetime.datetime.now(datetime.timezone.utc)
         transfers, errors = validate.check_transfers(payload.get("transfers"), now)
         if errors:
@@ -341,17 +299,21 @@ class Api:
         return {"transfers": bank.create_transfers(transfers)}
 
     def _update_invoice(self, bank, _query, payload, invoice_id):
-        status, amount = payload.get("status"), payload.get("amount")
-        if status not in (None, "canceled"):
-            raise _bad("invalidStatus", "status can only be changed to canceled")
-        if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool) or amount < 0):
-            raise _bad("invalidAmount", "amount must be an integer number of cents >= 0")
+        status, amount, due, expiration = validate.check_invoice_update(payload)
         try:
-            return {"invoice": bank.update_invoice(invoice_id, status=status, amount=amount)}
+            return {"invoice": bank.update_invoice(invoice_id, status=status, amount=amount, due=due,
+                                                   expiration=expiration)}
         except ValueError:
-            raise _bad("invalidInvoiceId", "invoice %s does not exist" % invoice_id) from None
+            raise _bad("invalidInvoice", "invoice %s does not exist" % invoice_id) from None
+
+    def _cancel_transfer(self, bank, _query, _payload, transfer_id):
+        try:
+            return {"transfer": bank.cancel_transfer(transfer_id)}
+        except ValueError:
+            raise _bad("invalidTransfer", "transfer %s does not exist" % transfer_id) from None
 
     def _update_event(self, bank, _query, payload, event_id):
+        validate.check_fields(payload, ("isDelivered",))
         if payload.get("isDelivered") is not True:
             raise _bad("invalidIsDelivered", "isDelivered can only be set to true")
         event = bank.mark_delivered(event_id)
@@ -360,4 +322,44 @@ class Api:
         return {"event": event}
 
     def _create_webhook(self, bank, _query, payload):
+        validate.check_fields(payload, ("url", "subscriptions"))
         return {"webhook": bank.add_webhook(payload.get("url"), payload.get("subscriptions"))}
+
+    # -- files and sub-resources ----------------------------------------------------
+
+    def _found(self, bank, kind, row_id, code):
+        row = bank.get(kind, row_id)
+        if row is None:
+            raise _bad(code, "%s %s does not exist" % (kind, row_id))
+        return row
+
+    def _invoice_pdf(self, bank, _query, _payload, invoice_id):
+        invoice = self._found(bank, "invoice", invoice_id, "invalidInvoice")
+        return _File("application/pdf", documents.receipt("Invoice %s" % invoice_id, invoice))
+
+    def _invoice_qrcode(self, bank, query, _payload, invoice_id):
+        size = query.get("size", "7")
+        if not size.isdigit() or not 1 <= int(size) <= 50:
+            raise _bad("invalidSize", "size must be an integer number of pixels per module from 1 to 50")
+        invoice = self._found(bank, "invoice", invoice_id, "invalidInvoice")
+        return _File("image/png", documents.qr_png(invoice["brcode"], int(size)))
+
+    def _invoice_payment(self, bank, _query, _payload, invoice_id):
+        self._found(bank, "invoice", invoice_id, "invalidInvoice")
+        try:
+            return {"payment": bank.payment(invoice_id)}
+        except ValueError as error:
+            raise _bad("invalidInvoice", str(error)) from None
+
+    def _invoice_log_pdf(self, bank, _query, _payload, log_id):
+        log = self._found(bank, "invoice-log", log_id, "invalidInvoiceLog")
+        if log["type"] != "reversed":
+            raise _bad("invalidInvoiceLog", "log %s is %s: only reversed logs have a receipt" % (log_id, log["type"]))
+        return _File("application/pdf", documents.receipt("Invoice reversal %s" % log_id, log))
+
+    def _transfer_pdf(self, bank, _query, _payload, transfer_id):
+        transfer = self._found(bank, "transfer", transfer_id, "invalidTransfer")
+        if transfer["status"] not in ("processing", "success"):
+            raise _bad("invalidTransfer", "transfer %s is %s: only processing and successful transfers have a "
+                                          "receipt" % (transfer_id, transfer["status"]))
+        return _File("application/pdf", documents.receipt("Transfer %s" % transfer_id, transfer))

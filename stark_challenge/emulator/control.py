@@ -3,8 +3,9 @@
 It wires the parts together (certs -> proxy -> api -> bank -> delivery, with timers and
 knobs) and offers the in-process API the service's tests use: projects and the
 environment a service process needs, webhooks, snapshots of every entity, the record
-of API calls and of webhook deliveries, explicit payments and transfer failures, fault
-injection, and the knobs.
+of API calls and of webhook deliveries, explicit payments, reversals, transfer failures,
+the balance and event resends (`workspaces.LedgerView`), fault injection, the knobs, and
+the control channel its command line uses (`control_url`, see `remote`).
 
     with Emulator(pay_ratio=1.0, pay_delay_s=0.1, seed=1) as emu:
         project_id, pem = emu.create_project()
@@ -34,60 +35,22 @@ import threading
 from . import certs
 from .api import Api
 from .auth import Projects
-from .ledger import Ids, Ledger, Rejected
+from .ledger import Ids, Ledger
 from .delivery import Courier
 from .faults import DROP, FAIL, SLOW, Faults
-from .keys import EventKey, new_project_key
+from .keys import EventKey
 from .knobs import Knobs
 from .proxy import ProxyServer, make_tls_context
+from .remote import Remote
 from .timers import Timers
+from .workspaces import LedgerView, Workspace
 
 __all__ = ["Emulator", "Workspace"]
 
 logger = logging.getLogger(__name__)
 
 
-class _LedgerView:
-    """What the tests read and register in one workspace's ledger (``self._ledger``), shared by
-    `Emulator` (its first workspace) and `Workspace` (the others). Projects are registered in
-    ``self._projects`` under ``self._projects_key``: None for the first workspace, else its id."""
-
-    @property
-    def workspace_id(self):
-        """The id events of this workspace carry as workspaceId."""
-        return self._ledger.workspace_id
-
-    def create_project(self):
-        """Create a project of this workspace with a new secp256k1 key; return (project id, private key PEM)."""
-        private_pem, public_pem = new_project_key()
-        project_id = self._ledger.new_id()
-        self._projects.register(project_id, public_pem, self._projects_key)
-        return project_id, private_pem
-
-    def add_webhook(self, url, subscriptions=("invoice", "transfer")):
-        """Register a webhook as POST /v2/webhook would; return its id. Raise ValueError if invalid."""
-        try:
-            return self._ledger.add_webhook(url, list(subscriptions))["id"]
-        except Rejected as rejected:
-            raise ValueError(str(rejected)) from None
-
-    def _rows(self, kind):
-        return [row for _, row in self._ledger.rows(kind)]
-
-    def invoices(self):
-        """Return every invoice of the workspace (API JSON, camelCase), oldest first; copies."""
-        return self._rows("invoice")
-
-    def transfers(self):
-        """Return every transfer of the workspace (API JSON, camelCase), oldest first; copies."""
-        return self._rows("transfer")
-
-    def events(self):
-        """Return every event of the workspace (API JSON, camelCase), oldest first; copies."""
-        return self._rows("event")
-
-
-class Emulator(_LedgerView):
+class Emulator(LedgerView):
     """A local Stark Bank: an HTTPS proxy on 127.0.0.1 the unmodified SDK can talk to.
 
     Keyword arguments: port (0 picks a free one), host (the address to bind, default
@@ -110,7 +73,8 @@ class Emulator(_LedgerView):
         self._projects = Projects()
         self._projects_key = None  # the first workspace's projects are registered under None
         self._faults = Faults()
-        self._courier = Courier(self.knobs, self._event_key, self._webhooks_for, self._mark_delivered)
+        self._courier = Courier(self.knobs, self._event_key, self._webhooks_for, self._mark_delivered,
+                                lambda *attempt: self._ledger.record_attempt(*attempt))
         self._ids = Ids(random.Random("ids-%s" % seed))  # shared by every workspace: ids are unique across them
         self._ledger = Ledger(self.knobs, self._timers, self._ids, random.Random(seed), publish=self._courier.publish)
         self._workspaces = []  # the Workspaces added, each with its Ledger and Courier
@@ -121,6 +85,7 @@ class Emulator(_LedgerView):
         self._serve_thread = None
         self._state_lock = threading.Lock()
         self._state = "new"  # new -> running -> stopped
+        self._control_token = secrets.token_urlsafe(16)  # the secret part of control_url
 
     def _webhooks_for(self, subscription):
         return self._ledger.webhooks_for(subscription)
@@ -145,7 +110,7 @@ class Emulator(_LedgerView):
                 self._directory = tempfile.mkdtemp(prefix="stark-emulator-")
                 self._certificates = certs.make_certificates(self._directory)
             context = make_tls_context(self._certificates.cert_path, self._certificates.key_path)
-            self._server = ProxyServer(self._address, context, self._api)
+            self._server = ProxyServer(self._address, context, self._api, Remote(self, self._control_token))
             self._timers.start()
             self._serve_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
                                                   name="emulator-proxy", daemon=True)
@@ -198,6 +163,12 @@ class Emulator(_LedgerView):
         return "http://%s:%d" % (self._server.server_address[0], self.port)
 
     @property
+    def control_url(self):
+        """The control channel's URL (see `remote`): what the command line's pay, reverse,
+        fail-transfer, set-balance and resend need (STARK_EMULATOR_CONTROL)."""
+        return "http://%s:%d/emulator/%s" % (self._server.server_address[0], self.port, self._control_token)
+
+    @property
     def ca_path(self):
         """Path of the CA certificate (PEM) clients must trust: the value for REQUESTS_CA_BUNDLE."""
         return self._certificates.ca_path
@@ -235,16 +206,6 @@ class Emulator(_LedgerView):
         """Return every webhook (API JSON), oldest first; copies."""
         return self._rows("webhook")
 
-    def balance(self):
-        """Return the workspace balance in cents (credited invoices minus unfailed transfers)."""
-        return self._ledger.balance()
-
-    def deliveries(self):
-        """Return every webhook delivery try, oldest first: dicts with eventId, webhookId,
-        url (without credentials), status (int, or None if no answer), error (str or
-        None), copy and attempt (1-based), at (ISO time)."""
-        return self._courier.attempts()
-
     def deliveries_pending(self):
         """Return True while deliveries are held or still being sent (retries included)."""
         return self._courier.busy() or self._courier.held() > 0
@@ -265,7 +226,7 @@ class Emulator(_LedgerView):
             n = len(self._workspaces) + 2
             # The courier asks the ledger made next for its webhooks (a closure over `bank`).
             courier = Courier(self.knobs, self._event_key, lambda subscription: bank.webhooks_for(subscription),
-                              lambda event_id: bank.mark_delivered(event_id))
+                              lambda event_id: bank.mark_delivered(event_id), lambda *attempt: bank.record_attempt(*attempt))
             bank = Ledger(self.knobs, self._timers, self._ids, random.Random("%s-workspace-%d" % (self.seed, n)),
                         publish=courier.publish)
             workspace = Workspace(self, bank, courier)
@@ -277,6 +238,11 @@ class Emulator(_LedgerView):
     def public_key_fetches(self):
         """How many times GET /v2/public-key was answered."""
         return self._api.public_key_fetches
+
+    @property
+    def tripwire(self):
+        """The `tripwire.Tripwire` numbering the API calls: crash tests arm it to stop a client at one."""
+        return self._api.tripwire
 
     @property
     def requests_in_flight(self):
@@ -292,24 +258,17 @@ class Emulator(_LedgerView):
 
     # -- making things happen -------------------------------------------------------
 
-    def pay(self, invoice_id, amount=None):
-        """Pay an invoice now (logs "paid" and "credited"); return the paid invoice.
+    def release_deliveries(self, count=None):
+        """Send the ``count`` oldest held deliveries now (every one by default); return how many were sent."""
+        return self._courier.release(count)
 
-        amount defaults to the invoice's. Raise ValueError if unknown or not payable.
-        """
-        return self._ledger.pay(invoice_id, amount)
+    def deliveries_held(self):
+        """Return how many deliveries are held (hold_deliveries)."""
+        return self._courier.held()
 
-    def fail_transfer(self, transfer_id, errors=None):
-        """Fail a created or processing transfer now (log "failed" with errors); return it.
-
-        errors is a list of strings; a generic one by default. Raise ValueError if the
-        transfer is unknown or already final.
-        """
-        return self._ledger.fail_transfer(transfer_id, errors)
-
-    def release_deliveries(self):
-        """Send every held delivery now; return how many were held."""
-        return self._courier.release()
+    def deliveries_sending(self):
+        """Return True while a delivery is being sent or waits to be tried again (held ones aside)."""
+        return self._courier.busy()
 
     def set(self, **knobs):
         """Change knobs (see `Knobs`), e.g. set(deliver_times=2, hold_deliveries=True).
@@ -337,6 +296,11 @@ class Emulator(_LedgerView):
         call still takes effect (shown in requests_in_flight meanwhile)."""
         self._faults.add(SLOW, method, path_prefix, count, delay_s=delay_s)
 
+    def clear_faults(self):
+        """Forget the fault rules of fail_next, fail_next_after and answer_late not used up yet
+        (calls already held stay held: see answer_held_calls)."""
+        self._faults.clear()
+
     def answer_held_calls(self):
         """End the delay of every call answer_late holds now: each is performed and answered
         at once, as if its delay were over (the rules still pending stay)."""
@@ -351,38 +315,3 @@ class Emulator(_LedgerView):
     def __repr__(self):
         where = self.proxy_url if self._server is not None else "not started"
         return "<Emulator %s, %s>" % (where, self._state)
-
-
-class Workspace(_LedgerView):
-    """Another workspace of the emulator: the tests' handle on its projects, entities and webhooks.
-
-    Made by `Emulator.add_workspace`. Thread-safe, like the Emulator.
-    """
-
-    def __init__(self, emulator, ledger, courier):
-        self._emulator = emulator
-        self._ledger = ledger
-        self._courier = courier
-        self._projects = emulator._projects
-        self._projects_key = ledger.workspace_id
-
-    def env(self, project_id=None, private_key_pem=None):
-        """Return the environment for a client of this workspace (see `Emulator.env`)."""
-        if project_id is None:
-            project_id, private_key_pem = self.create_project()
-        return self._emulator.env(project_id, private_key_pem)
-
-    def deliveries(self):
-        """Return every webhook delivery try of this workspace's events (see `Emulator.deliveries`)."""
-        return self._courier.attempts()
-
-    def pay(self, invoice_id, amount=None):
-        """Pay one of this workspace's invoices now; return it (see `Emulator.pay`)."""
-        return self._ledger.pay(invoice_id, amount)
-
-    def fail_transfer(self, transfer_id, errors=None):
-        """Fail one of this workspace's transfers now; return it (see `Emulator.fail_transfer`)."""
-        return self._ledger.fail_transfer(transfer_id, errors)
-
-    def __repr__(self):
-        return "<Workspace %s of %r>" % (self.workspace_id, self._emulator)

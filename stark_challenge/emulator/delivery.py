@@ -1,7 +1,7 @@
 """Webhook delivery: POST each event, signed, to every subscribed URL, with bounded retries.
 
 `Courier.publish` receives the events the ledger makes. For each webhook subscribed to
-an event's subscription it sends ``{"event": {...}}`` as compact JSON with the header
+an event's subscription it sends ``{"event": {...}}`` as compact JSON (`body_of`) with the header
 `Digital-Signature` (base64 ECDSA of the exact body bytes, by `EventKey`) and, when the
 URL carries userinfo (http://user:pass@host/...), an `Authorization: Basic` header built
 from it, the userinfo itself being stripped from the URL. A 2xx answer marks the event
@@ -24,12 +24,20 @@ import threading
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["Courier"]
+__all__ = ["Courier", "body_of"]
 
 logger = logging.getLogger(__name__)
 
 # How long concurrent copies wait for each other before sending anyway.
 _BARRIER_TIMEOUT_S = 2.0
+
+
+def body_of(event):
+    """Return the exact bytes pushed for an event: ``{"event": ...}``, compact JSON, without
+    isDelivered (a pushed event does not carry it: see the event Stark Bank signed in
+    tests/fixtures; the API's event does)."""
+    pushed = {name: value for name, value in event.items() if name != "isDelivered"}
+    return json.dumps({"event": pushed}, separators=(",", ":")).encode("utf-8")
 
 
 class _Delivery(NamedTuple):
@@ -59,11 +67,12 @@ def _split_credentials(url):
 class Courier:
     """Sends events to webhooks on background threads and records every try; thread-safe."""
 
-    def __init__(self, knobs, event_key, webhooks_for, mark_delivered):
+    def __init__(self, knobs, event_key, webhooks_for, mark_delivered, record_attempt=None):
         self._knobs = knobs
         self._event_key = event_key
         self._webhooks_for = webhooks_for  # subscription -> [(webhook id, url)]
         self._mark_delivered = mark_delivered  # event id -> None
+        self._record_attempt = record_attempt or (lambda event_id, webhook_id, code, message: None)
         self._lock = threading.Lock()
         self._held = []  # deliveries queued while hold_deliveries is on
         self._attempts = []  # every try, as returned by attempts()
@@ -73,7 +82,7 @@ class Courier:
     def publish(self, events):
         """Start (or hold) the delivery of each event to every webhook subscribed to it."""
         for event in events:
-            body = json.dumps({"event": event}, separators=(",", ":")).encode("utf-8")
+            body = body_of(event)
             for webhook_id, url in self._webhooks_for(event["subscription"]):
                 delivery = _Delivery(event["id"], webhook_id, url, body)
                 with self._lock:
@@ -82,10 +91,12 @@ class Courier:
                         continue
                 self._send(delivery)
 
-    def release(self):
-        """Send every held delivery now (hold_deliveries stays as set); return how many."""
+    def release(self, count=None):
+        """Send the ``count`` oldest held deliveries now (all by default; hold_deliveries stays as set);
+        return how many."""
         with self._lock:
-            held, self._held = self._held, []
+            cut = len(self._held) if count is None else count
+            held, self._held = self._held[:cut], self._held[cut:]
         for delivery in held:
             self._send(delivery)
         return len(held)
@@ -157,8 +168,8 @@ class Courier:
         for attempt in range(1, attempts + 1):
             if self._stopping.is_set():
                 return
-            status, error = self._post(delivery, signature)
-            self._record(delivery, copy, attempt, status, error)
+            status, error, code = self._post(delivery, signature)
+            self._record(delivery, copy, attempt, status, error, code)
             if status is not None and 200 <= status < 300:
                 self._mark_delivered(delivery.event_id)
                 return
@@ -167,7 +178,10 @@ class Courier:
             delay_s *= 2
 
     def _post(self, delivery, signature):
-        """POST once; return (status, None) if answered, else (None, error text)."""
+        """POST once; return (status, None, code) if answered, else (None, error text, code).
+
+        code is the event attempt's code should the try count as failed: badHttpStatus
+        for an answer, timeout or badConnection for none."""
         url, authorization = _split_credentials(delivery.url)
         parts = urlsplit(url)
         headers = {"Content-Type": "application/json", "Digital-Signature": signature,
@@ -181,13 +195,14 @@ class Courier:
                                body=delivery.body, headers=headers)
             response = connection.getresponse()
             response.read()
-            return response.status, None
+            return response.status, None, "badHttpStatus"
         except (OSError, http.client.HTTPException) as error:
-            return None, "%s: %s" % (type(error).__name__, error)
+            code = "timeout" if isinstance(error, TimeoutError) else "badConnection"
+            return None, "%s: %s" % (type(error).__name__, error), code
         finally:
             connection.close()
 
-    def _record(self, delivery, copy, attempt, status, error):
+    def _record(self, delivery, copy, attempt, status, error, code):
         url, _ = _split_credentials(delivery.url)
         with self._lock:
             self._attempts.append({
@@ -196,4 +211,6 @@ class Courier:
                 "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
             })
         if error or not 200 <= status < 300:
+            message = error or "HTTP POST request returned status %d" % status
+            self._record_attempt(delivery.event_id, delivery.webhook_id, code, message)
             logger.info("delivery of event %s to %s, try %d: %s", delivery.event_id, url, attempt, error or status)

@@ -43,6 +43,11 @@ class Faults:
         with self._lock:
             self._rules.append([kind, method.upper(), path_prefix, count, status, delay_s])
 
+    def clear(self):
+        """Forget every rule not used up yet."""
+        with self._lock:
+            self._rules.clear()
+
     def take(self, method, path):
         """Consume one use of the first rule matching this call; return (kind, status) or None.
 

@@ -38,6 +38,9 @@ class Knobs:
     ``update``; an unknown name raises TypeError, a bad value ValueError.
     """
 
+    # Balance in cents of each workspace when made (Emulator.set_balance changes it later):
+    # R$ 10 million, so no test runs out by accident; a transfer it cannot cover fails.
+    starting_balance = 10 ** 9
     # Share of newly created invoices the simulated payer pays, as the sandbox pays some.
     pay_ratio = 0.5
     # Seconds between an invoice's creation and its simulated payment.
@@ -69,6 +72,7 @@ class Knobs:
     max_clock_skew_s = 300.0
 
     _checks = {
+        "starting_balance": _cents,
         "pay_ratio": _ratio,
         "pay_delay_s": _seconds,
         "invoice_fee": _cents,

@@ -1,20 +1,19 @@
-"""One emulated workspace's ledger: invoices, transfers, their logs, events and webhooks.
+"""One emulated workspace's ledger: its balance, entities, logs, events, attempts and webhooks.
 
-`Ledger` owns all of the emulator's business state in memory and every change to it:
+`Ledger` owns all of one workspace's business state in memory and every change to it.
+The rules for invoices (`invoices.InvoiceRules`) and for transfers
+(`transfers.TransferRules`) are mixed into it and act on the state kept here:
 
-- invoices: created -> (simulated or explicit payment) -> paid, with one "paid" and one
-  "credited" log (order set by the credited_first knob), the invoice then carrying the
-  paid `amount` and the `fee`;
-- transfers: created -> processing -> success, or failed (by fail_transfer or by the
-  transfer_fail_ratio draw), with externalId unique across the workspace and, without
-  one, a same-UTC-day repeat of amount and receiver refused, as Stark Bank does;
+- the balance in cents (starting_balance knob; `set_balance`): paid invoices add their
+  amount minus the fee, reversals take back, transfers take their amount when they start
+  processing and give it back if they fail after that;
 - every log makes one event ``{"id", "created", "isDelivered", "subscription",
   "workspaceId", "log"}``, handed to the `publish` callable (webhook delivery);
+- each failed delivery try is kept as an event attempt (`record_attempt`);
 - webhooks: url and subscriptions.
 
 An emulator may hold several workspaces (`control.Emulator.add_workspace`), one `Ledger`
-each, sharing one `Ids` so that ids are unique across them, as Stark Bank's are; external
-ids are unique per workspace only.
+each, sharing one `Ids` so that ids are unique across them, as Stark Bank's are.
 
 Entities are stored and returned in the API's JSON shape (camelCase). One lock guards all
 state and is held only for in-memory work; `publish` is always called after the lock is
@@ -25,12 +24,13 @@ thread timing. Time comes from the injected `now` callable (aware UTC datetimes)
 
 import copy
 import datetime
-import itertools
 import threading
 from urllib.parse import urlsplit
 
-from . import taxid
-from .validate import iso
+from .invoices import InvoiceRules
+from .tables import Ids, Table
+from .transfers import TransferRules
+from .validate import Rejected, iso
 
 __all__ = ["Ledger", "Ids", "Rejected", "SUBSCRIPTIONS"]
 
@@ -41,68 +41,19 @@ SUBSCRIPTIONS = (
     "utility-payment", "darf-payment", "tax-payment", "boleto-holmes",
 )
 
-_PENDING_TRANSFER = ("created", "processing")
-_PAYABLE_INVOICE = ("created", "registered", "overdue")
-_DEFAULT_TRANSFER_ERRORS = ["Simulated failure: the receiving institution refused the transfer"]
-
-
-class Rejected(Exception):
-    """The ledger refuses a request; `errors` is Stark Bank's list of {"code", "message"}."""
-
-    def __init__(self, errors):
-        super().__init__("; ".join(error["message"] for error in errors))
-        self.errors = errors
+_KINDS = ("invoice", "invoice-log", "transfer", "transfer-log", "event", "event-attempt", "webhook")
 
 
 def _utc_now():
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-class _Table:
-    """Rows by id in creation order, each with a sequence number for paging cursors."""
-
-    def __init__(self):
-        self._rows = {}
-        self._sequence = {}
-        self._counter = itertools.count(1)
-
-    def add(self, row):
-        self._rows[row["id"]] = row
-        self._sequence[row["id"]] = next(self._counter)
-
-    def get(self, row_id):
-        return self._rows.get(row_id)
-
-    def remove(self, row_id):
-        self._sequence.pop(row_id, None)
-        return self._rows.pop(row_id, None)
-
-    def rows(self):
-        return [(self._sequence[row_id], row) for row_id, row in self._rows.items()]
-
-
-class Ids:
-    """Fresh 16-digit ids drawn from a random.Random, never repeated; shared by workspaces; thread-safe."""
-
-    def __init__(self, id_random):
-        self._random = id_random
-        self._used = set()
-        self._lock = threading.Lock()
-
-    def new(self):
-        with self._lock:
-            while True:
-                new = str(self._random.randrange(10 ** 15, 10 ** 16))
-                if new not in self._used:
-                    self._used.add(new)
-                    return new
-
-
-class Ledger:
+class Ledger(InvoiceRules, TransferRules):
     """The workspace state and its transitions; every public method is thread-safe.
 
     id_random is a random.Random for this workspace's ids, or an `Ids` shared with
-    other workspaces.
+    other workspaces. The rule mixins use ``_lock``, ``_tables``, ``_balance``,
+    ``_knobs``, ``_timers``, ``_chance``, ``_now``, ``_new_id``, ``_log`` and ``_publish``.
     """
 
     def __init__(self, knobs, timers, id_random, chance_random, publish=None, now=_utc_now):
@@ -113,13 +64,10 @@ class Ledger:
         self._publish_events = publish or (lambda events: None)
         self._now = now
         self._lock = threading.Lock()
-        self._tables = {
-            kind: _Table() for kind in ("invoice", "invoice-log", "transfer", "transfer-log", "event", "webhook")
-        }
-        self._external_ids = set()  # every externalId ever used in the workspace
-        self._implicit_keys = set()  # (UTC day, amount, receiver) of transfers without externalId
-        self._doomed = {}  # transfer id -> errors it will fail with instead of succeeding
-        self._balance = 0  # cents: credited invoices minus transfers that did not fail
+        self._tables = {kind: Table() for kind in _KINDS}
+        self._balance = knobs.starting_balance  # cents
+        self._init_invoice_rules()
+        self._init_transfer_rules()
         with self._lock:
             self.workspace_id = self._new_id()
 
@@ -140,6 +88,13 @@ class Ledger:
         with self._lock:
             return self._balance
 
+    def set_balance(self, cents):
+        """Set the workspace balance in cents (an integer >= 0), as a deposit or withdrawal would."""
+        if not isinstance(cents, int) or isinstance(cents, bool) or cents < 0:
+            raise ValueError("the balance must be an integer number of cents >= 0")
+        with self._lock:
+            self._balance = cents
+
     def webhooks_for(self, subscription):
         """Return [(webhook id, url)] of the webhooks subscribed to subscription."""
         with self._lock:
@@ -153,195 +108,7 @@ class Ledger:
         with self._lock:
             return self._new_id()
 
-    # -- invoices -------------------------------------------------------------------
-
-    def create_invoices(self, invoices):
-        """Create validated invoices (see validate.check_invoices); return their copies.
-
-        Each is drawn for simulated payment with probability pay_ratio, paid
-        pay_delay_s later.
-        """
-        with self._lock:
-            now = iso(self._now())
-            created, events, to_pay = [], [], []
-            for fields in invoices:
-                invoice_id = self._new_id()
-                invoice = dict(
-                    id=invoice_id, nominalAmount=fields["amount"], fineAmount=0, interestAmount=0,
-                    discountAmount=0, status="created", fee=0, transactionIds=[],
-                    pdf="https://sandbox.api.starkbank.com/v2/invoice/%s.pdf" % invoice_id,
-                    link="https://emulator.sandbox.starkbank.com/invoicelink/%s" % invoice_id,
-                    brcode="00020101021226890014br.gov.bcb.pix2567emulator.starkbank.com/%s5204000053039865802BR"
-                    % invoice_id,
-                    created=now, updated=now, **fields,
-                )
-                self._tables["invoice"].add(invoice)
-                events.append(self._log("invoice", invoice, "created"))
-                created.append(copy.deepcopy(invoice))
-                if self._chance.random() < self._knobs.pay_ratio:
-                    to_pay.append(invoice_id)
-        self._publish(events)
-        for invoice_id in to_pay:
-            self._timers.call_later(self._knobs.pay_delay_s, self._pay_if_payable, invoice_id)
-        return created
-
-    def pay(self, invoice_id, amount=None):
-        """Pay an invoice now: status "paid" and the "paid" and "credited" logs; return its copy.
-
-        amount defaults to the invoice's amount. Raise ValueError if the invoice is
-        unknown or not payable (already paid or canceled).
-        """
-        if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
-            raise ValueError("amount must be a positive integer number of cents")
-        with self._lock:
-            invoice = self._tables["invoice"].get(invoice_id)
-            if invoice is None:
-                raise ValueError("no invoice %s" % invoice_id)
-            if invoice["status"] not in _PAYABLE_INVOICE:
-                raise ValueError("invoice %s is %s, not payable" % (invoice_id, invoice["status"]))
-            events = self._pay_locked(invoice, amount)
-            paid = copy.deepcopy(invoice)
-        self._publish(events)
-        return paid
-
-    def update_invoice(self, invoice_id, status=None, amount=None):
-        """Cancel an unpaid invoice (status="canceled") or change its amount; return its copy.
-
-        Raise ValueError if unknown, Rejected if the change is not allowed.
-        """
-        with self._lock:
-            invoice = self._tables["invoice"].get(invoice_id)
-            if invoice is None:
-                raise ValueError("no invoice %s" % invoice_id)
-            if invoice["status"] not in _PAYABLE_INVOICE:
-                raise Rejected([{"code": "invalidInvoiceStatus",
-                                 "message": "invoice %s is %s and cannot change" % (invoice_id, invoice["status"])}])
-            invoice["updated"] = iso(self._now())
-            events = []
-            if amount is not None:
-                invoice["amount"] = invoice["nominalAmount"] = amount
-                events.append(self._log("invoice", invoice, "updated"))
-            if status == "canceled":
-                invoice["status"] = "canceled"
-                events.append(self._log("invoice", invoice, "canceled"))
-            updated = copy.deepcopy(invoice)
-        self._publish(events)
-        return updated
-
-    def _pay_if_payable(self, invoice_id):
-        with self._lock:
-            invoice = self._tables["invoice"].get(invoice_id)
-            if invoice is None or invoice["status"] not in _PAYABLE_INVOICE:
-                return
-            events = self._pay_locked(invoice, None)
-        self._publish(events)
-
-    def _pay_locked(self, invoice, amount):
-        fee = self._knobs.invoice_fee
-        invoice.update(
-            status="paid", fee=fee, updated=iso(self._now()),
-            amount=invoice["amount"] if amount is None else amount,
-            transactionIds=invoice["transactionIds"] + [self._new_id()],
-        )
-        self._balance += invoice["amount"] - fee
-        order = ("credited", "paid") if self._knobs.credited_first else ("paid", "credited")
-        return [self._log("invoice", invoice, log_type) for log_type in order]
-
-    # -- transfers ------------------------------------------------------------------
-
-    def create_transfers(self, transfers):
-        """Create validated transfers (see validate.check_transfers) all or none; return copies.
-
-        Raise Rejected, creating nothing, if an externalId was ever used before (or twice
-        in this request), or if a transfer without externalId repeats the amount and
-        receiver of another such transfer on the same UTC day. Each created transfer
-        then steps to processing and to success or failed, transfer_delay_s apart.
-        """
-        with self._lock:
-            moment = self._now()
-            now, day = iso(moment), moment.date().isoformat()
-            errors, external_ids, implicit_keys = [], set(), set()
-            for index, fields in enumerate(transfers):
-                external_id = fields["externalId"]
-                if external_id is not None:
-                    if external_id in self._external_ids or external_id in external_ids:
-                        errors.append({"code": "invalidExternalId",
-                                       "message": "Element %d: externalId %r was already used" % (index, external_id)})
-                    external_ids.add(external_id)
-                    continue
-                key = (day, fields["amount"], taxid.digits_of(fields["taxId"]), fields["bankCode"],
-                       fields["branchCode"], fields["accountNumber"])
-                if key in self._implicit_keys or key in implicit_keys:
-                    errors.append({"code": "duplicatedTransfer", "message": (
-                        "Element %d: a transfer of the same amount to the same receiver was already created "
-                        "today; send an externalId to allow it" % index)})
-                implicit_keys.add(key)
-            if errors:
-                raise Rejected(errors)
-            self._external_ids |= external_ids
-            self._implicit_keys |= implicit_keys
-            created, events = [], []
-            for fields in transfers:
-                transfer = dict(fields, id=self._new_id(), fee=0, status="created", transactionIds=[],
-                                metadata={}, created=now, updated=now)
-                if transfer["description"] is None:
-                    transfer["description"] = "%s (%s)" % (transfer["name"], transfer["taxId"])
-                self._tables["transfer"].add(transfer)
-                self._balance -= transfer["amount"]
-                if self._chance.random() < self._knobs.transfer_fail_ratio:
-                    self._doomed[transfer["id"]] = list(_DEFAULT_TRANSFER_ERRORS)
-                events.append(self._log("transfer", transfer, "created"))
-                created.append(copy.deepcopy(transfer))
-        self._publish(events)
-        for transfer in created:
-            self._timers.call_later(self._knobs.transfer_delay_s, self._advance_transfer, transfer["id"])
-        return created
-
-    def fail_transfer(self, transfer_id, errors=None):
-        """Fail a created or processing transfer now, with a "failed" log; return its copy.
-
-        Raise ValueError if the transfer is unknown or already final.
-        """
-        with self._lock:
-            transfer = self._tables["transfer"].get(transfer_id)
-            if transfer is None:
-                raise ValueError("no transfer %s" % transfer_id)
-            if transfer["status"] not in _PENDING_TRANSFER:
-                raise ValueError("transfer %s is already %s" % (transfer_id, transfer["status"]))
-            events = [self._fail_locked(transfer, list(errors or _DEFAULT_TRANSFER_ERRORS))]
-            failed = copy.deepcopy(transfer)
-        self._publish(events)
-        return failed
-
-    def _advance_transfer(self, transfer_id):
-        with self._lock:
-            transfer = self._tables["transfer"].get(transfer_id)
-            if transfer is None or transfer["status"] not in _PENDING_TRANSFER:
-                return
-            transfer["updated"] = iso(self._now())
-            again = transfer["status"] == "created"
-            if again:
-                transfer["status"] = "processing"
-                transfer["transactionIds"] = transfer["transactionIds"] + [self._new_id()]
-                events = [self._log("transfer", transfer, "processing")]
-            elif transfer_id in self._doomed:
-                events = [self._fail_locked(transfer, self._doomed.pop(transfer_id))]
-            else:
-                transfer["status"] = "success"
-                events = [self._log("transfer", transfer, "success")]
-        self._publish(events)
-        if again:
-            self._timers.call_later(self._knobs.transfer_delay_s, self._advance_transfer, transfer_id)
-
-    def _fail_locked(self, transfer, errors):
-        self._doomed.pop(transfer["id"], None)
-        transfer.update(status="failed", updated=iso(self._now()))
-        if transfer["transactionIds"]:  # the debit is reversed by a second transaction
-            transfer["transactionIds"] = transfer["transactionIds"] + [self._new_id()]
-        self._balance += transfer["amount"]
-        return self._log("transfer", transfer, "failed", errors)
-
-    # -- events and webhooks --------------------------------------------------------
+    # -- events, attempts and webhooks ----------------------------------------------
 
     def mark_delivered(self, event_id):
         """Set an event's isDelivered; return its copy, or None if there is no such event."""
@@ -350,6 +117,17 @@ class Ledger:
             if event is not None:
                 event["isDelivered"] = True
             return copy.deepcopy(event)
+
+    def record_attempt(self, event_id, webhook_id, code, message):
+        """Keep one failed delivery try as an event attempt; return its copy.
+
+        code is Stark Bank's: "badHttpStatus", "badConnection" or "timeout".
+        """
+        with self._lock:
+            attempt = {"id": self._new_id(), "code": code, "message": message, "eventId": event_id,
+                       "webhookId": webhook_id, "created": iso(self._now())}
+            self._tables["event-attempt"].add(attempt)
+            return copy.deepcopy(attempt)
 
     def delete(self, kind, row_id):
         """Remove an event or a webhook; return the removed row, or None if there was none."""

@@ -6,13 +6,16 @@ The SDK sends HTTPS to api.starkbank.com and sandbox.api.starkbank.com through
 answer 200 only for those two hosts on port 443 (403 otherwise: this proxy reaches
 nothing else), perform the TLS handshake ourselves with a certificate from `certs`
 (trusted through REQUESTS_CA_BUNDLE), and serve the decrypted HTTP/1.1 requests with
-`ApiHandler`, which hands each to `Api.handle`. Plain (non-CONNECT) requests get 403.
+`ApiHandler`, which hands each to `Api.handle`. Plain (non-CONNECT) requests get 403,
+but for POSTs under the control channel's secret path (`remote.Remote`), which the
+emulator's command line uses.
 
 Threads: one daemon thread per client connection (`ThreadingHTTPServer` style).
 `ProxyServer.server_close` also shuts down the connections still open (keep-alive
 tunnels) and joins their threads, so nothing outlives `Emulator.stop`.
 """
 
+import json
 import logging
 import socket
 import ssl
@@ -28,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # Largest request body accepted: 100 entities of a few hundred bytes fit many times over.
 _MAX_BODY = 4 * 1024 * 1024
+# Largest control-channel request body: one small JSON object.
+_MAX_CONTROL_BODY = 64 * 1024
 # Seconds an idle connection may stay open before its thread gives up on it.
 _IDLE_TIMEOUT_S = 60
 # Seconds stop() waits for each connection thread.
@@ -79,7 +84,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 pass  # already gone
             return
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
         self.wfile.write(reply.body)
@@ -123,7 +128,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _refuse(self):
         self.send_error(HTTPStatus.FORBIDDEN, "only CONNECT to Stark Bank's API hosts is served")
 
-    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _refuse
+    do_GET = do_PATCH = do_PUT = do_DELETE = do_HEAD = _refuse
+
+    def do_POST(self):
+        """Serve the control channel (see `remote`); refuse anything else."""
+        remote = self.server.remote
+        if remote is None or not remote.owns(self.path):
+            self._refuse()
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= _MAX_CONTROL_BODY:
+            self.send_error(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+            return
+        status, answer = remote.handle(self.path, self.rfile.read(length))
+        body = json.dumps(answer).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, format, *args):
         """Send the access log to the logging module (debug) instead of stderr."""
@@ -135,10 +161,11 @@ class ProxyServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address, tls_context, api):
+    def __init__(self, address, tls_context, api, remote=None):
         super().__init__(address, ProxyHandler)
         self.tls_context = tls_context
         self.api = api
+        self.remote = remote  # the control channel (`remote.Remote`), or None
         self._lock = threading.Lock()
         self._live = {}  # accepted socket -> [socket now in use (TLS once wrapped), thread]
 

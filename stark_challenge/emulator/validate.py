@@ -4,16 +4,21 @@ Pure functions over decoded JSON (camelCase keys): `check_invoices` and
 `check_transfers` take the list from a POST body and return the normalised entities or
 the list of errors, each ``{"code", "message"}`` with a message starting
 "Element <index>: ", as Stark Bank words them. A request is all-or-nothing: the caller
-creates nothing if any element has an error. Rules that need the ledger (unique
-externalId, same-day repeats) live in `ledger`, not here.
+creates nothing if any element has an error. `check_invoice_update` and `check_fields`
+check PATCH and other bodies. Rules that need the ledger (unique externalId, same-day
+repeats, the balance) live in `ledger`, not here.
+
+A field the API does not know, or a required one missing, is ``invalidJson``, as the
+SDK's own tests against Stark Bank expect (tests/api in starkbank/sdk-python).
 """
 
 import datetime
 import re
 
 from . import taxid
+from .dates import iso, local_date, parse_datetime
 
-__all__ = ["MAX_ENTITIES", "check_invoices", "check_transfers", "parse_datetime", "iso"]
+__all__ = ["MAX_ENTITIES", "MAX_AMOUNT", "Rejected", "check_invoices", "check_transfers", "iso"]
 
 # Stark Bank creates at most 100 entities per request.
 MAX_ENTITIES = 100
@@ -28,8 +33,33 @@ _ACCOUNT_TYPES = ("checking", "savings", "salary", "payment")
 _BANK_CODE = re.compile(r"^(\d{3}|\d{8})$")  # COMPE code or ISPB
 _BRANCH_CODE = re.compile(r"^\d{1,4}(-\d)?$")
 _ACCOUNT_NUMBER = re.compile(r"^\d{1,20}(-[\dXx])?$")
+# The largest amount accepted for one invoice or transfer: Stark Bank refuses 10^15 cents
+# (the SDK's own tests) and publishes no bound; the emulator's is R$ 10 billion.
+MAX_AMOUNT = 10 ** 12
+
+_INVOICE_FIELDS = ("amount", "taxId", "name", "due", "expiration", "fine", "interest", "discounts", "rules",
+                   "splits", "tags", "descriptions")
+_INVOICE_REQUIRED = ("amount", "taxId", "name")
+_TRANSFER_FIELDS = ("amount", "name", "taxId", "bankCode", "branchCode", "accountNumber", "accountType",
+                    "externalId", "scheduled", "description", "displayDescription", "tags", "rules")
+_TRANSFER_REQUIRED = ("amount", "name", "taxId", "bankCode", "branchCode", "accountNumber")
+_INVOICE_UPDATE_FIELDS = ("status", "amount", "due", "expiration")
+
 # "invoice-<id>" is reported to clash with Stark Bank's own external ids (shared README).
 _RESERVED_EXTERNAL_ID = re.compile(r"^invoice-\d+$")
+
+
+class Rejected(Exception):
+    """A request refused with Stark Bank's list of errors, each {"code", "message"} (a 400)."""
+
+    def __init__(self, errors):
+        super().__init__("; ".join(error["message"] for error in errors))
+        self.errors = errors
+
+    @classmethod
+    def one(cls, code, message):
+        """Return a Rejected carrying a single error."""
+        return cls([{"code": code, "message": message}])
 
 
 class _Invalid(Exception):
@@ -39,25 +69,20 @@ class _Invalid(Exception):
         self.message = message
 
 
-def iso(moment):
-    """Return moment (aware datetime) in the UTC ISO form the SDK parses."""
-    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+def _fields(item, known, required):
+    unknown = sorted(set(item) - set(known))
+    if unknown:
+        raise _Invalid("invalidJson", "unknown field %s" % ", ".join(unknown))
+    missing = [key for key in required if item.get(key) is None]
+    if missing:
+        raise _Invalid("invalidJson", "missing field %s" % ", ".join(missing))
 
 
-def parse_datetime(text):
-    """Return (value, is_date) for an ISO date or datetime string; raise ValueError otherwise.
-
-    A datetime without an offset is taken as UTC; "Z" is accepted (fromisoformat on 3.10
-    does not know it).
-    """
-    if not isinstance(text, str):
-        raise ValueError("not a string")
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        return datetime.date.fromisoformat(text), True
-    value = datetime.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=datetime.timezone.utc)
-    return value, False
+def _amount(item, least):
+    amount = item.get("amount")
+    if not _integer(amount) or not least <= amount <= MAX_AMOUNT:
+        raise _Invalid("invalidAmount", "amount must be an integer number of cents from %d to %d" % (least, MAX_AMOUNT))
+    return amount
 
 
 def _number(value):
@@ -111,9 +136,8 @@ def _list_of_dicts(item, key, code):
 
 
 def _invoice(item, now):
-    amount = item.get("amount")
-    if not _integer(amount) or amount < 0:
-        raise _Invalid("invalidAmount", "amount must be an integer number of cents >= 0")
+    _fields(item, _INVOICE_FIELDS, _INVOICE_REQUIRED)
+    amount = _amount(item, 0)
     expiration = item.get("expiration", _DEFAULT_EXPIRATION_S)
     if not _integer(expiration) or expiration < 0:
         raise _Invalid("invalidExpiration", "expiration must be an integer number of seconds >= 0")
@@ -147,10 +171,18 @@ def _invoice(item, now):
     }
 
 
+def _scheduled(item, now):
+    """Return the scheduled date or datetime (ISO text), refusing one before today in São Paulo."""
+    text = _when(item, "scheduled", "invalidScheduled", now)
+    if local_date(text) < local_date(now):
+        code = "invalidDate" if len(text) == 10 else "invalidDateTime"
+        raise _Invalid(code, "scheduled %s is before today (%s in São Paulo)" % (text, local_date(now)))
+    return text
+
+
 def _transfer(item, now):
-    amount = item.get("amount")
-    if not _integer(amount) or amount <= 0:
-        raise _Invalid("invalidAmount", "amount must be an integer number of cents > 0")
+    _fields(item, _TRANSFER_FIELDS, _TRANSFER_REQUIRED)
+    amount = _amount(item, 1)
     bank_code = item.get("bankCode")
     if not isinstance(bank_code, str) or not _BANK_CODE.match(bank_code):
         raise _Invalid("invalidBankCode", "bankCode must be a 3-digit bank code or an 8-digit ISPB")
@@ -175,7 +207,7 @@ def _transfer(item, now):
         "accountNumber": account_number,
         "accountType": account_type,
         "externalId": external_id,
-        "scheduled": _when(item, "scheduled", "invalidScheduled", now),
+        "scheduled": _scheduled(item, now),
         "description": _text(item, "description", "invalidDescription", required=False),
         "displayDescription": _text(item, "displayDescription", "invalidDisplayDescription", required=False),
         "tags": _tags(item),
@@ -213,3 +245,31 @@ def check_invoices(items, now):
 def check_transfers(items, now):
     """Return (transfers, errors) for the "transfers" list of a POST body; now is an aware datetime."""
     return _check_all(items, "transfers", _transfer, now)
+
+
+def check_fields(payload, known):
+    """Raise Rejected (invalidJson) if the body payload (a dict) has a field outside known."""
+    try:
+        _fields(payload, known, ())
+    except _Invalid as invalid:
+        raise Rejected.one(invalid.code, invalid.message) from None
+
+
+def check_invoice_update(payload):
+    """Return (status, amount, due, expiration) of a PATCH /v2/invoice body; raise Rejected if invalid.
+
+    status may only be "canceled"; amount is 0..MAX_AMOUNT cents; due an ISO date or
+    datetime (kept as sent, normalised); expiration whole seconds >= 0.
+    """
+    check_fields(payload, _INVOICE_UPDATE_FIELDS)
+    try:
+        if payload.get("status") not in (None, "canceled"):
+            raise _Invalid("invalidStatus", "status can only be changed to canceled")
+        amount = None if payload.get("amount") is None else _amount(payload, 0)
+        due = None if payload.get("due") is None else _when(payload, "due", "invalidDue", None)
+        expiration = payload.get("expiration")
+        if expiration is not None and (not _integer(expiration) or expiration < 0):
+            raise _Invalid("invalidExpiration", "expiration must be an integer number of seconds >= 0")
+    except _Invalid as invalid:
+        raise Rejected.one(invalid.code, invalid.message) from None
+    return payload.get("status"), amount, due, expiration

@@ -1,0 +1,184 @@
+"""Running the story: once without a kill to count its crash points, then once per point with the kill.
+
+``count`` runs the whole story, checks the invariants on its end state (the story must
+hold without any crash first) and returns its points. ``run_point`` runs the story up to
+one point, where the service is killed with SIGKILL, then does what a supervisor and
+Stark Bank would: the emulator stops holding webhooks and its unused faults are
+forgotten, the service is started again (the plain one, no seam), and once everything
+has settled the invariants are checked. ``line`` formats a result as the output's line.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+from typing import NamedTuple, Optional
+
+from . import invariants, points
+from .story import DELIVERY_ATTEMPTS, STEPS, Crashed, Run, StoryStuck
+
+__all__ = ["Result", "count", "run_point", "line"]
+
+SETTLE_S = 60.0  # the longest the service may take to settle after its restart
+STABLE_S = 0.1  # settled means nothing moved for this long
+
+
+class Result(NamedTuple):
+    """What happened at one crash point."""
+
+    point: points.Point
+    restart_s: Optional[float]  # from the restart to /health answering 200
+    settle_s: Optional[float]  # from the restart to everything settled
+    problems: tuple  # invariants broken, or what went wrong on the way
+    kept: Optional[str]  # the run's directory (service log, database), kept when it failed
+
+    @property
+    def held(self):
+        return not self.problems
+
+
+def _run_steps(run):
+    for step in STEPS:
+        run.step_started.append((time.monotonic(), step.name))
+        step.act(run)
+
+
+def count(certificates, keep=False, base=None):
+    """Run the story without a kill; return (its points, problems found at its end, seconds, kept directory).
+
+    The directory (service log, database, commit logs; made under ``base``, default the system's
+    temporary folder) is kept when something is wrong, or with ``keep``.
+    """
+    began = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="crash-count-", dir=base)
+    problems = []
+    with Run(workdir, certificates) as run:
+        try:
+            _run_steps(run)
+            run.quiet()
+            problems = invariants.check(run, None)
+        except (Crashed, StoryStuck, AssertionError) as e:
+            problems = [f"the story without a kill: {e}"]
+        found = points.enumerate_points(run)
+    kept = workdir if problems or keep else None
+    if kept is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return found, problems, time.monotonic() - began, kept
+
+
+def run_point(point, certificates, keep=False, base=None):
+    """Run the story with the service killed at ``point``; return its Result (directory: see ``count``)."""
+    workdir = tempfile.mkdtemp(prefix="crash-point-", dir=base)
+    restart_s = settle_s = None
+    commit_kill = (point.launch, point.n) if point.kind == points.COMMIT else None
+    with Run(workdir, certificates, commit_kill=commit_kill) as run:
+        if point.kind == points.CALL:
+            run.emu.tripwire.arm(point.n, point.phase, run.kill)
+        try:
+            problems = _crash(run, point)
+            point = _as_seen(run, point)
+            if not problems:
+                restart_s = _recover(run)
+                began = time.monotonic() - restart_s
+                run.wait(_settled(run), "everything to settle", SETTLE_S)
+                settle_s = time.monotonic() - began
+                problems = invariants.check(run, restart_s)
+        except (Crashed, StoryStuck, AssertionError) as e:
+            problems = [f"after the restart: {e}"]
+    kept = workdir if problems or keep else None
+    if kept is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return Result(point, restart_s, settle_s, tuple(problems), kept)
+
+
+def _crash(run, point):
+    """Run the story until the kill; return what went wrong (nothing if the kill came at ``point``)."""
+    try:
+        _run_steps(run)
+        run.stop_service()  # a kill at the story's last commit may land after the story saw its effect
+    except Crashed:
+        pass
+    except (StoryStuck, AssertionError) as e:
+        return [f"before the kill: {e}"]
+    else:
+        return ["the story ended without reaching this point: the story is not deterministic"]
+    return _killed_where_expected(run, point)
+
+
+def _killed_where_expected(run, point):
+    """Return [] if the service died at ``point``, as the run without a kill saw it, else what differs."""
+    if point.kind == points.CALL:
+        tripped = run.emu.tripwire.tripped
+        if tripped is None:
+            return ["the service died, but not at the armed call"]
+        if point.label and tripped[2] != point.label:
+            return [f"call {point.n} was {tripped[2]}, not {point.label}: the story is not deterministic"]
+        return []
+    if run.launches != point.launch:
+        return [f"the service died in its process {run.launches}, not {point.launch}"]
+    with open(run.commit_log(point.launch)) as log:
+        lines = log.read().splitlines()
+    if len(lines) != point.n:
+        return [f"the service died after {len(lines)} commits, not at commit {point.n}"]
+    label = lines[-1].split(" ", 2)[2]
+    if point.label and label != point.label:
+        return [f"commit {point.n} wrote {label}, not {point.label}: the story is not deterministic"]
+    return []
+
+
+def _as_seen(run, point):
+    """Return ``point`` with what this run saw where it died filled in (a point named alone has no label)."""
+    step = run.step_started[-1][1] if run.step_started else ""
+    if point.kind == points.CALL:
+        tripped = run.emu.tripwire.tripped
+        return point._replace(label=point.label or (tripped[2] if tripped else ""), step=point.step or step)
+    label = ""
+    if os.path.exists(run.commit_log(point.launch)):
+        with open(run.commit_log(point.launch)) as log:
+            lines = log.read().splitlines()
+        label = lines[-1].split(" ", 2)[2] if lines else ""
+    return point._replace(label=point.label or label, process=point.process or run.processes.get(point.launch, ""),
+                          step=point.step or step)
+
+
+def _recover(run):
+    """Let the emulator behave as Stark Bank again, run again a command that was killed (as its operator
+    would), and start the service; return seconds from its start to /health answering 200."""
+    run.emu.tripwire.disarm()
+    run.emu.clear_faults()
+    run.emu.answer_held_calls()
+    run.emu.set(hold_deliveries=False, deliver_times=1, transfer_fail_ratio=0.0,
+                delivery_attempts=DELIVERY_ATTEMPTS)
+    run.proc = None
+    if run.processes[run.launches] != "service":
+        status = run.run_command(*run.last_command, seam=False)
+        if status not in (0, 2):  # 2: refused, what the killed one did is already queued
+            raise StoryStuck(f"{' '.join(run.last_command)} run again exited {status}")
+    return run.start_service(seam=False)
+
+
+def _settled(run):
+    """Return a predicate: True once the worker finished its first pass and nothing has moved for STABLE_S."""
+    since = []
+
+    def settled():
+        still = (run.health() == "ok" and not run.emu.requests_in_flight and run.emu.idle() and run.is_quiet())
+        if not still:
+            since.clear()
+            return False
+        since[:] = since or [time.monotonic()]
+        return time.monotonic() - since[0] >= STABLE_S
+    return settled
+
+
+def line(index, total, result):
+    """Return the output line of one point: step, what was killed, restart and settle times, verdict."""
+    p = result.point
+    head = f"{index:>4}/{total} {p.id:<17} {p.describe()} [{p.step or '?'}]"
+    kept = f" (kept: {result.kept})" if result.kept else ""
+    if result.restart_s is None:
+        return f"{head}: FAILED: {'; '.join(result.problems)}{kept}"
+    times = f"restarted in {result.restart_s:.2f} s, settled in {result.settle_s or 0:.1f} s"
+    if result.held:
+        return f"{head}: {times}, invariants held{kept}"
+    return f"{head}: {times}, FAILED: {'; '.join(result.problems)}{kept}"

@@ -1,0 +1,79 @@
+"""A sample of the crash enumeration (``make crash`` runs every point; see tests/crashpoints).
+
+The story of the money path runs once without a kill, which must hold every invariant
+and lists its crash points; then a few of them, every k-th from an offset drawn from a
+seed, are run with the service killed there. The seed changes from run to run (so the
+suite covers the points over time) and is printed; ``CRASH_SEED=<seed>`` repeats a
+sample, and a failure names the point to run alone with ``make crash POINT=<id>``.
+"""
+
+import os
+import random
+import sqlite3
+
+import starkbank
+
+from crashpoints import invariants, points, run, story
+from support import make_config
+
+SAMPLE = 1  # points per suite run (about 4 s each), on top of the story's one run without a kill (about 7 s)
+
+
+def test_a_sample_of_crash_points_holds_every_invariant(emulator_certificates, tmp_path, capsys):
+    seed = int(os.environ.get("CRASH_SEED") or random.randrange(10 ** 6))
+    found, problems, _, kept = run.count(emulator_certificates, base=str(tmp_path))
+    assert not problems, f"the story without a kill (kept: {kept}): {problems}"
+    assert {p.kind for p in found} == {points.COMMIT, points.CALL}
+    chosen = points.sample(found, SAMPLE, seed)
+    with capsys.disabled():
+        print(f"\ncrash sample: seed {seed} (CRASH_SEED={seed} repeats it): "
+              f"{', '.join(p.id for p in chosen)} of {len(found)} points")
+    for point in chosen:
+        result = run.run_point(point, emulator_certificates, base=str(tmp_path))
+        assert result.held, (f"crash point {point.id} (seed {seed}): {run.line(1, 1, result)}; "
+                             f"rerun it alone: make crash POINT={point.id}")
+
+
+class _Settled:
+    """What the invariants read of a run (``story.Run``), over a real emulator and store: a stand-in
+    for a settled run, to show that each invariant finds what it is about."""
+
+    def __init__(self, emulator, store):
+        self.emu, self._store = emulator, store
+
+    def rows(self, sql, params=()):
+        conn = sqlite3.connect(self._store.path)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def config(self):
+        return make_config()
+
+    def status_page(self):
+        return {"attempts": {"stuck": 0}}
+
+
+def test_the_invariants_find_a_credit_paid_twice_a_second_round_and_an_open_transfer(emulator, sdk, store, clock):
+    tags = ["stark-challenge", "round-0", "batch-s-0-0"]
+    made = starkbank.invoice.create([starkbank.Invoice(amount=1000, tax_id="012.345.678-90", name="Arya Stark",
+                                                       tags=tags) for _ in range(story.INVOICES)])
+    starkbank.invoice.create([starkbank.Invoice(amount=1000, tax_id="012.345.678-90", name="Arya Stark",
+                                                tags=["stark-challenge", "round-1", "batch-s-1-0"])])
+    paid = emulator.pay(made[0].id)
+    receiver = make_config()
+    for external_id in ("stark-challenge-inv-1", "stark-challenge-inv-2"):  # one credit, two transfers
+        starkbank.transfer.create([starkbank.Transfer(
+            amount=paid["amount"] - paid["fee"], external_id=external_id, tags=[f"invoice-{paid['id']}"],
+            name=receiver.transfer_name, tax_id=receiver.transfer_tax_id, bank_code=receiver.transfer_bank_code,
+            branch_code=receiver.transfer_branch, account_number=receiver.transfer_account,
+            account_type=receiver.transfer_account_type)])
+    store.add_credit(paid["id"], "e1", paid["amount"], paid["fee"], "stark-challenge-inv-x", clock())
+
+    problems = invariants.check(_Settled(emulator, store), 7.5)
+
+    assert any(p.startswith("each credit forwarded once") and "2 transfers moved money" in p for p in problems)
+    assert any(p.startswith("one round") and "round-1" in p for p in problems)
+    assert any(p.startswith("nothing open without an alarm") and "pending, no alarm" in p for p in problems)
+    assert "restart under 5 s: the restart took 7.5 s" in problems
