@@ -18,8 +18,8 @@ on loopback, with basic auth on, and for the whole run:
   redeliveries: requests sent before, and events of the service's own money again;
 - every minute ``bench/hostile.py`` (its own process) runs slow, silent, huge-head and
   malformed clients for ``HOSTILE_S`` seconds;
-- every ``HOLD_EVERY_S`` the emulator holds its deliveries for ``HOLD_S``, longer
-  than the service's ``EVENT_POLL_INTERVAL``: the missed-event pull finds and
+- every ``HOLD_EVERY_S`` the emulator holds its deliveries for ``HOLD_S``, well over
+  the service's ``EVENT_POLL_INTERVAL``: the missed-event pull finds and
   processes them, then they are delivered late (more redeliveries);
 - halfway, the service is stopped (SIGTERM) and started again on the same database;
 - events older than ``SOAK_RETENTION`` (5 minutes here, 90 days by default) are
@@ -94,7 +94,7 @@ HOSTILE_CLIENTS = {"slow": 4, "silent": 3, "huge": 3, "malformed": 1}
 POLL = "1m"  # the service's EVENT_POLL_INTERVAL
 HOLD_EVERY_S = 300.0
 HOLD_FIRST_S = 60.0
-HOLD_S = 75.0
+HOLD_S = 150.0  # two and a half poll intervals: a pull always falls inside
 DRAIN_TIMEOUT_S = 240.0
 # Foreign events of each kind, by weight: mostly updates, as a busy workspace sends.
 KINDS = (
