@@ -276,7 +276,7 @@ def run(args):
         notifier.send(STOPPING=1)
         notifier.stop()
         app.stop()
-        logger.info("stopped")
+        logger.info("stopped; %s", _summary(config.database_path))
         return 0
     except ConfigError as e:
         return fail(str(e))
@@ -285,6 +285,18 @@ def run(args):
             emulator.stop()
         if throwaway:
             _leave_throwaway(throwaway, config.database_path, args.keep_database)
+
+
+def _summary(database_path):
+    """Return what the run left, read back from the database: rounds, credits, money forwarded, transfers open."""
+    try:
+        data = commands.read_report(database_path)
+    except StarkChallengeError as e:
+        return f"no summary ({e})"
+    r, c, p = data["rounds"], data["credits"], data["transfers_pending"]
+    return (f"{r['issued']} round{'' if r['issued'] == 1 else 's'} issued, {c['count']} credit"
+            f"{'' if c['count'] == 1 else 's'} ({report.reais(c['amount'])}), {report.reais(data['transferred'])} "
+            f"forwarded, {p['count']} transfer{'' if p['count'] == 1 else 's'} open")
 
 
 def _register_emulator_webhook(bank, config, port, emulator):

@@ -56,7 +56,7 @@ class App:
         self.gate = Gate(store, self.signatures, config, clock=utcnow, on_event=self.worker.wake,
                          health=self.console.health, report=self.console.status_page, counters=self.counters,
                          metrics_page=self.console.metrics_page, retry=self.console.retry,
-                         replay=self.console.replay, memory_page=figures)
+                         replay=self.console.replay, readiness=self.console.readiness, memory_page=figures)
 
     def healthy(self):
         """Return True if the store answers and the worker and HTTP threads run (the watchdog's test)."""

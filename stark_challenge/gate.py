@@ -8,7 +8,8 @@ every check and its answer can be read, and tested, in this one module.
 
 The routes (``ROUTES``, the one routing table, and the one place that says which
 methods exist): ``POST /webhook``, Stark Bank's events; ``GET /health``, the status word
-only, for probes; ``GET /status``, the money summary and the service's details, and
+only, for probes; ``GET /livez`` (the process answers) and ``GET /readyz`` (the database
+answers and Stark Bank's key is at hand), for an orchestrator's probes; ``GET /status``, the money summary and the service's details, and
 ``GET /metrics``, the same numbers for Prometheus (text); ``POST /transfers/retry``
 (``{"invoice_id": ...}``), an operator's retry of a stuck transfer (``resend``);
 ``POST /events/replay`` (``{"event_id": ...}``), an operator's replay of an event from
@@ -80,6 +81,8 @@ logger = logging.getLogger(__name__)
 ROUTES = {
     "/webhook": {"POST": "webhook"},
     "/health": {"GET": "health", "HEAD": "health"},
+    "/livez": {"GET": "livez", "HEAD": "livez"},
+    "/readyz": {"GET": "readyz", "HEAD": "readyz"},
     "/status": {"GET": "status", "HEAD": "status"},
     "/metrics": {"GET": "metrics", "HEAD": "metrics"},
     "/transfers/retry": {"POST": "retry"},
@@ -137,13 +140,14 @@ class Gate:
     ``health`` (``() -> (HTTPStatus, dict)``, ``GET /health``), ``report`` (``() -> dict``,
     ``GET /status``), ``metrics_page`` (``() -> str``, ``GET /metrics``), ``retry``
     (``(invoice_id) -> resend.Outcome``, ``POST /transfers/retry``) and ``replay``
-    (``(event_id) -> replay.Outcome``, ``POST /events/replay``): ``console.Console``'s;
-    ``memory_page`` (``() -> dict``, ``GET /debug/memory``) is ``memory.Figures.read``, None
-    (the default) to leave that route 404. ``counters`` (``metrics.Counters``) counts webhooks by outcome and signature verdicts.
+    (``(event_id) -> replay.Outcome``, ``POST /events/replay``): ``console.Console``'s, as is
+    ``readiness`` (``() -> (HTTPStatus, dict)``, ``GET /readyz``); ``memory_page`` (``() -> dict``,
+    ``GET /debug/memory``) is ``memory.Figures.read``, None (the default) to leave that route 404.
+    ``counters`` (``metrics.Counters``) counts webhooks by outcome and signature verdicts.
     """
 
     def __init__(self, store, signatures, config, clock, on_event=None, health=None, report=None, counters=None,
-                 metrics_page=None, retry=None, replay=None, memory_page=None):
+                 metrics_page=None, retry=None, replay=None, readiness=None, memory_page=None):
         self._store = store
         self._signatures = signatures
         self._webhook_auth = (config.webhook_username, config.webhook_password)
@@ -151,6 +155,7 @@ class Gate:
         self._clock = clock  # () -> aware UTC datetime
         self._on_event = on_event
         self._health = health or (lambda: (HTTPStatus.OK, {"status": "ok"}))
+        self._readiness = readiness or (lambda: (HTTPStatus.OK, {"status": "ready"}))
         self._report = report or dict
         self.counters = counters or metrics.Counters()
         self._metrics_page = metrics_page or str
@@ -182,10 +187,18 @@ class Gate:
             decide = functools.partial(_error, HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed",
                                        (("Allow", ", ".join(allowed)),))
         elif allowed[request.method] == "webhook":
-            return self._webhook(request, may_wait)
+            return self._timed(self._webhook(request, may_wait), time.monotonic())
         else:
             decide = functools.partial(getattr(self, allowed[request.method]), request)
         return decide() if may_wait else decide
+
+    def _timed(self, decided, began):
+        """Return ``decided`` (a webhook's Reply, or a callable that finishes it), counting in the webhook
+        latency histogram the seconds from ``began`` (monotonic) until its Reply exists."""
+        if callable(decided):  # a Reply is a tuple, never callable
+            return lambda: self._timed(decided(), began)
+        self.counters.observe(metrics.WEBHOOK_SECONDS, time.monotonic() - began)
+        return decided
 
     def refuse(self, status, reason, what, client, headers=(), close=False, kind=None):
         """Log a refusal (throttled by ``kind``, a fixed text; default ``reason``) and return its Reply."""
@@ -198,6 +211,15 @@ class Gate:
     def health(self, request):
         """GET /health: the status word, for anyone who asks."""
         status, payload = self._health()
+        return Reply(status, payload)
+
+    def livez(self, request):
+        """GET /livez: 200 whenever the process answers HTTP at all (a liveness probe restarts it otherwise)."""
+        return Reply(HTTPStatus.OK, {"status": "alive"})
+
+    def readyz(self, request):
+        """GET /readyz: 200 when webhooks can be taken (database and Stark Bank's key), 503 naming what is not."""
+        status, payload = self._readiness()
         return Reply(status, payload)
 
     def status(self, request):
