@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 
-from . import __version__, commands, config as config_module, event_commands, logs, report, transfer_states
+from . import __version__, commands, config as config_module, event_commands, logs, memory, report, transfer_states
 from .commands import fail, load_config
 from .errors import ConfigError, StarkChallengeError
 
@@ -91,17 +91,19 @@ def build_parser():
     check.add_argument("--offline", action="store_true", help="do not call Stark Bank")
 
     transfers = sub.add_parser("transfers", help="list transfers by state, or retry a stuck one", description=(
-        "List every transfer attempt in the ledger (read-only, safe while the service runs), or 'retry "
-        "INVOICE_ID': one more attempt for a credit whose latest attempt is rejected, failed or stalled."))
+        "List every transfer attempt in the ledger (read-only, safe while the service runs; ALARM marks one "
+        "a standing alarm is about), or 'retry INVOICE_ID': act on a credit whose transfer is stuck."))
     transfers.add_argument("--state", choices=transfer_states.NAMES, help="only transfers in this state")
     transfers.add_argument("--json", action="store_true", help="print JSON instead of a table")
     transfer_actions = transfers.add_subparsers(dest="action", metavar="ACTION")
-    retry = transfer_actions.add_parser("retry", help="queue one more attempt for a stuck credit", description=(
-        "Queue attempt N+1 (<tag>-inv-<id>-<N+1>) for INVOICE_ID, whose attempt N is rejected, failed or "
-        "stalled, unless Stark Bank shows an attempt of it created, processing or paid (recorded, nothing "
-        "sent). A running service does it (POST /transfers/retry on HOST:PORT, OPERATOR_USERNAME/PASSWORD); a "
-        "stopped one sends it at its next start. Exit 0 queued or recorded, 2 refused or unknown invoice, 1 "
-        "Stark Bank or the service unreachable."))
+    retry = transfer_actions.add_parser("retry", help="retry a stuck credit, never paying twice", description=(
+        "For INVOICE_ID's latest attempt N: without a definite answer from Stark Bank yet (pending, sending, "
+        "exists, created, processing), send it again under the SAME external id or ask Stark Bank about it now "
+        "(resent); once Stark Bank confirmed it final without moving money (rejected, failed), queue attempt N+1 "
+        "(<tag>-inv-<id>-<N+1>) unless Stark Bank shows an attempt of it created, processing or paid (recorded, "
+        "nothing sent). A running service does it (POST /transfers/retry on HOST:PORT, "
+        "OPERATOR_USERNAME/PASSWORD); a stopped one acts at its next start. Exit 0 queued, resent or recorded, 2 "
+        "refused or unknown invoice, 1 Stark Bank or the service unreachable."))
     retry.add_argument("invoice_id", metavar="INVOICE_ID")
 
     events = sub.add_parser("events", help="list the events received, show one, or replay one from Stark Bank",
@@ -224,6 +226,7 @@ def run(args):
     from .store import Store, StoreError
 
     signals = Signals()  # first: a signal during start-up then stops cleanly once started
+    memory.limit_arenas()  # before any thread starts (see memory.ARENAS)
     emulator = throwaway = None
     try:
         if args.emulator:

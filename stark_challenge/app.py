@@ -11,13 +11,15 @@ bounded by ``SHUTDOWN_TIMEOUT_S`` each, and closes the store.
 import logging
 import threading
 
-from . import __version__, metrics, report
+from . import __version__, memory, metrics, report
 from .console import Console
 from .errors import StoreError
 from .gate import Gate
 from .invoicer import Invoicer
+from .retention import Retention
 from .scheduler import Schedule, open_window
 from .server import Server
+from .sqlite_db import CACHE_KIB
 from .timing import utcnow
 from .verify import Signatures
 from .worker import IDLE_WAKE_S, Worker
@@ -40,10 +42,18 @@ class App:
         self.config, self.bank, self.store = config, bank, store
         self.signatures = signatures or Signatures(bank.fetch_public_key)
         self.counters = metrics.Counters()  # the process's own counts, for GET /metrics
+        figures = None  # GET /debug/memory, only when DEBUG_MEMORY asks for it
+        if config.debug_memory != "off":
+            if config.debug_memory == "trace":
+                memory.start_tracing()
+            figures = memory.Figures(cache_kib=CACHE_KIB).read
         # With other instances on the database, look for their abandoned claims at least twice per lease.
         idle_s = min(IDLE_WAKE_S, config.lease_s / 2) if store.backend == "postgres" else IDLE_WAKE_S
         self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters,
-                             idle_s=idle_s)
+                             reconcile_interval_s=config.reconcile_interval_s,
+                             reconcile_after_s=config.reconcile_after_s, alarm_after_s=config.alarm_after_s,
+                             lease_s=config.lease_s, idle_s=idle_s,
+                             retention=Retention(store, config.event_retention_s, utcnow))
         self.worker_started = threading.Event()  # set by start() once the worker thread runs
         self.schedule = None  # built by start(), once the service listens
         self.server = None
@@ -52,7 +62,7 @@ class App:
         self.gate = Gate(store, self.signatures, config, clock=utcnow, on_event=self.worker.wake,
                          health=self.console.health, report=self.console.status_page, counters=self.counters,
                          metrics_page=self.console.metrics_page, retry=self.console.retry,
-                         replay=self.console.replay, readiness=self.console.readiness)
+                         replay=self.console.replay, readiness=self.console.readiness, memory_page=figures)
 
     def healthy(self):
         """Return True if the store answers and the worker and HTTP threads run (the watchdog's test).

@@ -20,6 +20,7 @@ import starkbank
 from ellipticcurve import PrivateKey
 from starkcore.utils.api import api_json
 
+from . import transfer_states
 from .errors import BankRejected, BankUnavailable, ConfigError
 
 __all__ = ["Bank"]
@@ -51,20 +52,38 @@ def _short(error, limit=200):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# Error codes of a 400 that mean "no such entity for our credentials" (``get`` sees our workspace only).
+_NOT_FOUND_CODES = {"invoice": frozenset({"invalidInvoice", "invalidInvoiceId"}),
+                    "transfer": frozenset({"invalidTransfer", "invalidTransferId"}),
+                    "event": frozenset({"invalidEvent", "invalidEventId"})}
+# The fields ``get`` returns, by resource: {our name: Stark Bank's JSON name}.
+_FIELDS = {
+    "invoice": {"id": "id", "amount": "amount", "fee": "fee", "status": "status", "tags": "tags"},
+    "transfer": {"id": "id", "amount": "amount", "status": "status", "external_id": "externalId", "tags": "tags"},
+}
+
+
 def _get_one(resource, entity_id):
     """GET ``/v2/<resource>/<id>`` with our credentials; return the entity's JSON (camelCase dict), or None.
 
     Read raw (``starkbank.request.get``), because the SDK's typed ``get`` reports a 404
-    like a timeout (``UnknownError``), and here "no such entity for us" (400 or 404)
-    is a definite answer while no answer is not. Stark Bank's ids are digits: any
-    other id is not ours and never becomes part of a URL path.
+    like a timeout (``UnknownError``), and here "no such entity for us" is a definite
+    answer while no answer is not. None only for a 404 or a 400 whose every error code
+    says the id is unknown (``_NOT_FOUND_CODES``); any other 400 is BankRejected with its
+    codes. Stark Bank's ids are digits: any other id is not ours and never becomes part
+    of a URL path.
     """
     if not (isinstance(entity_id, str) and entity_id.isdigit()):
         return None
     what = f"get {resource} {entity_id}"
     response = _translate(lambda: starkbank.request.get(f"{resource}/{entity_id}"), what)
-    if response.status in (400, 404):
+    if response.status == 404:
         return None
+    if response.status == 400:
+        errors = _errors_of(response, what)
+        if errors and all(code in _NOT_FOUND_CODES[resource] for code, _ in errors):
+            return None
+        raise BankRejected(f"{what}: Stark Bank refused it: " + "; ".join(str(c) for c, _ in errors), errors)
     if response.status == 0:  # the SDK's status for "no answer": timeout, refused, proxy
         raise BankUnavailable(f"{what}: no answer from Stark Bank ({_short(response.content, 120)})")
     if response.status != 200:
@@ -73,6 +92,14 @@ def _get_one(resource, entity_id):
     if not isinstance(found, dict):
         raise BankUnavailable(f"{what}: unreadable answer from Stark Bank")
     return found
+
+
+def _errors_of(response, what):
+    """Return the [(code, message)] of a 400 answer; raise BankUnavailable if it does not list them."""
+    try:
+        return [(e["code"], e["message"]) for e in response.json()["errors"]]
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise BankUnavailable(f"{what}: unreadable answer from Stark Bank ({type(e).__name__})") from None
 
 
 def _post(resource, body, what):
@@ -87,10 +114,7 @@ def _post(resource, body, what):
     if response.status == 0:
         raise BankUnavailable(f"{what}: no answer from Stark Bank ({_short(response.content, 120)})")
     if response.status == 400:
-        try:
-            errors = [(e["code"], e["message"]) for e in response.json()["errors"]]
-        except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
-            raise BankUnavailable(f"{what}: unreadable answer from Stark Bank ({type(e).__name__})") from None
+        errors = _errors_of(response, what)
         raise BankRejected(f"{what}: Stark Bank refused it: " + "; ".join(str(c) for c, _ in errors), errors)
     if response.status != 200:
         raise BankUnavailable(f"{what}: Stark Bank answered {response.status}")
@@ -195,18 +219,19 @@ class Bank:
         created = _translate(lambda: starkbank.invoice.create(objects), "create invoices")
         return [_invoice_dict(i) for i in created]
 
-    def get_invoice(self, invoice_id):
-        """Return our workspace's invoice ``invoice_id`` as a dict (id, amount, fee, status, tags), or None.
+    def get(self, resource, entity_id):
+        """Return our workspace's ``resource`` ('invoice' or 'transfer') ``entity_id`` as a dict, or None.
 
-        None is Stark Bank's definite answer that our credentials see no such invoice
-        (400 or 404: ``get`` sees only our own workspace). Raise BankUnavailable if
-        there is no answer (timeout, 5xx) or no usable one.
+        Invoice: id, amount, fee, status, tags; transfer: id, amount, status,
+        external_id, tags. None is Stark Bank's definite answer that our credentials
+        see no such entity (``get`` sees only our own workspace; see ``_get_one``).
+        Raise BankUnavailable if there is no answer (timeout, 5xx) or no usable one,
+        BankRejected for any other refusal.
         """
-        found = _get_one("invoice", invoice_id)
+        found = _get_one(resource, entity_id)
         if found is None:
             return None
-        return {"id": found.get("id"), "amount": found.get("amount"), "fee": found.get("fee"),
-                "status": found.get("status"), "tags": found.get("tags")}
+        return {ours: found.get(theirs) for ours, theirs in _FIELDS[resource].items()}
 
     def find_invoices(self, tag):
         """Return every invoice carrying ``tag``, as dicts. Raise BankUnavailable on failure."""
@@ -267,22 +292,18 @@ class Bank:
             "accountType": c.transfer_account_type,
         }
 
-    def get_transfer(self, transfer_id):
-        """Return our workspace's transfer ``transfer_id`` as a dict (id, amount, status, external_id, tags), or None.
+    def find_transfer(self, external_id):
+        """Return our transfer with ``external_id`` as a dict, or None if Stark Bank lists none (yet).
 
-        None: Stark Bank answered that our credentials see no such transfer (400 or
-        404). Raise BankUnavailable if there is no answer (timeout, 5xx).
+        Found by the tag every transfer of ours carries (its external id), keeping only
+        those whose external id is exactly ours; if Stark Bank made more than one (a
+        repeated external id can be created and failed later), the one that moves money
+        (``transfer_states.MOVING``), else the first. Raise BankUnavailable or BankRejected
+        if the query fails: that is no answer, never "not found".
         """
-        found = _get_one("transfer", transfer_id)
-        if found is None:
-            return None
-        return {"id": found.get("id"), "amount": found.get("amount"), "status": found.get("status"),
-                "external_id": found.get("externalId"), "tags": found.get("tags")}
-
-    def find_transfer(self, tag):
-        """Return the transfer carrying ``tag`` as a dict, or None. Raise BankUnavailable on failure."""
-        found = _translate(lambda: list(starkbank.transfer.query(tags=[tag], limit=10)), "query transfers")
-        return _transfer_dict(found[0]) if found else None
+        found = [t for t in self.find_transfers(external_id) if t["external_id"] == external_id]
+        moving = [t for t in found if t["status"] in transfer_states.MOVING]
+        return (moving or found or [None])[0]
 
     def find_transfers(self, tag, limit=100):
         """Return every transfer carrying ``tag`` (up to ``limit``) as dicts. Raise BankUnavailable on failure."""

@@ -85,7 +85,9 @@ def status(args):
 def transfers(args):
     """List the transfer attempts (read-only), or ``retry`` one stuck credit."""
     states = (args.state,) if args.state else None
-    return read_or_write(args, "retry", _retry, lambda reader: reader.transfers(states=states), _print_transfers)
+    return read_or_write(args, "retry", _retry,
+                         lambda reader: (reader.transfers(states=states), {a["subject"] for a in reader.alarms()}),
+                         _print_transfers)
 
 
 def read_or_write(args, write_action, write, read, show):
@@ -114,17 +116,30 @@ def read_or_write(args, write_action, write, read, show):
     return show(args, found)
 
 
-def _print_transfers(args, rows):
+def _print_transfers(args, found):
+    rows, alarms = found
     if args.json:
-        print(json.dumps([{**t._asdict(), "errors": [list(e) for e in t.errors]} for t in rows], indent=2))
+        print(json.dumps([{**t._asdict(), "errors": [list(e) for e in t.errors],
+                            "alarm": _alarmed(t, alarms), **_times(t)} for t in rows], indent=2))
         return 0
     for t in rows:
         error = "; ".join(f"{c}: {m}" if c else m for c, m in t.errors[-1:])
-        print(f"{t.state:<10}  invoice {t.invoice_id}  attempt {t.attempt}  {report.reais(t.amount):>14}  "
+        flag = "ALARM " if _alarmed(t, alarms) else ""
+        print(f"{flag}{t.state:<10}  invoice {t.invoice_id}  attempt {t.attempt}  {report.reais(t.amount):>14}  "
               f"{t.external_id}  {t.transfer_id or '-'}{'  ' + error if error else ''}")
     if not rows:
         print("no transfers" + (f" in state {args.state}" if args.state else ""))
     return 0
+
+
+def _alarmed(transfer, alarm_subjects):
+    """Return True if a standing alarm is about this transfer or its invoice."""
+    return transfer.external_id in alarm_subjects or transfer.invoice_id in alarm_subjects
+
+
+def _times(transfer):
+    return {name: value.isoformat() for name, value in transfer._asdict().items()
+            if hasattr(value, "isoformat")}
 
 
 def _retry(args, config):
@@ -134,7 +149,8 @@ def _retry(args, config):
     return write_or_ask(args, config, lambda: _retry_through_service(config, args.invoice_id),
                         lambda store, bank, settings: resend.retry(store, bank, settings.instance_tag,
                                                                    args.invoice_id, utcnow()),
-                        "nothing queued", ("queued", "; the service sends it when it starts"), _print_outcome)
+                        "nothing queued", (("queued", "resent"), "; the service acts on it when it starts"),
+                        _print_outcome)
 
 
 def write_or_ask(args, config, ask, act, nothing, later, print_outcome):
@@ -142,7 +158,7 @@ def write_or_ask(args, config, ask, act, nothing, later, print_outcome):
 
     While the service holds the store's lock: ``ask()``. Otherwise the store is opened
     here and ``act(store, bank, config)`` returns an Outcome, printed by
-    ``print_outcome(code, message)``; ``later`` is (an outcome code, what to add to its
+    ``print_outcome(code, message)``; ``later`` is (outcome codes, what to add to their
     message: the service finishes the work at its next start). Exit 1 without a
     database or if Stark Bank does not answer (``nothing`` says what was left undone),
     2 for a configuration error.
@@ -169,8 +185,8 @@ def write_or_ask(args, config, ask, act, nothing, later, print_outcome):
             return fail(f"Stark Bank did not answer, {nothing}: {e}", 1)
     finally:
         store.close()
-    code, suffix = later
-    return print_outcome(outcome.code, outcome.message + (suffix if outcome.code == code else ""))
+    codes, suffix = later
+    return print_outcome(outcome.code, outcome.message + (suffix if outcome.code in codes else ""))
 
 
 def outcome_printer(refusals):

@@ -175,14 +175,27 @@ VARIABLES = (
     V("EVENT_POLL_INTERVAL", "10m", "how often undelivered events are pulled from Stark Bank; 0 = only at start-up",
       "event_poll_interval_s", _seconds(allow_zero=True)),
     V("BANK_TIMEOUT", "15s", "timeout of every call to Stark Bank", "bank_timeout_s", _seconds(allow_zero=False)),
-    V("CLAIM_LEASE", "60s", "how long an instance's claim on a round or a transfer keeps other instances away "
-      "(at least BANK_TIMEOUT + 1s): the work of an instance that died is taken over after it",
-      "claim_lease_s", _seconds(allow_zero=False)),
+    V("CLAIM_LEASE", "2m", "how long a claim on a round or a transfer is held (at least BANK_TIMEOUT + 1s): a "
+      "transfer whose claim runs out before its holder recorded an answer is settled by lookup at Stark Bank, by "
+      "this or another instance, never sent blind", "claim_lease_s", _seconds(allow_zero=False)),
+    V("RECONCILE_INTERVAL", "5m", "how often the reconciliation pass asks Stark Bank about open transfers and "
+      "updates the alarms", "reconcile_interval_s", _seconds(allow_zero=False)),
+    V("RECONCILE_AFTER", "2m", "an open transfer quiet for this long is asked about at Stark Bank by the "
+      "reconciliation pass; a read that does not find our own invoice or transfer counts as not yet for this "
+      "long after its event arrived", "reconcile_after_s", _seconds(allow_zero=True)),
+    V("ALARM_AFTER", "1h", "a transfer still open after this is an alarm", "alarm_after_s",
+      _seconds(allow_zero=False)),
     V("MAX_CONNECTIONS", "32", "HTTP requests handled at once (one thread each) and as many queued; "
                                "more get 503; 16 connections held per thread while they send",
       "max_connections", _whole(1, 1024)),
     V("REQUEST_TIMEOUT", "10s", "a request must arrive whole within this of its first byte, and an idle "
                                 "connection is closed after it", "request_timeout_s", _seconds(allow_zero=False)),
+    V("EVENT_RETENTION", "90d", "how long received events (and their bodies) are kept, then deleted in small batches; "
+      "money rows (rounds, invoices, credits, transfers) are never deleted; 0 = keep forever",
+      "event_retention_s", _seconds(allow_zero=True)),
+    V("DEBUG_MEMORY", "off", "off; on: GET /debug/memory (basic auth) answers the process's memory figures; "
+      "trace: the same plus tracemalloc's top allocation sites (slower: for diagnosis only)", "debug_memory",
+      _one_of(("off", "on", "trace"), "must be off, on or trace")),
     V("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", "log_level",
       _one_of(("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR", case=str.upper)),
     V("LOG_FORMAT", "", "text, json or journal (journald's native protocol, with fields); default: journal "
@@ -233,8 +246,13 @@ class Config(NamedTuple):
     event_poll_interval_s: float  # 0 = only at start-up
     bank_timeout_s: float
     claim_lease_s: float  # as configured; lease_s is what is used
+    reconcile_interval_s: float
+    reconcile_after_s: float
+    alarm_after_s: float
     max_connections: int
     request_timeout_s: float  # a stalled client is cut off after this
+    event_retention_s: float  # 0 = events are kept forever
+    debug_memory: str  # "off", "on" or "trace"
     log_level: str
     log_format: str  # "text", "json" or "journal"
 

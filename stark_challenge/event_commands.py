@@ -76,7 +76,7 @@ def _replay(args, config):
     """Replay one event: through the running service, or here when it is stopped."""
     return write_or_ask(args, config, lambda: _replay_through_service(config, args.event_id),
                         lambda store, bank, _settings: replay_module.replay(store, bank, args.event_id, utcnow()),
-                        "nothing stored", ("stored", "; the service processes it when it starts"), _print_outcome)
+                        "nothing stored", (("stored",), "; the service processes it when it starts"), _print_outcome)
 
 
 _print_outcome = outcome_printer(("unknown", "invalid"))

@@ -21,7 +21,9 @@ our own credentials (whose ``get`` answers only for our workspace):
   two events is one credit) and its transfer queued in the same transaction.
   Anything else moves nothing: ``not issued here`` (logged at WARNING) or
   ``invalid: ...`` (logged as an error), and no credit row is written, so a foreign
-  or broken event cannot block the genuine credit of the same id.
+  or broken event cannot block the genuine credit of the same id. An invoice that
+  carries our tag but that Stark Bank did not find is ``not_ours_not_found`` (the
+  worker asked again for a while first: reads may lag writes).
 - other ``invoice`` logs (created, paid, overdue, canceled, expired, ...): the
   status of an invoice the store knows follows. ``paid`` may come after ``credited``.
 - ``transfer`` logs: change our transfer only when their transfer id is the Stark
@@ -37,7 +39,8 @@ Nothing here calls Stark Bank: ``question`` says what the worker must ask before
 ``process`` can decide, and ``process`` leaves the event pending (returns None)
 while an answer it needs is missing. Bad data never raises: a field of the wrong
 type makes the outcome say what was wrong, and the event is marked processed so it
-cannot block the queue.
+cannot block the queue. Every outcome is a ``vocabulary.Outcome``: a code (what the
+metrics and the status count) and its prose for people.
 """
 
 import logging
@@ -45,28 +48,18 @@ import re
 from typing import NamedTuple
 
 from .taxid import mask_tax_id
+from .vocabulary import Outcome, external_id
 
-__all__ = ["Event", "check_shape", "accept", "check_amounts", "process", "question", "external_id", "Facts",
-           "Question", "NO_FACTS", "NOT_OURS", "NOT_OURS_TRANSFER"]
+__all__ = ["Event", "check_shape", "accept", "check_amounts", "process", "question", "Facts", "Question",
+           "NO_FACTS", "NOT_OURS", "carries_tag"]
 
 logger = logging.getLogger(__name__)
 
-# Outcomes of events that are genuine but not about our money (counted by the store's summary).
+# How a credit that moves nothing is described to people (the code says which kind).
 NOT_OURS = "not issued here"
-NOT_OURS_TRANSFER = "transfer not ours"
 
 # Stark Bank's ids are decimal digits; anything else is not ours and never reaches a URL path.
 _STARK_ID = re.compile(r"[0-9]{1,32}")
-
-
-def external_id(instance_tag, invoice_id, attempt):
-    """Return the external id of a transfer for an invoice: ``<tag>-inv-<id>``, ``-2`` for the second attempt.
-
-    Our own prefix, never the bare ``invoice-<id>`` (reported to clash with Stark Bank's
-    own use; see shared/README). Deterministic, so Stark Bank itself refuses a repeat.
-    """
-    base = f"{instance_tag}-inv-{invoice_id}"
-    return base if attempt == 1 else f"{base}-{attempt}"
 
 
 class Event(NamedTuple):
@@ -132,20 +125,20 @@ def _cents(value):
 
 
 def check_amounts(amount, fee):
-    """Return None if ``amount`` and ``fee`` are a credit we can forward, else what is wrong.
+    """Return None if ``amount`` and ``fee`` are a credit we can forward, else an Outcome saying what is wrong.
 
     Both integer cents, ``amount > 0`` and ``0 <= fee < amount``. A missing fee (None)
     is wrong: a credited invoice always carries one, and taking it as 0 would forward
     Stark Bank's fee too.
     """
     if fee is None:
-        return "credited invoice without a fee"
+        return Outcome("invalid_missing_fee", "credited invoice without a fee")
     if _cents(amount) is None or _cents(fee) is None:
-        return "credited invoice without integer amount and fee"
+        return Outcome("invalid_not_integer", "credited invoice without integer amount and fee")
     if amount <= 0:
-        return f"amount {amount} is not positive"
+        return Outcome("invalid_amount", f"amount {amount} is not positive")
     if not 0 <= fee < amount:
-        return f"fee {fee} is not in 0..amount {amount}"
+        return Outcome("invalid_fee", f"fee {fee} is not in 0..amount {amount}")
     return None
 
 
@@ -161,10 +154,12 @@ class Facts(NamedTuple):
 
     # invoice id -> the invoice as Stark Bank returned it (dict: amount, fee, status, tags), None if not found
     invoices: dict = {}
-    # Stark Bank transfer id -> its status at Stark Bank, None if not found
+    # Stark Bank transfer id -> its status at Stark Bank (a failure only once confirmed), None if not known
     transfers: dict = {}
     # our external ids that our own lookup by tag found no transfer for
     not_created: frozenset = frozenset()
+    # when to ask Stark Bank about a transfer of ours that stays open (None: at once)
+    check_at: object = None
 
 
 NO_FACTS = Facts()
@@ -197,13 +192,22 @@ def question(store, event):
     return None
 
 
+def carries_tag(event, instance_tag):
+    """Return True if the invoice or transfer an event (StoredEvent) is about lists ``instance_tag`` among its tags."""
+    try:
+        tags = event.body["log"][event.subscription].get("tags")
+    except (KeyError, TypeError, AttributeError):
+        return False
+    return isinstance(tags, list) and instance_tag in tags
+
+
 def _our_transfer(store, transfer):
     ext = transfer.get("externalId") if isinstance(transfer, dict) else None
     return store.transfer(ext) if isinstance(ext, str) and ext else None
 
 
 def process(store, event, instance_tag, now, facts=NO_FACTS):
-    """Apply one stored event (a StoredEvent) to the store; return a short outcome string.
+    """Apply one stored event (a StoredEvent) to the store; return its Outcome (code and text).
 
     The event is marked processed in the same transaction as its effects, so a crash
     leaves either both or neither. Idempotent: a processed event is not applied again,
@@ -213,20 +217,20 @@ def process(store, event, instance_tag, now, facts=NO_FACTS):
     """
     with store.atomic():
         if not store.hold_event(event.id):  # processed, or being processed by another instance
-            return "already processed"
+            return Outcome("ignored", "already processed")
         try:
             if event.subscription == "invoice":
                 outcome = _invoice(store, event, instance_tag, now, facts)
             elif event.subscription == "transfer":
                 outcome = _transfer(store, event, instance_tag, now, facts)
             else:
-                outcome = f"ignored: subscription {event.subscription!r}"
+                outcome = Outcome("ignored", f"ignored: subscription {event.subscription!r}")
         except (KeyError, TypeError, AttributeError) as e:
-            outcome = f"invalid: {type(e).__name__} {e}"
-            logger.error("event %s: cannot be processed (%s); stored as received", event.id, outcome)
+            outcome = Outcome("invalid_malformed", f"invalid: {type(e).__name__} {e}")
+            logger.error("event %s: cannot be processed (%s); stored as received", event.id, outcome.text)
         if outcome is None:
             return None
-        store.finish_event(event.id, outcome[:200], now)
+        store.finish_event(event.id, outcome, now)
         return outcome
 
 
@@ -236,10 +240,11 @@ def _invoice(store, event, instance_tag, now, facts):
     log_type = event.log_type
     if log_type != "credited":
         known = store.update_invoice(invoice_id, log_type, now)
-        return f"invoice {log_type}" if known else f"invoice {log_type} (not ours)"
+        return (Outcome("invoice_status", f"invoice {log_type}") if known
+                else Outcome("invoice_not_ours", f"invoice {log_type} (not ours)"))
 
     if store.credit(invoice_id) is not None:
-        return "credit already recorded"
+        return Outcome("credit_known", "credit already recorded")
     if store.has_invoice(invoice_id):
         # A round of ours issued it, so Stark Bank's event about it is about our money.
         amount, fee, source = invoice.get("amount"), invoice.get("fee"), "event"
@@ -249,33 +254,36 @@ def _invoice(store, event, instance_tag, now, facts):
         confirmed = facts.invoices.get(invoice_id)
         reason = _not_ours_reason(confirmed, instance_tag)
         if reason:
+            if confirmed is None and carries_tag(event, instance_tag):
+                reason = Outcome("not_ours_not_found", "Stark Bank never found this invoice, which carries our tag")
             logger.warning("event %s: credit of invoice %s (%r cents, workspace %s) moves nothing: %s, %s",
                            event.id, invoice_id, invoice.get("amount"), event.body.get("workspaceId"), NOT_OURS,
-                           reason)
-            return f"{NOT_OURS}: {reason}"
+                           reason.text)
+            return Outcome(reason.code, f"{NOT_OURS}: {reason.text}")
         amount, fee, source = confirmed.get("amount"), confirmed.get("fee"), "Stark Bank"
     problem = check_amounts(amount, fee)
     if problem:
-        logger.error("event %s: invoice %s: %s (from the %s); not forwarded", event.id, invoice_id, problem, source)
-        return "invalid: " + problem
+        logger.error("event %s: invoice %s: %s (from the %s); not forwarded", event.id, invoice_id, problem.text,
+                     source)
+        return Outcome(problem.code, "invalid: " + problem.text)
     store.update_invoice(invoice_id, "credited", now, fee=fee)
     store.add_credit(invoice_id, event.id, amount, fee, external_id(instance_tag, invoice_id, 1), now)
     logger.info(
         "invoice %s credited: amount %d, fee %d, forwarding %d cents (payer %s; amounts from the %s)",
         invoice_id, amount, fee, amount - fee, mask_tax_id(invoice.get("taxId")), source,
     )
-    return "credit queued"
+    return Outcome("credit_queued", "credit queued")
 
 
 def _not_ours_reason(confirmed, instance_tag):
-    """Return why an invoice Stark Bank returned (None: not found) is not one to forward, or None."""
+    """Return why an invoice Stark Bank returned (None: not found) is not one to forward (an Outcome), or None."""
     if confirmed is None:
-        return "Stark Bank has no such invoice in our workspace"
+        return Outcome("not_ours_unknown_invoice", "Stark Bank has no such invoice in our workspace")
     tags = confirmed.get("tags")
     if not (isinstance(tags, list) and instance_tag in tags):  # a list: a string would match by substring
-        return f"the invoice lacks the tag {instance_tag!r}"
+        return Outcome("not_ours_missing_tag", f"the invoice lacks the tag {instance_tag!r}")
     if confirmed.get("status") != "paid":
-        return f"Stark Bank reports it {confirmed.get('status')!r}, not paid"
+        return Outcome("not_ours_not_paid", f"Stark Bank reports it {confirmed.get('status')!r}, not paid")
     return None
 
 
@@ -292,10 +300,10 @@ def _transfer(store, event, instance_tag, now, facts):
             return None  # the worker settles it by our own lookup first
         current = None  # our lookup found no transfer with this external id: the log is another workspace's
     if current is None or current.transfer_id != transfer_id:
-        logger.warning("event %s: transfer %s %s (external id %r, workspace %s) moves nothing: %s",
+        logger.warning("event %s: transfer %s %s (external id %r, workspace %s) moves nothing: transfer not ours",
                        event.id, transfer_id, event.log_type, transfer.get("externalId"),
-                       event.body.get("workspaceId"), NOT_OURS_TRANSFER)
-        return NOT_OURS_TRANSFER
+                       event.body.get("workspaceId"))
+        return Outcome("transfer_not_ours", "transfer not ours")
     ext = current.external_id
     retry_id = external_id(instance_tag, current.invoice_id, 2)
     confirmed_failed = False
@@ -304,12 +312,14 @@ def _transfer(store, event, instance_tag, now, facts):
             return None  # the worker asks Stark Bank first
         reported = facts.transfers[transfer_id]
         if reported != "failed":
-            logger.warning("event %s: transfer %s failed, but Stark Bank reports it %r: not sent again",
-                           event.id, ext, reported)
-            return f"transfer failed not confirmed: Stark Bank reports {reported!r}"
+            logger.warning("event %s: transfer %s failed, but Stark Bank reports it %r: not sent again; "
+                           "it is checked again later", event.id, ext, reported)
+            return Outcome("transfer_failed_unconfirmed",
+                           f"transfer failed not confirmed: Stark Bank reports {reported!r}")
         confirmed_failed = True
     updated = store.apply_transfer_status(ext, transfer_id, event.log_type, errors, now,
-                                          retry_external_id=retry_id, confirmed_failed=confirmed_failed)
+                                          retry_external_id=retry_id, confirmed_failed=confirmed_failed,
+                                          check_at=facts.check_at)
     if confirmed_failed:
         again = " and queued once more as " + retry_id if current.attempt == 1 else "; no attempt left"
         logger.error(
@@ -318,4 +328,4 @@ def _transfer(store, event, instance_tag, now, facts):
         )
     elif event.log_type == "success":
         logger.info("transfer %s succeeded: invoice %s, %d cents", ext, current.invoice_id, current.amount)
-    return f"transfer {updated.state}"
+    return Outcome("transfer_status", f"transfer {updated.state}")

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from . import transfer_states
+from . import transfer_states, vocabulary
 
 __all__ = ["Counters", "Family", "exposition", "service_families", "process_families", "CONTENT_TYPE",
            "KNOWN_LABELS"]
@@ -162,37 +162,34 @@ def exposition(families):
     return "\n".join(lines) + "\n"
 
 
-# (prefix of an event outcome, outcome label, reason class): see events.process.
-_CREDIT_CLASSES = (
-    ("not issued here: Stark Bank has no such invoice", "not_ours", "unknown_invoice"),
-    ("not issued here: the invoice lacks the tag", "not_ours", "missing_tag"),
-    ("not issued here: Stark Bank reports it", "not_ours", "not_paid"),
-    ("not issued here", "not_ours", "other"),
-    ("invalid: credited invoice without a fee", "invalid", "missing_fee"),
-    ("invalid: credited invoice without integer", "invalid", "not_integer"),
-    ("invalid: amount", "invalid", "amount_not_positive"),
-    ("invalid: fee", "invalid", "fee_out_of_range"),
-    ("invalid", "invalid", "malformed"),
-)
-
-
 def _credit_samples(queued, outcomes):
-    """Return the samples of stark_challenge_credits_total: queued credits, then refused ones by class."""
+    """Return the samples of stark_challenge_credits_total: queued credits, then refused ones by class.
+
+    ``outcomes`` is {outcome code: events} (``vocabulary.OUTCOMES`` gives each code its label and reason).
+    """
     counts = {}
-    for outcome, n in outcomes.items():
-        for prefix, label, reason in _CREDIT_CLASSES:
-            if (outcome or "").startswith(prefix):
-                key = (("outcome", label), ("reason", reason))
-                counts[key] = counts.get(key, 0) + n
-                break
+    for code, n in outcomes.items():
+        label, reason = vocabulary.OUTCOMES.get(code, (None, None))
+        if label in ("not_ours", "invalid"):
+            key = (("outcome", label), ("reason", reason))
+            counts[key] = counts.get(key, 0) + n
     return [((("outcome", "queued"),), queued)] + sorted(counts.items())
+
+
+def _alarm_samples(alarms):
+    """Return the samples of stark_challenge_alarms: standing alarms by kind, every kind listed (0 if none)."""
+    counts = {kind: 0 for kind in vocabulary.ALARMS}
+    for alarm in alarms:
+        counts[alarm["kind"]] = counts.get(alarm["kind"], 0) + 1
+    return [((("kind", kind),), n) for kind, n in counts.items()]
 
 
 def service_families(report, credit_outcomes, counters, public_key_fetches, last_pass_at, version, verifier):
     """Return the service's metric families.
 
-    ``report`` is ``report.build``'s dict (the store's numbers), ``credit_outcomes`` the
-    store's ``credit_outcomes()``, ``counters`` the process's Counters, ``last_pass_at``
+    ``report`` is ``report.build``'s dict (the store's numbers, its standing alarms
+    included), ``credit_outcomes`` the store's ``credit_outcomes()`` ({outcome code:
+    events}), ``counters`` the process's Counters, ``last_pass_at``
     the worker's last complete pass (aware datetime or None). Every transfer state gets
     a sample, 0 if none.
     """
@@ -240,8 +237,11 @@ def service_families(report, credit_outcomes, counters, public_key_fetches, last
         Family("stark_challenge_credits_retried", "gauge", "Credits whose transfer needed more than one attempt.",
                [((), report["attempts"]["retried"])]),
         Family("stark_challenge_credits_stuck", "gauge",
-               "Credits whose latest transfer attempt is rejected, failed or stalled (transfers retry).",
+               "Credits whose latest transfer attempt is rejected or failed (transfers retry).",
                [((), report["attempts"]["stuck"])]),
+        Family("stark_challenge_alarms", "gauge",
+               "Standing alarms by kind: each needs a person until resolved (status lists them).",
+               _alarm_samples(report.get("alarms", []))),
         Family("stark_challenge_transfers", "gauge", "Transfer attempts in the ledger by state.",
                [((("state", s),), v["count"]) for s, v in by_state]),
         Family("stark_challenge_transfers_cents", "gauge", "Amount of the transfer attempts by state, in cents.",

@@ -271,11 +271,10 @@ class PostgresDatabase:
         """Start and return a Listener calling ``on_notify()`` for each notification on ``WORK_CHANNEL``."""
         return Listener(self, WORK_CHANNEL, on_notify).start()
 
-    def columns(self, table):
-        """Return the set of column names of ``table`` in the connection's schema."""
-        rows = self.execute("select column_name from information_schema.columns"
-                            " where table_schema = current_schema() and table_name = ?", (table,)).fetchall()
-        return {row[0] for row in rows}
+    def has_table(self, name):
+        """Return True if the connection's schema holds a table called ``name``."""
+        return self.execute("select 1 from information_schema.tables where table_schema = current_schema()"
+                            " and table_name = ?", (name,)).fetchone() is not None
 
 
 class Listener:

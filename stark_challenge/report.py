@@ -21,6 +21,10 @@ def reais(cents):
     return f"{sign}R$ {cents // 100:,}.{cents % 100:02d}"
 
 
+def _mib(count):
+    return f"{count / 2**20:.1f} MiB"
+
+
 def build(summary, now):
     """Return the status dict: the store's ``summary`` plus the rounds due by ``now`` (aware UTC)."""
     report = dict(summary)
@@ -63,8 +67,7 @@ def render(report):
     c = report["credits"]
     lines.append(("credited", f"{c['count']} invoices, {reais(c['amount'])}"))
     lines.append(("fees", reais(c["fee"])))
-    lines.append(("to forward", reais(c["net"]) + (f" ({c['skipped']} credits not ours or not covering fee)"
-                                                    if c["skipped"] else "")))
+    lines.append(("to forward", reais(c["net"])))
     lines.append(("transferred", f"{reais(report['transferred'])} confirmed by Stark Bank"))
     p, f = report["transfers_pending"], report["transfers_failed"]
     lines.append(("pending", f"{p['count']} transfers, {reais(p['amount'])}"))
@@ -79,6 +82,15 @@ def render(report):
     if e.get("not_ours") or e.get("invalid"):
         lines.append(("  refused", f"{e.get('not_ours', 0)} not ours (moved nothing), "
                                    f"{e.get('invalid', 0)} with invalid data"))
+    storage = report.get("storage")
+    if storage:
+        lines.append(("database", f"{_mib(storage['bytes'])} in use, {_mib(storage['free_bytes'])} free for reuse; "
+                                  f"oldest event {storage['oldest_event_at'] or 'none'}"))
+    alarms = report.get("alarms") or []
+    if alarms:
+        lines.append(("ALARMS", f"{len(alarms)} standing: a person must look"))
+    for alarm in alarms:
+        lines.append((f"  {alarm['kind']}", f"{alarm['subject']}: {alarm['detail']} (since {alarm['raised_at']})"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
 
@@ -90,4 +102,5 @@ def one_line(report):
     p, f = report["transfers_pending"], report["transfers_failed"]
     return (f"rounds {r['issued']}{total} issued; {report['credits']['count']} credited; "
             f"{reais(report['transferred'])} transferred; {p['count']} transfers pending, {f['count']} failed; "
-            f"{report['events']['pending']} events pending")
+            f"{report['events']['pending']} events pending"
+            + (f"; {len(report.get('alarms') or [])} ALARMS" if report.get("alarms") else ""))

@@ -23,6 +23,13 @@ __all__ = ["SqliteDatabase", "SIDE_FILES"]
 
 # Seconds a writer waits for another process's lock before SQLite gives up.
 BUSY_TIMEOUT_S = 5.0
+# SQLite's page cache, per connection, in KiB. The service holds one connection (``status``
+# opens its own, in its own process), so this is the most the cache can take of its memory,
+# however large the database grows. Set here rather than left to the library's build.
+CACHE_KIB = 2048
+# After a checkpoint the write-ahead log is cut back to this, so a burst of writes does
+# not leave a large file behind for good.
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
 
 # SQLite creates these next to the database, with the database file's mode; the
 # advisory lock file is ours. All hold or reveal payers' names and tax ids.
@@ -73,6 +80,8 @@ class SqliteDatabase:
             self.connection.execute("pragma journal_mode = wal")
             self.connection.execute("pragma synchronous = full")
             self.connection.execute("pragma foreign_keys = on")
+            self.connection.execute(f"pragma cache_size = -{CACHE_KIB}")  # negative: KiB, not pages
+            self.connection.execute(f"pragma journal_size_limit = {WAL_LIMIT_BYTES}")
         except sqlite3.Error as e:
             self.close()
             raise StoreError(f"{path}: cannot open the database ({e})") from None
@@ -133,9 +142,10 @@ class SqliteDatabase:
         """Return None: nothing to listen to (see ``notify``)."""
         return None
 
-    def columns(self, table):
-        """Return the set of column names of ``table`` (a literal of the store's)."""
-        return {row[1] for row in self.execute(f"pragma table_info({table})").fetchall()}
+    def has_table(self, name):
+        """Return True if the database holds a table called ``name``."""
+        return self.execute("select 1 from sqlite_master where type = 'table' and name = ?",
+                            (name,)).fetchone() is not None
 
 
 def _make_private(path, side_files):

@@ -22,11 +22,17 @@ The tables, and the invariant each one keeps:
               refuses to repeat), one row per attempt, unique by (invoice, attempt):
               attempt 2 is queued automatically after Stark Bank confirmed the first
               ``failed``; any later one only by an operator (``queue_attempt``) once
-              the latest attempt is ``rejected``, ``failed`` or ``stalled``. Every
-              attempt stays in the table. Stark Bank's logs change a
-              row only when they carry the ``transfer_id`` recorded for it. Its states
-              and their moves: ``transfer_states``. A ``sending`` row is held by the
-              instance making its create call (``lease_owner``) until ``lease_until``.
+              the latest attempt is ``rejected`` or ``failed``. Every attempt stays in
+              the table. A ``sending`` row holds a lease (``lease_owner``, the instance
+              making its create call, until ``lease_until``): only its holder finishes
+              it; once it runs out, any instance takes it over and settles it by lookup
+              at Stark Bank. Stark Bank's logs change a row only when they carry the
+              ``transfer_id`` recorded for it. Its states and their moves:
+              ``transfer_states``, checked by ``_move``, the one writer of a state.
+``alarm``     the standing alarms (``vocabulary.ALARMS``), resolved when they no longer hold.
+``schema_version`` the version of these tables: a new database is created at
+              ``SCHEMA_VERSION``; an older SQLite file is brought to it in place, step by
+              step (``_UPGRADES``), when the service opens it.
 
 Two backends, one SQL: ``Store(path)`` is a SQLite file (``sqlite_db``), the embedded
 default; ``Store("postgresql://...")`` is a PostgreSQL database (``postgres_db``) that
@@ -66,6 +72,7 @@ from . import transfer_states
 from .errors import StoreError, StoreLocked, StoreUnavailable
 from .group_commit import GroupCommit
 from .postgres_db import is_url
+from .vocabulary import ALARMS, INVALID_CODES, NOT_OURS_CODES, ROUND_STATES
 
 __all__ = ["Store", "StoreLocked", "StoreError", "StoreUnavailable", "Round", "Transfer", "StoredEvent", "is_url"]
 
@@ -75,6 +82,28 @@ __all__ = ["Store", "StoreLocked", "StoreError", "StoreUnavailable", "Round", "T
 # Unknown types rank with "created"; between equals, the later arrival wins.
 _INVOICE_STAGE = {"created": 0, "registered": 0, "updated": 0, "overdue": 1, "paid": 2, "canceled": 2,
                   "expired": 2, "voided": 2, "credited": 3, "reversed": 4}
+
+# Events deleted per transaction by ``prune_events``: short, so webhooks wait little on it.
+PRUNE_BATCH = 500
+
+_TRANSFER_DDL = """create table if not exists %(table)s (
+        external_id text primary key,
+        invoice_id text not null references credit (invoice_id),
+        attempt integer not null,
+        amount integer not null,        -- cents
+        state text not null check (state in (%(states)s)),  -- transfer_states.py
+        transfer_id text unique,
+        tries integer not null default 0,
+        next_try_at text not null,      -- pending: when to send; exists, created, processing: when to ask
+        errors text,                    -- JSON list of [code, message]: the last error
+        lease_owner text,               -- sending: the instance whose create call may be out
+        lease_until text,               -- sending: after this, the claim is settled by lookup
+        created_at text not null,
+        updated_at text not null,
+        unique (invoice_id, attempt)
+    )"""
+_SCHEMA_NAMES = {"rounds": ", ".join(f"'{n}'" for n in ROUND_STATES),
+                 "states": ", ".join(f"'{n}'" for n in transfer_states.NAMES), "table": "transfer"}
 
 SCHEMA = (
     """create table if not exists schedule (
@@ -87,7 +116,7 @@ SCHEMA = (
     """create table if not exists round (
         n integer primary key,
         due_at text not null,
-        state text not null check (state in ('issuing', 'issued', 'failed')),
+        state text not null check (state in (%(rounds)s)),
         planned integer not null,       -- invoices to issue, drawn once
         attempts integer not null default 0,
         count integer not null default 0,
@@ -121,50 +150,44 @@ SCHEMA = (
         source text not null check (source in ('webhook', 'pull')),
         received_at text not null,
         processed_at text,
-        outcome text
+        outcome text,                   -- for people: what processing it did
+        outcome_code text               -- vocabulary.OUTCOMES: what the metrics and the status count
     )""",
     "create index if not exists event_pending on event (processed_at) where processed_at is null",
+    "create index if not exists event_outcome on event (outcome_code)",
+    "create index if not exists event_received on event (received_at)",  # retention: oldest first
     """create table if not exists credit (
         invoice_id text primary key,
         event_id text not null,
         amount integer not null,        -- cents credited (the invoice's amount)
         fee integer not null,           -- cents
         net integer not null,           -- amount - fee, what is forwarded
-        state text not null check (state in ('queued', 'skipped')),
-        reason text,
         created_at text not null
     )""",
-    """create table if not exists transfer (
-        external_id text primary key,
-        invoice_id text not null references credit (invoice_id),
-        attempt integer not null,
-        amount integer not null,        -- cents
-        state text not null check (state in (%s)),  -- transfer_states.py
-        transfer_id text unique,
-        tries integer not null default 0,
-        next_try_at text not null,
-        errors text,                    -- JSON list of [code, message]
-        created_at text not null,
-        updated_at text not null,
-        lease_owner text,               -- the instance whose create call it is, while 'sending'
-        lease_until text,               -- after this, another instance may take the claim over
-        unique (invoice_id, attempt)
-    )""",
+    _TRANSFER_DDL,
     "create index if not exists transfer_due on transfer (state, next_try_at)",
+    """create table if not exists alarm (
+        kind text not null,             -- vocabulary.ALARMS
+        subject text not null,          -- the external id or invoice id it is about
+        detail text not null,
+        raised_at text not null,
+        resolved_at text,               -- null while it stands
+        primary key (kind, subject)
+    )""",
+    """create table if not exists schema_version (
+        id integer primary key check (id = 1),
+        version integer not null
+    )""",
 )
-SCHEMA = tuple(ddl.replace("%s", ", ".join(f"'{n}'" for n in transfer_states.NAMES)) for ddl in SCHEMA)
+SCHEMA = tuple(ddl % _SCHEMA_NAMES if "%(" in ddl else ddl for ddl in SCHEMA)
+# The schema this code writes; ``_UPGRADES`` brings an older database to it, in order.
+SCHEMA_VERSION = 2
 
-# Columns added since the first version, added to an older database when it is opened.
-ADDED_COLUMNS = (("round", "lease_owner", "text"), ("round", "lease_until", "text"),
-                 ("transfer", "lease_owner", "text"), ("transfer", "lease_until", "text"))
 
 # How long a claim (a round being issued, a transfer being sent) keeps other instances away
 # unless renewed: longer than one create call (BANK_TIMEOUT, 15 s by default), so the holder's
 # call is over when another instance takes the claim over and looks it up at Stark Bank.
 LEASE_S = 60.0
-# A lease bound that any real time is before: on a SQLite file (one process, by its lock
-# file) a claim left by another owner belongs to a process that is gone.
-_NEVER = "9999-12-31T23:59:59.999999+00:00"
 
 class Round(NamedTuple):
     """A round of invoices as stored."""
@@ -193,7 +216,12 @@ class Transfer(NamedTuple):
     state: str
     transfer_id: Optional[str]  # Stark Bank's id, once known
     tries: int  # create calls made
-    errors: tuple  # ((code, message), ...)
+    errors: tuple  # ((code, message), ...): the last error
+    next_try_at: Optional[datetime.datetime] = None  # pending: when to send; exists/created/processing: to ask
+    lease_owner: Optional[str] = None  # sending: whose create call may be out
+    lease_until: Optional[datetime.datetime] = None  # sending: when the claim is settled by lookup
+    created_at: Optional[datetime.datetime] = None
+    updated_at: Optional[datetime.datetime] = None
 
 
 class StoredEvent(NamedTuple):
@@ -213,7 +241,8 @@ def _round_of(row):
 
 def _transfer_of(row):
     errors = tuple(tuple(e) for e in json.loads(row["errors"])) if row["errors"] else ()
-    return Transfer(**{**{name: row[name] for name in Transfer._fields}, "errors": errors})
+    times = {name: _time(row[name]) for name in ("next_try_at", "lease_until", "created_at", "updated_at")}
+    return Transfer(**{**{name: row[name] for name in Transfer._fields}, "errors": errors, **times})
 
 
 def _event_of(row):
@@ -269,27 +298,17 @@ class Store:
         self.name = self._conn.name  # for messages: a URL's password hidden
         self._group = GroupCommit(self._lock, self._commit_events, self.name)
         if read_only:
+            self._check_version()
             return
         try:
             with self.atomic():
                 self._conn.lock_schema()
-                for ddl in SCHEMA:
-                    self._conn.execute(ddl)
-                self._add_columns()
+                self._bring_schema_up_to_date()
         except StoreError as e:
             self.close()
             if isinstance(e, StoreUnavailable):
                 raise
             raise StoreError(f"{self.name}: cannot open the database ({str(e).removeprefix(self.name + ': ')})") from None
-
-    def _add_columns(self):
-        """Add the columns of ``ADDED_COLUMNS`` that a database made by an older version lacks."""
-        present = {}
-        for table, column, kind in ADDED_COLUMNS:
-            if table not in present:
-                present[table] = self._conn.columns(table)
-            if column not in present[table]:
-                self._conn.execute(f"alter table {table} add column {column} {kind}")
 
     def _until(self, now, lease_s):
         """Return (ISO) when a claim made at ``now`` for ``lease_s`` (default: the Store's) ends."""
@@ -303,11 +322,6 @@ class Store:
         """
         return (self.backend == "postgres" and owner not in (None, self.owner)
                 and until is not None and until > now)
-
-    def _expired_before(self, now):
-        """Return the time before which a lease has expired: ``now`` where other instances may hold
-        claims (PostgreSQL), never on a SQLite file, whose lock keeps every other process away."""
-        return _iso(now) if self.backend == "postgres" else _NEVER
 
     @property
     def backend(self):
@@ -355,6 +369,54 @@ class Store:
 
     def _all(self, sql, params=()):
         return self._execute(sql, params).fetchall()
+
+    # -- schema -----------------------------------------------------------------
+
+    def _has_table(self, name):
+        return self._conn.has_table(name)
+
+    def _bring_schema_up_to_date(self):
+        """Create the schema, or upgrade an older one in place, step by step; in the caller's transaction.
+
+        A database without ``schema_version`` but with a ``transfer`` table was written
+        before versions were recorded: version 0.
+        """
+        if self._has_table("schema_version"):
+            version = self._one("select version from schema_version")["version"]
+        elif self._has_table("transfer"):
+            version = 0
+        else:
+            for ddl in SCHEMA:
+                self._conn.execute(ddl)
+            self._conn.execute("insert into schema_version (id, version) values (1, ?)", (SCHEMA_VERSION,))
+            return
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.name}: written by a newer version of stark_challenge (schema {version})")
+        for step in _UPGRADES[version:]:
+            step(self)
+        for ddl in SCHEMA:  # tables and indexes new in this version
+            self._conn.execute(ddl)
+        self._conn.execute("insert into schema_version (id, version) values (1, ?)"
+                           " on conflict (id) do update set version = excluded.version", (SCHEMA_VERSION,))
+
+    def _check_version(self):
+        """Raise StoreError unless the database holds the schema this code reads (a read-only Store upgrades nothing)."""
+        try:
+            with self.atomic():
+                has = self._has_table("schema_version")
+                version = self._one("select version from schema_version")["version"] if has else 0
+        except StoreError:
+            self.close()
+            raise
+        if version != SCHEMA_VERSION:
+            self.close()
+            raise StoreError(f"{self.name}: written by another version of stark_challenge (schema {version}, this one "
+                             f"reads {SCHEMA_VERSION}); start the service once to upgrade it")
+
+    def schema_version(self):
+        """Return the version of the schema the database holds."""
+        with self._lock:
+            return self._one("select version from schema_version")["version"]
 
     def ping(self):
         """Return True if the database answers a trivial query."""
@@ -457,17 +519,20 @@ class Store:
         """Record the invoices Stark Bank created for chunk ``chunk`` of round ``n``.
 
         ``invoices`` are dicts with id, amount, name, tax_id, status. Idempotent: an
-        invoice already recorded is left as it is. Return how many were new.
+        invoice already recorded is left as it is. Return how many were new. One whose
+        credit was recorded first (its ``credited`` event, confirmed by Stark Bank, beat
+        this record) is recorded ``credited``, with the credit's fee.
         """
         with self.atomic():
             added = 0
             for inv in invoices:
                 cur = self._conn.execute(
                     "insert into invoice"
-                    " (id, round_n, chunk, amount, name, tax_id, status, created_at, updated_at)"
-                    " values (?, ?, ?, ?, ?, ?, ?, ?, ?) on conflict do nothing",
-                    (inv["id"], n, chunk, inv["amount"], inv["name"], inv["tax_id"],
-                     inv.get("status") or "created", _iso(now), _iso(now)),
+                    " (id, round_n, chunk, amount, name, tax_id, status, fee, created_at, updated_at)"
+                    " values (?, ?, ?, ?, ?, ?, coalesce((select 'credited' from credit where invoice_id = ?), ?),"
+                    " (select fee from credit where invoice_id = ?), ?, ?) on conflict do nothing",
+                    (inv["id"], n, chunk, inv["amount"], inv["name"], inv["tax_id"], inv["id"],
+                     inv.get("status") or "created", inv["id"], _iso(now), _iso(now)),
                 )
                 added += cur.rowcount
             return added
@@ -541,22 +606,36 @@ class Store:
         with self.atomic():
             return [self._insert_event(row) for row in rows]
 
-    def pending_events(self, limit=100):
-        """Return up to ``limit`` stored events not yet processed, oldest first."""
+    def pending_events(self, limit=100, ours_first=False):
+        """Return up to ``limit`` stored events not yet processed, oldest first.
+
+        ``ours_first``: events that need no lookup of an unknown invoice come before the
+        ``credited`` events of invoices our store does not hold, so a flood of those
+        never holds up our own credits.
+        """
+        order = "received_at, id"
+        if ours_first:
+            order = ("case when subscription = 'invoice' and log_type = 'credited' and not exists"
+                     " (select 1 from invoice i where i.id = event.entity_id) then 1 else 0 end, " + order)
         with self._lock:
             rows = self._all(
                 "select id, subscription, log_type, body, source from event"
-                " where processed_at is null order by received_at, id limit ?",
+                f" where processed_at is null order by {order} limit ?",
                 (limit,),
             )
         return [_event_of(r) for r in rows]
 
     def finish_event(self, event_id, outcome, now):
-        """Mark an event processed with a short ``outcome``; return True if it was pending."""
+        """Mark an event processed with its ``outcome`` (``vocabulary.Outcome``); return True if it was pending.
+
+        The code goes to its own column (what the metrics and the status count), the
+        text beside it for people, cut to 200 characters.
+        """
         with self.atomic():
             cur = self._conn.execute(
-                "update event set processed_at = ?, outcome = ? where id = ? and processed_at is null",
-                (_iso(now), outcome, event_id),
+                "update event set processed_at = ?, outcome = ?, outcome_code = ?"
+                " where id = ? and processed_at is null",
+                (_iso(now), outcome.text[:200], outcome.code, event_id),
             )
             return cur.rowcount == 1
 
@@ -570,12 +649,33 @@ class Store:
         row = self._one(f"select 1 from event where id = ? and processed_at is null{self._conn.skip_locked}",
                         (event_id,))
         return row is not None
+    def prune_events(self, before, limit=PRUNE_BATCH):
+        """Delete up to ``limit`` processed events received before ``before``, oldest first; return how many.
+
+        Only events (and the bodies they hold) are ever deleted: rounds, invoices,
+        credits and transfers are the money's record and stay. An event not yet
+        processed is kept whatever its age. One short transaction per call: the
+        caller repeats it until it returns less than ``limit``.
+        """
+        with self.atomic():
+            cur = self._conn.execute(
+                "delete from event where id in (select id from event where processed_at is not null"
+                " and received_at < ? order by received_at limit ?)",
+                (_iso(before), limit),
+            )
+            return cur.rowcount
 
     def event_processed(self, event_id):
         """Return True if the event is stored and processed."""
         with self._lock:
             row = self._one("select processed_at from event where id = ?", (event_id,))
         return bool(row and row["processed_at"])
+
+    def event_received_at(self, event_id):
+        """Return when an event was stored (aware UTC), or None if it is not."""
+        with self._lock:
+            row = self._one("select received_at from event where id = ?", (event_id,))
+        return _time(row["received_at"]) if row else None
 
     def recent_events(self, limit=20):
         """Return the ``limit`` events received last, newest first, as dicts (``stored_event``'s, without body)."""
@@ -625,14 +725,12 @@ class Store:
         The net amount is ``amount - fee``. The credit row and its first transfer
         (``external_id``, attempt 1, state ``pending``) are written in one transaction:
         a credit is queued exactly once. False means the invoice was credited before.
-        (Databases of older versions may hold ``skipped`` credits, which queued nothing.)
         """
         net = amount - fee
         with self.atomic():
             cur = self._conn.execute(
-                "insert into credit"
-                " (invoice_id, event_id, amount, fee, net, state, created_at)"
-                " values (?, ?, ?, ?, ?, 'queued', ?) on conflict do nothing",
+                "insert into credit (invoice_id, event_id, amount, fee, net, created_at)"
+                " values (?, ?, ?, ?, ?, ?) on conflict (invoice_id) do nothing",
                 (invoice_id, event_id, amount, fee, net, _iso(now)),
             )
             if cur.rowcount == 0:
@@ -641,14 +739,8 @@ class Store:
             return True
 
     def credit(self, invoice_id):
-        """Return the credit of an invoice as a dict (amount, fee, net in cents; state, reason), or None."""
-        with self._lock:
-            row = self._one(
-                "select amount, fee, net, state, reason, event_id from credit where invoice_id = ?", (invoice_id,)
-            )
-        if row is None:
-            return None
-        return dict(row)
+        """Return the credit of an invoice as a dict (amount, fee, net in cents; event_id), or None."""
+        return self.credits([invoice_id]).get(invoice_id)
 
     def credits(self, invoice_ids):
         """Return {invoice id: credit dict (as ``credit`` returns it)} for those of ``invoice_ids`` credited; one read."""
@@ -657,14 +749,17 @@ class Store:
             return {}
         with self._lock:
             rows = self._all(
-                "select invoice_id, amount, fee, net, state, reason, event_id from credit"
+                "select invoice_id, amount, fee, net, event_id from credit"
                 f" where invoice_id in ({','.join('?' * len(invoice_ids))})",
                 invoice_ids,
             )
         return {r["invoice_id"]: {k: r[k] for k in r.keys() if k != "invoice_id"} for r in rows}
 
     def _insert_transfer(self, external_id, invoice_id, attempt, amount, now):
-        # "do nothing": the attempt number is unique per invoice, so a repeat queues nothing.
+        """Insert attempt ``attempt`` of an invoice's transfer, ``pending`` and due now; return True if inserted.
+
+        The attempt number is unique per invoice: a repeat inserts nothing.
+        """
         cur = self._conn.execute(
             "insert into transfer"
             " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
@@ -673,6 +768,7 @@ class Store:
         )
         if cur.rowcount == 1:
             self._conn.notify()  # wake the other instances' workers when this commits
+        return cur.rowcount == 1
 
     def listen(self, on_work):
         """Have ``on_work()`` called whenever another instance queues a transfer; return what to ``stop()``, or None.
@@ -681,6 +777,48 @@ class Store:
         on a SQLite file there is no other instance, and None is returned.
         """
         return self._conn.listen(on_work)
+
+    def _move(self, external_id, target, now, *, expect=None, owner=None, confirmed_failed=False, count_try=False,
+              **columns):
+        """Write a transfer's state: the one place that does, checked against ``transfer_states.allowed``.
+
+        ``target`` None (or the current state) keeps the state and writes ``columns``
+        only. ``expect``: the states it must be in; ``owner``: it must be ``sending``
+        under this lease owner (a claim is finished only by its holder). Leaving
+        ``sending`` clears the lease. ``columns``: errors (a list), next_try_at,
+        lease_until (datetimes), transfer_id, lease_owner. Compare-and-set on the
+        state read, in the caller's transaction (on PostgreSQL the row is locked from the
+        read to the commit). Return True if written.
+        """
+        row = self._one(f"select state, lease_owner from transfer where external_id = ?{self._conn.locked}",
+                        (external_id,))
+        if row is None:
+            return False
+        current = row["state"]
+        if expect is not None and current not in expect:
+            return False
+        if owner is not None and (current != "sending" or row["lease_owner"] != owner):
+            return False
+        if target is not None and target == current == "sending" and "lease_owner" not in columns:
+            return False  # a claim is written again only with a new lease
+        target = target or current
+        if target != current and not transfer_states.allowed(current, target, confirmed_failed):
+            return False
+        sets = {"state": target, "updated_at": _iso(now)}
+        if current == "sending" and target != "sending":
+            sets.update(lease_owner=None, lease_until=None)
+        for name, value in columns.items():
+            if name == "errors":
+                value = json.dumps([list(e) for e in value]) if value is not None else None
+            elif name in ("next_try_at", "lease_until"):
+                value = _iso(value)
+            sets[name] = value
+        assignments = ", ".join(f"{name} = ?" for name in sets) + (", tries = tries + 1" if count_try else "")
+        where, params = "external_id = ? and state = ?", [external_id, current]
+        if owner is not None:
+            where, params = where + " and lease_owner = ?", params + [owner]
+        cur = self._conn.execute(f"update transfer set {assignments} where {where}", [*sets.values(), *params])
+        return cur.rowcount == 1
 
     def transfer(self, external_id):
         """Return the Transfer with this external id, or None."""
@@ -708,156 +846,140 @@ class Store:
             )
         return [_transfer_of(r) for r in rows]
 
-    def next_claim_expiry(self):
-        """Return when the earliest lease of a ``sending`` transfer ends (to take it over then), or None."""
-        with self._lock:
-            row = self._one("select min(lease_until) as until from transfer where state = 'sending'")
-        return _time(row["until"])
-
     def next_transfer_due_at(self):
         """Return when the earliest pending transfer is due, or None if none is pending."""
         with self._lock:
             row = self._one("select min(next_try_at) as due from transfer where state = 'pending'")
         return _time(row["due"])
 
-    def claim_transfer(self, external_id, now, lease_s=None):
-        """Move a pending transfer to ``sending``, held by this Store, and count the try; return True if claimed.
+    def transfers_to_check(self, now, limit=100, states=("sending", "exists", "created", "processing")):
+        """Return up to ``limit`` open transfers in ``states`` to ask Stark Bank about, oldest check first.
+
+        Those ``exists``, ``created`` or ``processing`` whose ``next_try_at`` is past,
+        and those ``sending`` whose lease ran out (``lease_until`` past).
+        """
+        asked = [s for s in states if s in ("exists", "created", "processing")]
+        clauses, params = [], []
+        if asked:
+            clauses.append(f"(state in ({','.join('?' * len(asked))}) and next_try_at <= ?)")
+            params += [*asked, _iso(now)]
+        if "sending" in states:
+            clauses.append("(state = 'sending' and lease_until <= ?)")
+            params.append(_iso(now))
+        if not clauses:
+            return []
+        with self._lock:
+            rows = self._all(f"select {_TRANSFER_COLUMNS} from transfer where {' or '.join(clauses)}"
+                             " order by next_try_at, external_id limit ?", (*params, limit))
+        return [_transfer_of(r) for r in rows]
+
+    def next_check_at(self, states=("sending", "exists")):
+        """Return when the earliest check of an open transfer in ``states`` is due (``transfers_to_check``), or None."""
+        asked = [s for s in states if s != "sending"]
+        with self._lock:
+            times = []
+            if asked:
+                times.append(self._one(f"select min(next_try_at) as at from transfer where state in"
+                                       f" ({','.join('?' * len(asked))})", asked)["at"])
+            if "sending" in states:
+                times.append(self._one("select min(lease_until) as at from transfer where state = 'sending'")["at"])
+        times = [_time(t) for t in times if t]
+        return min(times) if times else None
+
+    def claim_transfers(self, external_ids, now, owner, lease_until):
+        """Move pending transfers to ``sending`` under a lease, counting the try, in one transaction; return those.
 
         Written before the create call, so a crash mid-call leaves ``sending``: once
-        the hold (``lease_s``) expires the transfer is taken over (``take_over_transfers``)
-        and settled by its external id, never sent blindly.
+        ``lease_until`` is past, the claim is settled by lookup at Stark Bank, never sent
+        blindly. One commit for a batch that goes in one create call.
+        """
+        with self.atomic():  # rows locked in one order (PostgreSQL), so two claimers never deadlock
+            claimed = {ext for ext in sorted(set(external_ids))
+                       if self._move(ext, "sending", now, expect=("pending",), count_try=True, lease_owner=owner,
+                                     lease_until=lease_until)}
+        return [ext for ext in external_ids if ext in claimed]
+
+    def claim_transfer(self, external_id, now, owner="", lease_until=None):
+        """Claim one pending transfer as ``claim_transfers`` does; return True if this call claimed it."""
+        return bool(self.claim_transfers([external_id], now, owner, lease_until or now))
+
+    def claim_due_transfers(self, now, limit, owner, lease_until):
+        """Claim up to ``limit`` due pending transfers as ``claim_transfers`` does; return them, oldest due first.
+
+        On PostgreSQL the due rows another instance is claiming are skipped
+        (``for update skip locked``), so instances claiming together take disjoint sets
+        instead of waiting on each other; SQLite's single writer excludes everyone else.
         """
         with self.atomic():
-            cur = self._conn.execute(
-                "update transfer set state = 'sending', tries = tries + 1, updated_at = ?, lease_owner = ?,"
-                " lease_until = ? where external_id = ? and state = 'pending'",
-                (_iso(now), self.owner, self._until(now, lease_s), external_id),
-            )
-            return cur.rowcount == 1
+            rows = self._all("select external_id from transfer where state = 'pending' and next_try_at <= ?"
+                             f" order by next_try_at, external_id limit ?{self._conn.skip_locked}",
+                             (_iso(now), limit))
+            claimed = self.claim_transfers([r["external_id"] for r in rows], now, owner, lease_until)
+            return [self.transfer(ext) for ext in claimed]
 
-    def claim_due_transfers(self, now, limit=100, lease_s=None):
-        """Claim up to ``limit`` due pending transfers as ``claim_transfer`` does, in one statement; return them.
+    def take_over(self, external_id, now, owner, lease_until, expired_only=True):
+        """Take the lease of a ``sending`` transfer whose lease ran out; return True if taken.
 
-        Oldest due first. On PostgreSQL the rows another instance is claiming are
-        skipped (``skip locked``), so instances claiming together take disjoint sets.
-        """
-        rows = self._claim(
-            "state = 'pending' and next_try_at <= ?", (_iso(now),), "tries = tries + 1, state = 'sending'",
-            now, limit, lease_s)
-        return [_transfer_of(r) for r in rows]
-
-    def take_over_transfers(self, now, limit=100, lease_s=None):
-        """Hold the ``sending`` transfers whose holder's lease has expired; return them (tries unchanged).
-
-        Their create call may have reached Stark Bank: the caller looks each one up by
-        its external id before anything else. On a SQLite file every ``sending`` row
-        is taken (the process that claimed it is gone, or it is this one's, settled).
-        """
-        rows = self._claim(
-            "state = 'sending' and (lease_until is null or lease_until <= ?)", (self._expired_before(now),),
-            "state = 'sending'", now, limit, lease_s)
-        return [_transfer_of(r) for r in rows]
-
-    def _claim(self, where, params, changes, now, limit, lease_s):
-        # One statement: the rows matching ``where`` (oldest due first, locked rows skipped on
-        # PostgreSQL) get ``changes`` and this Store's lease; the changed rows come back.
-        with self.atomic():
-            rows = self._all(
-                f"update transfer set {changes}, updated_at = ?, lease_owner = ?, lease_until = ?"
-                f" where external_id in (select external_id from transfer where {where}"
-                f" order by next_try_at, external_id limit ?{self._conn.skip_locked})"
-                f" returning {_TRANSFER_COLUMNS}, next_try_at",
-                (_iso(now), self.owner, self._until(now, lease_s), *params, limit),
-            )
-        return sorted(rows, key=lambda r: (r["next_try_at"], r["external_id"]))
-
-    def claim_transfers(self, external_ids, now):
-        """Claim several pending transfers as ``claim_transfer`` does, in one transaction; return those claimed.
-
-        One commit for a batch that goes to Stark Bank in one create call: a crash
-        during the call leaves every one of them ``sending``, none of them ``pending``.
+        ``expired_only=False`` takes any lease: at start-up, when the process that held
+        it is gone. The new holder then settles it by lookup; the old one can no
+        longer finish it.
         """
         with self.atomic():
-            return [ext for ext in external_ids if self.claim_transfer(ext, now)]
+            row = self._one("select lease_until from transfer where external_id = ? and state = 'sending'"
+                            f"{self._conn.locked}", (external_id,))
+            if row is None or (expired_only and row["lease_until"] is not None and _time(row["lease_until"]) > now):
+                return False
+            return self._move(external_id, "sending", now, expect=("sending",), lease_owner=owner,
+                              lease_until=lease_until)
 
-    def transfer_created(self, external_id, transfer_id, status, now):
-        """Record Stark Bank's id and status for a transfer it accepted.
+    def transfer_created(self, external_id, transfer_id, status, now, check_at=None, owner=None):
+        """Record Stark Bank's id and status for a transfer it made; return True if recorded.
 
-        A bare ``created`` does not move a transfer back from a state ranked higher
-        (say ``success`` from an event that beat the create answer): see ``transfer_states``.
+        See ``transfers_created``.
         """
-        self.transfers_created([(external_id, transfer_id, status)], now)
+        return bool(self.transfers_created([(external_id, transfer_id, status)], now, check_at, owner))
 
-    def transfers_created(self, answers, now):
-        """Record several create answers as ``transfer_created`` does, in one transaction.
+    def transfers_created(self, answers, now, check_at=None, owner=None):
+        """Record create answers or lookups ((external id, Stark Bank id, status) tuples) in one transaction.
 
-        ``answers`` are (external id, Stark Bank id, status) tuples, external ids
-        distinct; one we do not hold is skipped. Two statements whatever their number,
-        for the answer to a batch.
+        Return the external ids recorded. A status only moves a transfer up
+        (``transfer_states``): a bare ``created`` leaves a ``success`` that beat the
+        answer, and a ``failed`` found this way is recorded as ``created`` (a failure
+        counts only once confirmed: ``apply_transfer_status``). ``check_at``: when to ask
+        Stark Bank about it if nothing is heard (default: now). ``owner``: the claim's lease
+        holder, when it is ``sending``.
         """
-        answers = list(answers)
-        if not answers:
-            return
+        recorded = []
         with self.atomic():
-            marks = ",".join("?" * len(answers))
-            found = self._all(f"select external_id, state from transfer where external_id in ({marks})"
-                              f" order by external_id{self._conn.locked}", [ext for ext, _, _ in answers])
-            states = {r["external_id"]: r["state"] for r in found}
-            at, rows = _iso(now), []
             for external_id, transfer_id, status in answers:
-                if external_id not in states:
+                status = status if status in transfer_states.MOVING else "created"
+                row = self._one("select state from transfer where external_id = ?", (external_id,))
+                if row is None:
                     continue
-                status = status if status in transfer_states.REPORTED else "created"
-                current = states[external_id]
-                keep = status == "created" and transfer_states.rank(current) > transfer_states.rank("created")
-                rows.append((transfer_id, current if keep else status, at, external_id))
-            self._conn.executemany(
-                "update transfer set transfer_id = ?, state = ?, updated_at = ?, lease_owner = null, lease_until = null"
-                " where external_id = ?", rows
-            )
+                target = status if transfer_states.allowed(row["state"], status) else None
+                if self._move(external_id, target, now, owner=owner if row["state"] == "sending" else None,
+                              transfer_id=transfer_id, next_try_at=check_at or now):
+                    recorded.append(external_id)
+        return recorded
 
-    # The three ends of a claim below change a transfer only while this Store holds it
-    # (``sending``, its lease_owner): a claim another instance took over, or one that a
-    # Stark Bank answer recorded meanwhile, is left as it is. Each returns True if it changed it.
+    def retry_transfer(self, external_id, errors, next_try_at, now, owner=None):
+        """Put a transfer back to ``pending`` until ``next_try_at``, same external id; return True if written.
 
-    def retry_transfer(self, external_id, errors, next_try_at, now):
-        """Put a transfer this Store holds back to ``pending`` until ``next_try_at`` (same external id: idempotent)."""
-        return self._end_claim(external_id, "pending", errors, now, next_try_at)
-
-    def stall_transfer(self, external_id, errors, now):
-        """Stop retrying a transfer this Store holds after its bounded tries; it is retried at the next start-up."""
-        return self._end_claim(external_id, "stalled", errors, now)
-
-    def reject_transfer(self, external_id, errors, now):
-        """Record that Stark Bank refused a transfer this Store holds (4xx), with its error codes."""
-        return self._end_claim(external_id, "rejected", errors, now)
-
-    def _end_claim(self, external_id, state, errors, now, next_try_at=None):
-        with self.atomic():
-            cur = self._conn.execute(
-                "update transfer set state = ?, errors = ?, next_try_at = coalesce(?, next_try_at), updated_at = ?,"
-                " lease_owner = null, lease_until = null"
-                " where external_id = ? and state = 'sending' and lease_owner = ?",
-                (state, json.dumps(list(errors)), _iso(next_try_at), _iso(now), external_id, self.owner),
-            )
-            return cur.rowcount == 1
-
-    def requeue_transfers(self, states, now):
-        """Move every transfer in ``states`` back to ``pending``, due now; return their external ids.
-
-        Only the latest attempt of an invoice: one an operator superseded by a later
-        attempt (``queue_attempt``) stays as it is, or the invoice would be paid twice.
+        From ``sending`` (no definite answer; ``owner``: the lease holder) or ``pending``.
         """
-        latest = ("not exists (select 1 from transfer later where later.invoice_id = transfer.invoice_id"
-                  " and later.attempt > transfer.attempt)")
         with self.atomic():
-            marks = ",".join("?" * len(states))
-            rows = self._all(
-                f"update transfer set state = 'pending', tries = 0, next_try_at = ?, updated_at = ?"
-                f" where state in ({marks}) and {latest} returning external_id",
-                (_iso(now), _iso(now), *states),
-            )
-            return sorted(r["external_id"] for r in rows)
+            return self._move(external_id, "pending", now, expect=("sending", "pending"), owner=owner,
+                              errors=errors, next_try_at=next_try_at)
+
+    def settle_transfer(self, external_id, state, errors, now, owner=None, next_try_at=None):
+        """Record a definite create refusal: ``rejected``, or ``exists`` (looked up from ``next_try_at``)."""
+        with self.atomic():
+            return self._move(external_id, state, now, owner=owner, errors=errors, next_try_at=next_try_at or now)
+
+    def note_check(self, external_id, errors, next_try_at, now):
+        """Record that Stark Bank was asked about an open transfer and when to ask again; its state stays."""
+        with self.atomic():
+            return self._move(external_id, None, now, errors=errors, next_try_at=next_try_at)
 
     def attempts(self, invoice_id):
         """Return every Transfer attempt of an invoice, by attempt number (empty if it has none)."""
@@ -870,61 +992,114 @@ class Store:
         """Queue attempt ``after_attempt + 1`` of an invoice's transfer, ``pending``; return True if queued.
 
         Only while attempt ``after_attempt`` is still the latest and its state is one
-        ``transfer_states.RETRYABLE`` names, checked in the same transaction as the
+        ``transfer_states.FINAL_UNPAID`` names, checked in the same transaction as the
         insert; the unique (invoice, attempt) key makes two concurrent calls insert one
         row. False: another attempt came first, or the state moved meanwhile.
         """
         with self.atomic():
             row = self._one("select attempt, state, amount from transfer where invoice_id = ?"
                             f" order by attempt desc limit 1{self._conn.locked}", (invoice_id,))
-            if row is None or row["attempt"] != after_attempt or row["state"] not in transfer_states.RETRYABLE:
+            if row is None or row["attempt"] != after_attempt or row["state"] not in transfer_states.FINAL_UNPAID:
                 return False
-            cur = self._conn.execute(
-                "insert into transfer"
-                " (external_id, invoice_id, attempt, amount, state, next_try_at, created_at, updated_at)"
-                " values (?, ?, ?, ?, 'pending', ?, ?, ?) on conflict do nothing",
-                (external_id, invoice_id, after_attempt + 1, row["amount"], _iso(now), _iso(now), _iso(now)),
-            )
-            if cur.rowcount == 1:
-                self._conn.notify()
-            return cur.rowcount == 1
+            return self._insert_transfer(external_id, invoice_id, after_attempt + 1, row["amount"], now)
 
     def credit_outcomes(self):
-        """Return {outcome: events} of the processed ``credited`` invoice events (for the metrics)."""
+        """Return {outcome code: events} of the processed ``credited`` invoice events (for the metrics)."""
         with self._lock:
-            rows = self._all("select outcome, count(*) as n from event where subscription = 'invoice'"
-                             " and log_type = 'credited' and processed_at is not null group by outcome")
-        return {r["outcome"]: r["n"] for r in rows}
+            rows = self._all("select outcome_code, count(*) as n from event where subscription = 'invoice'"
+                             " and log_type = 'credited' and processed_at is not null group by outcome_code")
+        return {r["outcome_code"]: r["n"] for r in rows}
 
     def apply_transfer_status(self, external_id, transfer_id, status, errors, now, retry_external_id=None,
-                              confirmed_failed=False):
+                              confirmed_failed=False, check_at=None):
         """Record a status Stark Bank reported for one of our transfers; return the Transfer, or None.
 
         Nothing changes unless ``transfer_id`` is the Stark Bank id recorded for the
         transfer (``transfer_created``). Whether the status moves it is
-        ``transfer_states.moves``; a confirmed failure of a first attempt queues the
+        ``transfer_states.allowed``; a confirmed failure of a first attempt queues the
         second one under ``retry_external_id`` in the same transaction (once: the
-        attempt number is unique per invoice).
+        attempt number is unique per invoice). ``check_at``: when to ask Stark Bank
+        about it next if it stays open.
         """
         with self.atomic():
-            row = self._one(f"select {_TRANSFER_COLUMNS} from transfer where external_id = ?{self._conn.locked}",
-                            (external_id,))
-            if row is None:
+            current = self.transfer(external_id)
+            if current is None:
                 return None
-            current = _transfer_of(row)
             if current.transfer_id is None or current.transfer_id != transfer_id:
                 return current
-            if transfer_states.moves(current.state, status, confirmed_failed):
-                self._conn.execute(
-                    "update transfer set state = ?, errors = ?, updated_at = ? where external_id = ?",
-                    (status, json.dumps(list(errors)) if errors else row["errors"], _iso(now), external_id),
-                )
+            columns = {"next_try_at": check_at or now}
+            if errors:
+                columns["errors"] = errors
+            self._move(external_id, status if transfer_states.allowed(current.state, status, confirmed_failed)
+                       else None, now, confirmed_failed=confirmed_failed, **columns)
             if status == "failed" and confirmed_failed and current.attempt == 1 and retry_external_id:
-                # Also when already 'failed' (the lookup that settled it saw the failure first);
-                # a repeat inserts nothing.
+                # Also when already 'failed': a repeat inserts nothing.
                 self._insert_transfer(retry_external_id, current.invoice_id, 2, current.amount, now)
-            row = self._one(f"select {_TRANSFER_COLUMNS} from transfer where external_id = ?", (external_id,))
-            return _transfer_of(row)
+            return self.transfer(external_id)
+
+    # -- alarms -----------------------------------------------------------------
+
+    def sync_alarms(self, kind, standing, now):
+        """Make the alarms of ``kind`` those of ``standing`` ({subject: detail}); return the ones newly raised.
+
+        An alarm no longer standing is resolved; one raised again after its resolution
+        counts as new. Returned as [(subject, detail)], for their one ERROR line.
+        """
+        if kind not in ALARMS:
+            raise ValueError(f"unknown alarm kind {kind!r}")
+        with self.atomic():
+            rows = self._all("select subject from alarm where kind = ? and resolved_at is null", (kind,))
+            open_now = {r["subject"] for r in rows}
+            for subject in open_now - set(standing):
+                self._conn.execute("update alarm set resolved_at = ? where kind = ? and subject = ?",
+                                   (_iso(now), kind, subject))
+            raised = [(subject, detail) for subject, detail in sorted(standing.items()) if subject not in open_now]
+            for subject, detail in raised:
+                self._conn.execute(
+                    "insert into alarm (kind, subject, detail, raised_at) values (?, ?, ?, ?)"
+                    " on conflict (kind, subject) do update set detail = excluded.detail,"
+                    " raised_at = excluded.raised_at, resolved_at = null",
+                    (kind, subject, detail, _iso(now)),
+                )
+            return raised
+
+    def alarms(self):
+        """Return the standing alarms as dicts (kind, subject, detail, raised_at), oldest first."""
+        with self._lock:
+            rows = self._all("select kind, subject, detail, raised_at from alarm where resolved_at is null"
+                             " order by raised_at, kind, subject")
+        return [dict(r) for r in rows]
+
+    def open_transfers_since(self, before):
+        """Return the open transfers created before ``before`` (aware UTC)."""
+        with self._lock:
+            marks = ",".join("?" * len(transfer_states.OPEN))
+            rows = self._all(f"select {_TRANSFER_COLUMNS} from transfer where state in ({marks}) and created_at < ?",
+                             (*transfer_states.OPEN, _iso(before)))
+        return [_transfer_of(r) for r in rows]
+
+    def invoices_moving_twice(self):
+        """Return {invoice id: [external ids]} of invoices with more than one attempt moving or paid."""
+        marks = ",".join("?" * len(transfer_states.MOVING))
+        with self._lock:
+            rows = self._all(f"select invoice_id, external_id from transfer where state in ({marks}) and invoice_id in"
+                             f" (select invoice_id from transfer where state in ({marks}) group by invoice_id"
+                             " having count(*) > 1) order by invoice_id, attempt",
+                             (*transfer_states.MOVING, *transfer_states.MOVING))
+        found = {}
+        for r in rows:
+            found.setdefault(r["invoice_id"], []).append(r["external_id"])
+        return found
+
+    def credits_refused(self, codes):
+        """Return {invoice id: outcome text} of ``credited`` events processed with one of ``codes`` and no credit."""
+        marks = ",".join("?" * len(codes))
+        with self._lock:
+            rows = self._all(f"select entity_id, outcome from event where subscription = 'invoice'"
+                             f" and log_type = 'credited' and outcome_code in ({marks}) and entity_id != ''"
+                             " and not exists (select 1 from credit c where c.invoice_id = event.entity_id)"
+                             " order by received_at", tuple(codes))
+        return {r["entity_id"]: r["outcome"] for r in rows}
 
     # -- reports ----------------------------------------------------------------
 
@@ -935,28 +1110,31 @@ class Store:
         return {r["k"]: {"count": r["count"], "amount": r["amount"]} for r in rows}
 
     def summary(self):
-        """Return a dict of the numbers an operator wants: rounds, invoices, credits, transfers, events."""
+        """Return a dict of the numbers an operator wants: rounds, invoices, credits, transfers, events, alarms."""
+        not_ours = ",".join("?" * len(NOT_OURS_CODES))
+        invalid = ",".join("?" * len(INVALID_CODES))
         with self.atomic():  # one snapshot, also on a read-only Store
             rounds = dict(tuple(r) for r in self._all("select state, count(*) from round group by state"))
             invoices = self._count_and_sum("invoice", "status")
             credited = self._one(
                 "select count(*) as count, coalesce(sum(amount), 0) as amount, coalesce(sum(fee), 0) as fee,"
-                " coalesce(sum(net), 0) as net from credit where state = 'queued'"
+                " coalesce(sum(net), 0) as net from credit"
             )
-            skipped = self._one("select count(*) from credit where state = 'skipped'")[0]
             transfers = self._count_and_sum("transfer", "state")
             events = self._one(
                 "select count(*) as received, count(*) filter (where processed_at is null) as pending,"
                 " max(received_at) filter (where source = 'webhook') as last_webhook_at,"
-                # Genuine events that are not about our money, and events with bad data (see events.py).
-                " count(*) filter (where outcome like 'not issued here%' or outcome = 'transfer not ours')"
-                " as not_ours,"
-                " count(*) filter (where outcome like 'invalid%') as invalid from event"
+                # Genuine events that are not about our money, and events with bad data (vocabulary.OUTCOMES).
+                f" count(*) filter (where outcome_code in ({not_ours})) as not_ours,"
+                f" count(*) filter (where outcome_code in ({invalid})) as invalid from event",
+                (*NOT_OURS_CODES, *INVALID_CODES),
             )
             schedule = self._one("select started_at, interval_s, duration_s from schedule")
             latest = self._all(
                 "select t.state, t.attempt from transfer t where t.attempt = (select max(attempt)"
                 " from transfer l where l.invoice_id = t.invoice_id)")
+            alarms = self._all("select kind, subject, detail, raised_at from alarm where resolved_at is null"
+                               " order by raised_at, kind, subject")
         return {
             # credits that needed more than one attempt, and those whose latest attempt is stuck
             "attempts": {"retried": sum(1 for r in latest if r["attempt"] > 1),
@@ -964,9 +1142,101 @@ class Store:
             "schedule": dict(schedule) if schedule else None,
             "rounds": {state: rounds.get(state, 0) for state in ("issued", "issuing", "failed")},
             "invoices": invoices,
-            "credits": {**dict(credited), "skipped": skipped},
+            "credits": dict(credited),
             "transfers": transfers,
             "transferred": transfers.get("success", {"amount": 0})["amount"],
             "events": dict(events),
+            "alarms": [dict(r) for r in alarms],
+            "storage": self._storage(),
         }
 
+    def _storage(self):
+        """Return the database's size: bytes in use, bytes free, the oldest event's time.
+
+        SQLite: the file's pages in use and those it keeps free for reuse; the
+        write-ahead log beside it is left out (it comes and goes with checkpoints, and
+        is cut back to ``sqlite_db.WAL_LIMIT_BYTES`` after each). PostgreSQL: the
+        database's size on the server (``pg_database_size``), free_bytes 0: the space
+        its tables keep for reuse is the server's to manage (VACUUM), not measured here.
+        """
+        oldest = self._one("select min(received_at) as at from event")["at"]
+        if self.backend == "postgres":
+            size = self._one("select pg_database_size(current_database()) as size")["size"]
+            return {"bytes": int(size), "free_bytes": 0, "oldest_event_at": oldest}
+        page = self._one("pragma page_size")[0]
+        pages, free = self._one("pragma page_count")[0], self._one("pragma freelist_count")[0]
+        return {"bytes": (pages - free) * page, "free_bytes": free * page, "oldest_event_at": oldest}
+
+# Error codes with which Stark Bank refuses a create because a transfer with the external id exists.
+DUPLICATE_CODES = frozenset({"invalidExternalId", "duplicatedExternalId", "externalIdAlreadyUsed"})
+
+
+def _to_version_1(store):
+    """Version 0 -> 1: outcome codes, transfer leases and the ``exists`` state, alarms; dead credit columns out.
+
+    Events keep their outcome text; the code is derived once from the wording older
+    versions wrote (``_LEGACY_OUTCOMES``). ``stalled`` transfers go back to ``pending``
+    (sent again under the same external id); a ``rejected`` one whose refusal was the
+    duplicate external id becomes ``exists`` (a transfer with that id exists: it is looked
+    up, never sent again). Credits ``skipped`` by older versions queued nothing: removed.
+    """
+    conn = store._conn
+    conn.execute("alter table event add column outcome_code text")
+    rows = conn.execute("select id, outcome from event where outcome is not null").fetchall()
+    conn.executemany("update event set outcome_code = ? where id = ?",
+                     [(_legacy_code(r["outcome"]), r["id"]) for r in rows])
+    conn.execute("delete from credit where state = 'skipped'"
+                 " and not exists (select 1 from transfer t where t.invoice_id = credit.invoice_id)")
+    conn.execute("alter table credit drop column reason")
+    conn.execute("alter table credit drop column state")
+    now = _iso(datetime.datetime.now(datetime.timezone.utc))
+    conn.execute("update transfer set state = 'pending', tries = 0, next_try_at = ? where state = 'stalled'", (now,))
+    conn.execute(_TRANSFER_DDL % {**_SCHEMA_NAMES, "table": "transfer_next"})
+    columns = ("external_id, invoice_id, attempt, amount, state, transfer_id, tries, next_try_at, errors,"
+               " created_at, updated_at")
+    conn.execute(f"insert into transfer_next ({columns}) select {columns} from transfer")
+    conn.execute("drop table transfer")
+    conn.execute("alter table transfer_next rename to transfer")
+    for row in conn.execute("select external_id, errors from transfer where state = 'rejected'").fetchall():
+        codes = {str(e[0]) for e in json.loads(row["errors"] or "[]") if e}
+        if codes & DUPLICATE_CODES:
+            conn.execute("update transfer set state = 'exists', next_try_at = ? where external_id = ?",
+                         (now, row["external_id"]))
+
+
+# Older versions wrote an event's outcome as prose only: (its first words, the code). Read once, by _to_version_1.
+_LEGACY_OUTCOMES = (
+    ("credit queued", "credit_queued"),
+    ("credit already recorded", "credit_known"),
+    ("not issued here: Stark Bank has no such invoice", "not_ours_unknown_invoice"),
+    ("not issued here: the invoice lacks the tag", "not_ours_missing_tag"),
+    ("not issued here: Stark Bank reports it", "not_ours_not_paid"),
+    ("not issued here", "not_ours_unknown_invoice"),
+    ("invalid: credited invoice without a fee", "invalid_missing_fee"),
+    ("invalid: credited invoice without integer", "invalid_not_integer"),
+    ("invalid: amount", "invalid_amount"),
+    ("invalid: fee", "invalid_fee"),
+    ("invalid", "invalid_malformed"),
+    ("transfer not ours", "transfer_not_ours"),
+    ("transfer failed not confirmed", "transfer_failed_unconfirmed"),
+    ("transfer ", "transfer_status"),
+    ("invoice ", "invoice_status"),
+    ("ignored", "ignored"),
+)
+
+
+def _legacy_code(text):
+    if text.startswith("invoice ") and text.endswith("(not ours)"):
+        return "invoice_not_ours"
+    return next((code for prefix, code in _LEGACY_OUTCOMES if text.startswith(prefix)), "ignored")
+
+
+def _to_version_2(store):
+    """Version 1 -> 2: a round's lease (``lease_owner``, ``lease_until``), for instances sharing a database."""
+    for column in ("lease_owner", "lease_until"):
+        store._conn.execute(f"alter table round add column {column} text")
+
+
+# _UPGRADES[n] brings version n to n + 1. Versions 0 and 1 only ever existed in SQLite files:
+# a PostgreSQL database is created at the current version.
+_UPGRADES = (_to_version_1, _to_version_2)

@@ -16,9 +16,8 @@ One pass (``run_once``) does, in order:
    really fail) is asked here with our own credentials and handed in as
    ``events.Facts``. An event whose question Stark Bank does not answer stays
    pending and is asked again with backoff (bounded, with jitter); the others go on;
-3. settle the transfers whose sender stopped during its create call (their lease
-   expired: another instance died, say), each looked up at Stark Bank first;
-4. send the transfers that are due (``transfers.Sender``), up to 100 in one create call.
+3. send the transfers that are due (``transfers.Sender``), up to 100 in one create call;
+4. delete a few batches of events older than ``EVENT_RETENTION``, when due (``retention``).
 
 ``events.accept`` calls ``wake()`` after storing a new event, so a credit is forwarded at
 once; otherwise the thread sleeps until the next due transfer or pull. Passes start at
@@ -29,19 +28,23 @@ caught per pass and per item, logged with the id, and the loop carries on.
 ``recover()`` runs once before the loop: it settles what a crash left half-done.
 """
 
+import collections
 import datetime
 import logging
 import random
 import threading
 import time
 
-from . import events, transfer_states
+from . import events, vocabulary
 from .errors import BankError, StoreError, StoreUnavailable
 from .timing import backoff, utcnow
 from .metrics import Counters
-from .transfers import Sender
+from .transfers import CHECK_AFTER_S, CHECK_EVERY_S, CHECKS_PER_PASS, Sender
 
 __all__ = ["Worker"]
+
+_RECONCILE_ROUNDS = 20  # pages of checks in one reconciliation pass; what is left waits for the next
+_RATE_LIMITED = "held back by the rate limit on lookups of unknown invoice ids"
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +55,38 @@ PULL_RETRY_MAX_S = 300.0
 ASK_RETRY_BASE_S = 2.0  # first wait before asking Stark Bank again about an event; doubles per failure
 ASK_RETRY_MAX_S = 300.0
 GATHER_S = 0.05  # passes start at least this far apart, so a busy intake gives batches
+RECONCILE_INTERVAL_S = 300.0  # the reconciliation pass: open transfers quiet for long asked about, alarms
+ALARM_AFTER_S = 3600.0  # a transfer open this long, or an invoice of ours not found this long, is an alarm
+NOT_OURS_REMEMBERED = 10_000  # invoice ids Stark Bank said are not ours, kept to answer again without asking
+UNKNOWN_LOOKUPS_PER_S = 2.0  # invoice lookups for ids our store does not hold, on average...
+UNKNOWN_LOOKUPS_BURST = 10  # ... and at most this many at once
 
 
 class Worker:
     """Processes stored events and sends transfers, in one thread. See the module docstring."""
 
     def __init__(self, store, bank, instance_tag, poll_interval_s, clock=utcnow, sender=None, rng=None,
-                 counters=None, gather_s=GATHER_S, idle_s=IDLE_WAKE_S):
+                 counters=None, gather_s=GATHER_S, reconcile_interval_s=RECONCILE_INTERVAL_S,
+                 reconcile_after_s=CHECK_AFTER_S, alarm_after_s=ALARM_AFTER_S, lease_s=None,
+                 monotonic=time.monotonic, retention=None, idle_s=IDLE_WAKE_S):
         self._store = store
         self._bank = bank
         self._tag = instance_tag
         self._poll_interval_s = poll_interval_s  # 0 = pull only at start-up
         self._clock = clock
         self.counters = counters or Counters()  # event pulls and their failures (and the sender's calls)
-        self._sender = sender or Sender(store, bank, instance_tag, clock, counters=self.counters)
+        lease = {"lease_s": lease_s} if lease_s else {}
+        self._sender = sender or Sender(store, bank, instance_tag, clock, counters=self.counters,
+                                        check_after_s=reconcile_after_s,
+                                        check_every_s=min(reconcile_interval_s, CHECK_EVERY_S), **lease)
+        self._check_after = datetime.timedelta(seconds=reconcile_after_s)
+        self._reconcile_every = datetime.timedelta(seconds=reconcile_interval_s)
+        self._next_reconcile_at = None  # None: at the first pass
+        self._alarm_after = datetime.timedelta(seconds=alarm_after_s)
+        self._not_ours = collections.OrderedDict()  # invoice id -> Stark Bank's answer that it is not ours
+        self._monotonic = monotonic
+        self._tokens = float(UNKNOWN_LOOKUPS_BURST)  # lookups of unknown invoice ids that may be made now
+        self._tokens_at = monotonic()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
@@ -80,6 +101,7 @@ class Worker:
         # The longest sleep between passes: shorter where other instances share the database,
         # whose claims this one must take over when they die, and whose work it cannot see coming.
         self._idle_s = idle_s
+        self._retention = retention  # a retention.Retention, or None to keep every event
         self.last_pass_at = None  # for /health
         self.last_error = None
 
@@ -92,7 +114,7 @@ class Worker:
             logger.info("recovery: %d stored events not yet processed; processing them", pending)
         settled = self._sender.recover()
         if settled:
-            logger.info("recovery: %d transfers resumed", settled)
+            logger.info("recovery: %d transfers settled by lookup", settled)
         if not (pending or settled):
             logger.info("recovery: no events or transfers left half-done")
 
@@ -105,14 +127,43 @@ class Worker:
         self.process_events()
         while self._page_full and not self._stop.is_set():
             self.process_events()
-        # Claims whose sender died mid-call (another instance, or this one before a restart).
-        self._sender.take_over(stopping=self._stop.is_set)
         # One batch (one create call) at a time, so stop() waits for at most one call:
         # the sender's one-by-one fallbacks also stop once it is asked to.
         while not self._stop.is_set() and self._sender.send_due(stopping=self._stop.is_set):
             self.process_events()  # events that arrived meanwhile, e.g. a fast 'success'
+        if not self._stop.is_set():
+            self._sender.check_due(states=("sending", "exists"))  # expired claims, and ids Stark Bank said exist
+        if not self._stop.is_set() and (self._next_reconcile_at is None or self._clock() >= self._next_reconcile_at):
+            self.reconcile()
+        if self._retention is not None and not self._stop.is_set():
+            self._retention.run_if_due()
         self.last_pass_at = self._clock()
         return self._seconds_to_next()
+
+    def reconcile(self):
+        """The reconciliation pass: ask Stark Bank about the open transfers quiet for long; raise and resolve alarms."""
+        self._next_reconcile_at = self._clock() + self._reconcile_every
+        for _ in range(_RECONCILE_ROUNDS):  # each round asks about one page of due transfers
+            if self._stop.is_set() or self._sender.check_due() < CHECKS_PER_PASS:
+                break
+        self.check_alarms()
+
+    def check_alarms(self):
+        """Bring the store's alarms up to date (``vocabulary.ALARMS``); log each new one as an ERROR, once."""
+        now = self._clock()
+        standing = {
+            "transfer_open": {t.external_id: f"invoice {t.invoice_id}, {t.amount} cents, {t.state} since "
+                                             f"{t.created_at.isoformat(timespec='seconds')}"
+                                             + (f"; last error: {t.errors[-1][1]}" if t.errors else "")
+                              for t in self._store.open_transfers_since(now - self._alarm_after)},
+            "credit_refused": self._store.credits_refused(vocabulary.INVALID_CODES),
+            "invoice_not_found": self._store.credits_refused(("not_ours_not_found",)),
+            "attempts_moving": {invoice: "attempts " + ", ".join(ids)
+                                for invoice, ids in self._store.invoices_moving_twice().items()},
+        }
+        for kind, found in standing.items():
+            for subject, detail in self._store.sync_alarms(kind, found, now):
+                logger.error("ALARM %s: %s: %s (%s)", kind, subject, detail, vocabulary.ALARMS[kind])
 
     def _pull_due(self):
         if self._next_pull_at is None:
@@ -122,12 +173,10 @@ class Worker:
     def _seconds_to_next(self):
         now = self._clock()
         candidates = [self._idle_s]
-        due = self._store.next_transfer_due_at()
-        if due is not None:
-            candidates.append((due - now).total_seconds())
-        expiry = self._store.next_claim_expiry()  # a claim another instance may have left behind
-        if expiry is not None:
-            candidates.append((expiry - now).total_seconds())
+        for due in (self._store.next_transfer_due_at(), self._store.next_check_at(("sending", "exists")),
+                    self._next_reconcile_at):
+            if due is not None:
+                candidates.append((due - now).total_seconds())
         if self._next_pull_at is not None:
             candidates.append((self._next_pull_at - now).total_seconds())
         if self._waiting:
@@ -147,13 +196,14 @@ class Worker:
         """
         now = self._clock()
         later = {event_id for event_id, (at, _) in self._waiting.items() if at > now}
-        pending = [e for e in self._store.pending_events(limit + len(later)) if e.id not in later][:limit]
+        pending = [e for e in self._store.pending_events(limit + len(later), ours_first=True)
+                   if e.id not in later][:limit]
         self._page_full = len(pending) == limit  # more may be waiting
         if not pending:
             return 0
         facts, unanswered = self._ask_bank(pending)
         for event_id, reason in unanswered.items():
-            self._wait(event_id, reason)
+            self._wait(event_id, reason, quiet=reason == _RATE_LIMITED)
         pending = [e for e in pending if e.id not in unanswered]
         if not pending:
             return 0
@@ -184,75 +234,96 @@ class Worker:
         logger.debug("event %s (%s %s): %s", event.id, event.subscription, event.log_type, outcome)
         return 1
 
-    def _wait(self, event_id, reason):
-        """Leave an event pending and ask again later, with exponential backoff (capped) and jitter."""
+    def _wait(self, event_id, reason, quiet=False):
+        """Leave an event pending and ask again later, with exponential backoff (capped) and jitter.
+
+        ``quiet``: logged at DEBUG (a lookup held back by the rate limit, not a failure).
+        """
         _, failures = self._waiting.get(event_id, (None, 0))
         delay = backoff(failures + 1, ASK_RETRY_BASE_S, ASK_RETRY_MAX_S, self._rng)
         self._waiting[event_id] = (self._clock() + datetime.timedelta(seconds=delay), failures + 1)
-        logger.warning("event %s: left pending (%s; %d in a row), asking Stark Bank again in %.1f s",
-                       event_id, reason, failures + 1, delay)
+        logger.log(logging.DEBUG if quiet else logging.WARNING,
+                   "event %s: left pending (%s; %d in a row), asking Stark Bank again in %.1f s",
+                   event_id, reason, failures + 1, delay)
 
     def _ask_bank(self, pending):
         """Ask Stark Bank what ``pending`` events need (``events.question``).
 
         Return (events.Facts, {event id: why it is unanswered}). Each question is asked
         once per batch. Calls are made outside any store transaction, with our own
-        credentials.
+        credentials. Invoice ids our store does not hold are answered from what Stark
+        Bank said before (not ours), else asked within a rate limit: a flood of them
+        waits its turn while our own events go on.
         """
         invoices, transfers, not_created = {}, {}, set()
-        errors = {}  # Question -> None if Stark Bank answered it, else the error
+        errors = {}  # Question -> None if Stark Bank answered it, else why not
         unanswered = {}
         for event in pending:
             for _ in range(3):  # a lookup that finds our transfer may lead to a get of its failure
                 asked = events.question(self._store, event)
                 if asked is not None and asked not in errors:
                     try:
-                        self._answer(asked, invoices, transfers, not_created)
-                        errors[asked] = None
-                        continue
+                        errors[asked] = self._answer(asked, event, invoices, transfers, not_created)
+                        if errors[asked] is None:
+                            continue
                     except BankError as e:
                         errors[asked] = e
                 if asked is not None and errors[asked] is not None:
-                    unanswered[event.id] = f"{asked.kind} {asked.key}: {errors[asked]}"
+                    unanswered[event.id] = (errors[asked] if errors[asked] is _RATE_LIMITED
+                                            else f"{asked.kind} {asked.key}: {errors[asked]}")
                 break
-        return events.Facts(invoices, transfers, frozenset(not_created)), unanswered
+        check_at = self._clock() + self._check_after
+        return events.Facts(invoices, transfers, frozenset(not_created), check_at), unanswered
 
-    def _answer(self, asked, invoices, transfers, not_created):
+    def _answer(self, asked, event, invoices, transfers, not_created):
+        """Answer one Question into the dicts; return None, or why it stays unanswered. Raise BankError."""
         if asked.kind == "invoice":
-            invoices[asked.key] = self._bank.get_invoice(asked.key)
+            if asked.key in self._not_ours:
+                invoices[asked.key] = self._not_ours[asked.key]
+                return None
+            if not self._take_token():
+                return _RATE_LIMITED
+            found = self._bank.get("invoice", asked.key)
+            if found is None and events.carries_tag(event, self._tag):
+                if self._within_grace(event):
+                    return "Stark Bank does not find this invoice with our tag yet"
+            elif found is None or self._tag not in (found.get("tags") or []):
+                self._remember_not_ours(asked.key, found)
+            invoices[asked.key] = found
         elif asked.kind == "transfer":
-            found = self._bank.get_transfer(asked.key)
+            found = self._bank.get("transfer", asked.key)
             status = found["status"] if found else None
-            transfers[asked.key] = self._failed_or_moving(found) if status == "failed" else status
+            transfers[asked.key] = self._sender.confirm_failure(found) if status == "failed" else status
         elif asked.kind == "lookup":
             transfer = self._store.transfer(asked.key)
-            if transfer is not None and transfer.transfer_id is None and not self._sender.settle_by_lookup(transfer):
+            if transfer is not None and transfer.transfer_id is None and not self._sender.lookup(transfer):
+                if self._within_grace(event):  # our own new transfer may not be listed yet
+                    return "Stark Bank does not list our transfer with this external id yet"
                 not_created.add(asked.key)
+        return None
 
-    def _failed_or_moving(self, failed):
-        """Return 'failed' if no transfer of the failed one's invoice moves money, else that one's status.
+    def _within_grace(self, event):
+        """Return True while a read that does not find our own entity counts as "not yet" for ``event``.
 
-        A create call retried after no answer can make a second transfer under the same
-        external id, which Stark Bank then fails as a duplicate while the first one goes
-        through; the answer to the retry recorded the second one's id. So before a
-        failure is one to send again, every transfer of the invoice (by its tag, our
-        workspace only) is asked for: one that is created, processing or paid becomes
-        the transfer our row follows, and nothing is sent again.
+        That is ``reconcile_after_s`` from the event's arrival: reads may lag writes.
         """
-        # Our row is the one that recorded this id, under its external id (also one of its tags).
-        names = [failed.get("external_id"), *(failed.get("tags") or [])]
-        rows = [self._store.transfer(name) for name in names if isinstance(name, str) and name]
-        ours = next((row for row in rows if row is not None and row.transfer_id == failed["id"]), None)
-        if ours is None:
-            return "failed"
-        for other in self._bank.find_transfers(f"invoice-{ours.invoice_id}"):
-            if other["id"] != failed["id"] and other["status"] in transfer_states.MOVING:
-                if other["external_id"] == ours.external_id:
-                    self._store.transfer_created(ours.external_id, other["id"], other["status"], self._clock())
-                logger.warning("transfer %s: %s failed, but transfer %s of invoice %s is %s; not sent again",
-                               ours.external_id, failed["id"], other["id"], ours.invoice_id, other["status"])
-                return other["status"]
-        return "failed"
+        received = self._store.event_received_at(event.id) or self._clock()
+        return self._clock() - received < self._check_after
+
+    def _remember_not_ours(self, invoice_id, answer):
+        self._not_ours[invoice_id] = answer
+        while len(self._not_ours) > NOT_OURS_REMEMBERED:
+            self._not_ours.popitem(last=False)
+
+    def _take_token(self):
+        """Return True if a lookup of an unknown invoice id may be made now (a token bucket)."""
+        now = self._monotonic()
+        self._tokens = min(UNKNOWN_LOOKUPS_BURST, self._tokens + (now - self._tokens_at) * UNKNOWN_LOOKUPS_PER_S)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     def pull_events(self):
         """Fetch undelivered events from Stark Bank, store and process them, mark them delivered.

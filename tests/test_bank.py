@@ -197,3 +197,25 @@ def test_signature_checks_run_one_at_a_time(emulator, sdk, monkeypatch):
         t.join(30)
     assert results == [True, True, True]
     assert watched.most == 1  # each check waited for the one before it
+
+
+def test_a_get_is_none_only_for_a_404_or_a_400_saying_the_id_is_unknown(emulator, bank):
+    assert bank.get("transfer", "7000000000000001") is None  # 400 invalidTransferId: no such transfer for us
+    emulator.fail_next("GET", "/v2/transfer/7000000000000001", status=404)
+    assert bank.get("transfer", "7000000000000001") is None
+    emulator.fail_next("GET", "/v2/invoice/6000000000000001", status=400)  # another code: a refusal, not "none"
+    with pytest.raises(BankRejected, match="injectedFault"):
+        bank.get("invoice", "6000000000000001")
+    emulator.fail_next("GET", "/v2/invoice/6000000000000001", status=503)
+    with pytest.raises(BankUnavailable):
+        bank.get("invoice", "6000000000000001")
+
+
+def test_find_transfer_takes_the_one_with_exactly_our_external_id_and_the_moving_one_first(emulator, bank):
+    emulator.set(duplicate_external_id="fail_later", transfer_delay_s=600)
+    first = bank.create_transfer(100, "x-1", ["x-1"])
+    bank.create_transfer(200, "x-10", ["x-1"])  # carries our tag, another external id
+    again = bank.create_transfer(100, "x-1", ["x-1"])  # created, to fail later
+    emulator.fail_transfer(again["id"])
+    assert bank.find_transfer("x-1")["id"] == first["id"]
+    assert bank.find_transfer("x-2") is None

@@ -11,8 +11,7 @@ import starkbank
 
 from stark_challenge.bank import MAX_PER_CALL, Bank
 from stark_challenge.errors import BankRejected
-from stark_challenge.events import external_id
-from stark_challenge.store import LEASE_S
+from stark_challenge.vocabulary import external_id
 from stark_challenge.transfers import Sender
 
 from support import sdk_config
@@ -108,10 +107,12 @@ def test_a_refused_batch_is_sent_one_per_call_so_only_the_bad_transfer_is_reject
     made = made_once(emulator, [ids[0], ids[2]])
     assert store.transfer(ids[0]).transfer_id == made[ids[0]]["id"]
     assert store.transfer(ids[2]).transfer_id == made[ids[2]]["id"]
-    rejected = store.transfer(ids[1])
-    assert rejected.state == "rejected" and rejected.errors[0][0] == "invalidExternalId"
+    exists = store.transfer(ids[1])  # Stark Bank says a transfer with its external id exists: never sent again
+    assert exists.state == "exists" and exists.errors[0][0] == "invalidExternalId"
     clock.advance(86400)
     assert sender.send_due() == 0
+    assert sender.check_due(states=("exists",)) == 1 and store.transfer(ids[1]).state == "exists"  # not ours to find: it stays open
+    assert transfer_posts(emulator) == [200, 400, 200, 400, 200]
 
 
 def test_a_call_takes_one_to_a_hundred_transfers(bank):
@@ -169,10 +170,9 @@ def test_an_unanswered_batch_is_retried_as_a_batch_after_the_backoff(emulator, s
 
 def test_a_crash_during_a_batch_call_is_settled_at_start_up(emulator, bank, sender, store, clock):
     ids = credit(store, clock)
-    assert store.claim_transfers(ids, clock()) == ids  # claimed together, then the process died
+    assert store.claim_transfers(ids, clock(), "crashed", clock()) == ids  # claimed together, then the process died
     bank.create_transfers([(10000 + int(i) - 50, ext, [TAG, f"invoice-{i}", ext]) for i, ext in zip(INVOICES, ids)])
     restarted = Sender(store, bank, TAG, clock, rng=random.Random(2))
-    clock.advance(LEASE_S)  # on a shared database, the dead process's claims are left alone until then
     assert restarted.recover() == 3
     made = made_once(emulator, ids)
     for ext in ids:

@@ -147,19 +147,23 @@ def test_an_event_not_marked_delivered_is_pulled_again_and_moves_no_money_twice(
     assert len(emulator.transfers()) == 2
 
 
-def test_a_worker_whose_database_fails_logs_it_reports_it_and_keeps_running(tmp_path, clock, caplog):
+def test_a_worker_whose_database_fails_logs_it_reports_it_and_keeps_running(emulator, sdk, tmp_path, clock, caplog):
     store = Store(str(tmp_path / "state.sqlite3"))
     store.close()  # every query now fails
-    worker = Worker(store, None, "stark-challenge", poll_interval_s=0, clock=clock, sender=object())
+    bank = Bank(sdk_config(sdk))
+    bank.configure()
+    worker = Worker(store, bank, "stark-challenge", poll_interval_s=0, clock=clock)  # its own real Sender
     with caplog.at_level(logging.ERROR, logger="stark_challenge.worker"):
         worker.start()
         try:
             wait_for(lambda: worker.state()["last_error"], message="the failed pass reported")
             assert worker.state()["alive"]
+            assert "the database is closed" in worker.state()["last_error"]  # the store failed, nothing else
         finally:
             worker.stop(timeout=5)
     assert "recovery failed; continuing with the normal loop" in caplog.text
     assert "worker pass failed; trying again" in caplog.text
+    assert "the database is closed" in caplog.text
 
 
 # -- the service: /health, a second instance -----------------------------------------------

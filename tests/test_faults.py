@@ -6,8 +6,9 @@ API calls it answered) and from the service's SQLite file, opened read-only: eac
 invoice forwarded exactly once, each round issued exactly once, nothing lost.
 
 Waits poll with a deadline (``wait_for``); wide windows for a crash come from the
-emulator's ``latency_s`` knob (a kill lands while ``requests_in_flight`` shows the call
-held at Stark Bank) and from injected faults, never from sleeping.
+emulator's ``answer_late`` (a call held until released: a kill lands while
+``requests_in_flight`` shows it held at Stark Bank), its ``latency_s`` knob and injected
+faults, never from sleeping.
 """
 
 import base64
@@ -113,14 +114,15 @@ def test_the_database_runs_in_wal_mode(emulator, service_factory):
 
 
 def test_kill_during_a_transfer_call_with_an_event_unprocessed_loses_and_repeats_nothing(emulator, service_factory):
-    service = service_factory(INVOICE_MIN=3, INVOICE_MAX=3)
+    service = service_factory(INVOICE_MIN=3, INVOICE_MAX=3, BANK_TIMEOUT="60s")
     service.start()
     a, b, c = invoices_of_round_0(emulator, 3)
     settled_after_start(service, emulator, 3)
 
-    # A's transfer call hangs at Stark Bank; meanwhile B's credit is stored and acknowledged,
-    # but the worker is busy with A, so B's event is left unprocessed.
-    emulator.set(latency_s=2.0)
+    # A's transfer call is held at Stark Bank (until released, well past the kill); meanwhile
+    # B's credit is stored and acknowledged, but the worker is busy with A, so B's event is
+    # left unprocessed.
+    emulator.answer_late("POST", "/v2/transfer", 600)
     emulator.pay(a["id"])
     wait_for(lambda: in_flight(emulator, "POST", "/v2/transfer"), message="A's transfer call at Stark Bank")
     assert query(service, "select state from transfer where invoice_id = ?", (a["id"],)) == [("sending",)]
@@ -128,12 +130,12 @@ def test_kill_during_a_transfer_call_with_an_event_unprocessed_loses_and_repeats
     wait_for(lambda: query(service, "select processed_at from event where entity_id = ? and log_type = 'credited'",
                            (b["id"],)) == [(None,)], message="B's credit stored, not processed")
     service.kill()
-    emulator.set(latency_s=0.0)
     emulator.pay(c["id"])  # credited while the service is down
 
-    # Restarted at once, while A's call may still be under way at Stark Bank: settled by its
-    # external id whichever comes first (found by lookup, or the duplicate refused).
+    # Restarted at once, while A's call is still held at Stark Bank, then carried out: settled
+    # by its external id whichever comes first (found by lookup, or the duplicate refused).
     service.start()
+    emulator.answer_held_calls()
     credited = {i["id"]: i for i in emulator.invoices() if i["status"] == "paid"}
     assert len(credited) == 3
     wait_for(lambda: set(transfers_by_invoice(emulator)) == set(credited), message="three transfers")
@@ -660,7 +662,7 @@ def test_events_with_bad_data_are_stored_acknowledged_and_never_stop_the_worker(
     assert rows["7100000000000010"] == "invalid: credited invoice without a fee"
     assert rows["7100000000000008"] == rows["7100000000000009"] == "transfer not ours"
     assert query(service, "select count(*) from event where id like '72%'") == [(0,)]
-    assert query(service, "select invoice_id from credit where state = 'queued'") == [(invoice["id"],)]
+    assert query(service, "select invoice_id from credit") == [(invoice["id"],)]
     assert query(service, "select state from transfer") == [("success",)]
     assert query(service, "select count(*) from event where processed_at is null") == [(0,)]
     assert messages_matching(service, "fee 50 is not in 0..amount 40 .*not forwarded")

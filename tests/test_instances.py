@@ -16,6 +16,7 @@ from stark_challenge.store import LEASE_S, Store
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+LEASE = datetime.timedelta(seconds=LEASE_S)
 RACES = 40  # each race below is run this many times
 INSTANCES = 2
 TAG = "stark-challenge"
@@ -89,7 +90,7 @@ def test_due_transfers_are_claimed_by_one_instance_each_and_none_is_left(instanc
 
     def claim_until_none(store):
         claimed = []
-        while batch := store.claim_due_transfers(NOW, limit=3):
+        while batch := store.claim_due_transfers(NOW, 3, store.owner, NOW + LEASE):
             claimed += [t.external_id for t in batch]
         return claimed
 
@@ -102,17 +103,32 @@ def test_due_transfers_are_claimed_by_one_instance_each_and_none_is_left(instanc
 def test_a_claim_is_ended_only_by_its_holder_and_taken_over_after_its_lease(instances):
     first, second = instances
     first.add_credit("inv1", "ev1", 10000, 50, "x-1", NOW)
-    [claimed] = first.claim_due_transfers(NOW)
-    assert second.claim_due_transfers(NOW) == []
-    assert second.take_over_transfers(NOW + datetime.timedelta(seconds=LEASE_S - 1)) == []
-    assert second.retry_transfer("x-1", [("", "not mine")], NOW, NOW) is False
+    [claimed] = first.claim_due_transfers(NOW, 10, first.owner, NOW + LEASE)
+    assert second.claim_due_transfers(NOW, 10, second.owner, NOW + LEASE) == []
+    early = NOW + LEASE - datetime.timedelta(seconds=1)
+    assert second.take_over("x-1", early, second.owner, early + LEASE) is False  # its lease still runs
+    assert second.retry_transfer("x-1", [("", "not mine")], NOW, NOW, owner=second.owner) is False
 
     # The first instance is presumed dead once its lease is over: the second takes the claim.
-    [taken] = second.take_over_transfers(NOW + datetime.timedelta(seconds=LEASE_S))
-    assert (taken.external_id, taken.tries) == ("x-1", claimed.tries)  # a lookup first, not a new try
-    assert first.reject_transfer("x-1", [("late", "its answer came after the take-over")], NOW) is False
-    assert second.retry_transfer("x-1", [("", "not found at Stark Bank")], NOW, NOW) is True
+    later = NOW + LEASE
+    assert second.take_over("x-1", later, second.owner, later + LEASE) is True
+    taken = second.transfer("x-1")
+    assert (taken.state, taken.tries, taken.lease_owner) == ("sending", claimed.tries, second.owner)  # a lookup next
+    assert first.settle_transfer("x-1", "rejected", [("late", "its answer came after the take-over")], later,
+                                 owner=first.owner) is False
+    assert first.transfer_created("x-1", "7001", "created", later, owner=first.owner) is False
+    assert second.retry_transfer("x-1", [("", "not found at Stark Bank")], later, later, owner=second.owner) is True
     assert first.transfer("x-1").state == "pending"
+
+
+def test_an_expired_claim_is_taken_over_by_exactly_one_instance(instances):
+    later = NOW + LEASE
+    for n in range(RACES // 4):
+        instances[0].add_credit(f"inv{n}", f"ev{n}", 10000, 50, f"x-{n}", NOW)
+        assert instances[0].claim_transfers([f"x-{n}"], NOW, "gone", NOW + LEASE) == [f"x-{n}"]
+        taken = race(instances, lambda s: s.take_over(f"x-{n}", later, s.owner, later + LEASE))
+        assert sorted(taken) == [False, True], (n, taken)
+        assert instances[0].transfer(f"x-{n}").lease_owner in {s.owner for s in instances}
 
 
 def test_a_transfer_queued_by_one_instance_wakes_the_others_at_once(instances):

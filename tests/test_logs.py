@@ -210,7 +210,8 @@ def test_a_real_run_logs_what_matters_and_no_secret_or_tax_id(emulator, service_
     assert messages_matching(service, r"^webhook refused: no Digital-Signature header$")
     assert messages_matching(service, r"^webhook refused: Digital-Signature does not match")
     assert messages_matching(service, r"^status refused: bad or missing basic auth")
-    assert messages_matching(service, r"^transfer stark-challenge-inv-\d+: try 1 failed, retrying in [\d.]+ s: .*500")
+    assert messages_matching(service, r"^transfer stark-challenge-inv-\d+: try 1 got no definite answer, sending it "
+                                      r"again under the same external id in [\d.]+ s: .*500")
     by_id = {i["id"]: i for i in invoices}
     for transfer in emulator.transfers():
         invoice = by_id[transfer["tags"][1].removeprefix("invoice-")]

@@ -306,13 +306,10 @@ def test_credit_outcomes_are_counted_by_reason_class(store):
     from stark_challenge.metrics import service_families
     from support import FakeClock
 
-    outcomes = {
-        "credit queued": 4, "credit already recorded": 2,
-        "not issued here: Stark Bank has no such invoice in our workspace": 3,
-        "not issued here: the invoice lacks the tag 'stark-challenge'": 1,
-        "not issued here: Stark Bank reports it 'created', not paid": 1,
-        "invalid: credited invoice without a fee": 1, "invalid: fee 900 is not in 0..amount 100": 2,
-        "invalid: amount 0 is not positive": 1, "invalid: KeyError 'log'": 1,
+    outcomes = {  # by outcome code, as the store groups them
+        "credit_queued": 4, "credit_known": 2, "not_ours_unknown_invoice": 3, "not_ours_missing_tag": 1,
+        "not_ours_not_paid": 1, "invalid_missing_fee": 1, "invalid_fee": 2, "invalid_amount": 1,
+        "invalid_malformed": 1,
     }
     families = service_families(report.build(store.summary(), FakeClock()()), outcomes, Counters(), 0, None,
                                 "1.0", "pure")
@@ -332,3 +329,25 @@ def test_credit_outcomes_are_counted_by_reason_class(store):
     # No pass yet: the timestamp gauge has no sample (absent() alerts on it), every state has one.
     assert not any(name == "stark_challenge_worker_last_pass_timestamp_seconds" for name, _ in samples)
     assert sum(1 for name, _ in samples if name == "stark_challenge_transfers") == 8
+
+
+def test_standing_alarms_are_in_the_status_table_its_line_and_the_metrics(store):
+    from stark_challenge import report
+    from stark_challenge.metrics import service_families
+    from support import FakeClock
+
+    now = FakeClock()()
+    store.sync_alarms("transfer_open", {"x-1": "invoice 1, 9950 cents, pending"}, now)
+    store.sync_alarms("credit_refused", {"6001": "invalid: fee 900 is not in 0..amount 100"}, now)
+    built = report.build(store.summary(), now)
+    lines = [" ".join(line.split()) for line in report.render(built).splitlines()]
+    assert "ALARMS 2 standing: a person must look" in lines
+    assert ("transfer_open x-1: invoice 1, 9950 cents, pending (since 2026-11-28T12:00:00.000000+00:00)"
+            in lines)
+    assert report.one_line(built).endswith("; 2 ALARMS")
+    samples = parse_exposition(exposition(service_families(built, {}, Counters(), 0, None, "1.0", "pure")))
+    alarms = {dict(labels)["kind"]: value for (name, labels), value in samples.items()
+              if name == "stark_challenge_alarms"}
+    assert alarms == {"transfer_open": 1, "credit_refused": 1, "invoice_not_found": 0, "attempts_moving": 0}
+    store.sync_alarms("transfer_open", {}, now)  # resolved
+    assert [a["kind"] for a in store.alarms()] == ["credit_refused"]

@@ -11,7 +11,7 @@ import pytest
 from stark_challenge import resend
 from stark_challenge.bank import Bank
 from stark_challenge.errors import BankUnavailable
-from stark_challenge.events import external_id
+from stark_challenge.vocabulary import external_id
 from stark_challenge.gate import Gate
 from stark_challenge.verify import Signatures
 from stark_challenge.wire import Request
@@ -53,31 +53,38 @@ def test_the_automatic_second_attempt_and_an_operator_retry_cannot_both_queue_on
     assert rows(store) == [(1, first.external_id, "failed"), (2, first.external_id + "-2", "pending")]
 
     outcome = resend.retry(store, bank, TAG, first.invoice_id, NOW)
-    assert outcome.code == "refused" and "latest attempt 2" in outcome.message and "is pending" in outcome.message
+    assert outcome.code == "resent" and "attempt 2" in outcome.message and "is pending" in outcome.message
     assert not store.queue_attempt(first.invoice_id, 1, first.external_id + "-2", NOW)
     assert rows(store) == [(1, first.external_id, "failed"), (2, first.external_id + "-2", "pending")]
 
 
-def test_a_superseded_stalled_attempt_is_not_requeued_at_start_up(store, bank):
+def test_an_attempt_without_a_definite_answer_is_sent_again_under_its_own_external_id(store, bank, emulator):
     first = credit(store)
     store.claim_transfer(first.external_id, NOW)
-    store.stall_transfer(first.external_id, [("", "no answer")], NOW)
+    store.retry_transfer(first.external_id, [("", "no answer")], NOW + datetime.timedelta(minutes=5), NOW)
 
     outcome = resend.retry(store, bank, TAG, first.invoice_id, NOW)
-    assert outcome == ("queued", f"invoice {first.invoice_id}: attempt 2 queued as {first.external_id}-2, "
-                                 f"9950 cents (attempt 1 was stalled)")
-    assert store.requeue_transfers(("stalled",), NOW) == []
-    assert rows(store) == [(1, first.external_id, "stalled"), (2, first.external_id + "-2", "pending")]
-    # The latest attempt stalls too: that one is requeued, as any stalled transfer.
-    store.claim_transfer(first.external_id + "-2", NOW)
-    store.stall_transfer(first.external_id + "-2", [("", "no answer")], NOW)
-    assert store.requeue_transfers(("stalled",), NOW) == [first.external_id + "-2"]
+    assert outcome.code == "resent" and "same external id" in outcome.message
+    assert rows(store) == [(1, first.external_id, "pending")]  # no second attempt: the first may still land
+    assert store.transfer(first.external_id).next_try_at == NOW  # due now
+    assert emulator.requests == []  # nothing asked of Stark Bank, nothing sent
+
+
+def test_an_attempt_stark_bank_said_exists_is_looked_up_never_replaced(store, bank):
+    first = credit(store)
+    store.claim_transfer(first.external_id, NOW)
+    store.settle_transfer(first.external_id, "exists", [("invalidExternalId", "already used")], NOW,
+                          next_try_at=NOW + datetime.timedelta(minutes=5))
+    outcome = resend.retry(store, bank, TAG, first.invoice_id, NOW)
+    assert outcome.code == "resent" and "never sent again" in outcome.message
+    assert rows(store) == [(1, first.external_id, "exists")]
+    assert store.transfer(first.external_id).next_try_at == NOW
 
 
 def test_nothing_is_queued_while_stark_bank_does_not_answer(store, bank, emulator):
     first = credit(store)
     store.claim_transfer(first.external_id, NOW)
-    store.reject_transfer(first.external_id, [("invalidBranchCode", "bad")], NOW)
+    store.settle_transfer(first.external_id, "rejected", [("invalidBranchCode", "bad")], NOW)
     emulator.fail_next("GET", "/v2/transfer", count=1, status=500)
     with pytest.raises(BankUnavailable):
         resend.retry(store, bank, TAG, first.invoice_id, NOW)
@@ -111,17 +118,24 @@ def test_the_retry_door_answers_each_case_with_its_status(store, bank, sdk, emul
     answer = _post(gate, b'{"invoice_id": "999"}')
     assert (answer.status, answer.body["outcome"]) == (HTTPStatus.NOT_FOUND, "unknown")
     answer = _post(gate, json.dumps({"invoice_id": first.invoice_id}).encode())
+    assert (answer.status, answer.body["outcome"]) == (HTTPStatus.OK, "resent")
+    assert "is pending" in answer.body["message"] and "same external id" in answer.body["message"]
+    store.claim_transfer(first.external_id, NOW)
+    store.transfer_created(first.external_id, "7000000000000009", "success", NOW)
+    answer = _post(gate, json.dumps({"invoice_id": first.invoice_id}).encode())
     assert (answer.status, answer.body["outcome"]) == (HTTPStatus.CONFLICT, "refused")
-    assert "is pending" in answer.body["message"]
+    assert "is success" in answer.body["message"]
+    first = credit(store, "5000000000000002")
 
     store.claim_transfer(first.external_id, NOW)
-    store.reject_transfer(first.external_id, [("invalidBranchCode", "bad")], NOW)
+    store.settle_transfer(first.external_id, "rejected", [("invalidBranchCode", "bad")], NOW)
     emulator.fail_next("GET", "/v2/transfer", count=1, status=500)
     answer = _post(gate, json.dumps({"invoice_id": first.invoice_id}).encode())
     assert answer.status == HTTPStatus.SERVICE_UNAVAILABLE and "nothing queued" in answer.body["error"]
     answer = _post(gate, json.dumps({"invoice_id": first.invoice_id}).encode())
     assert (answer.status, answer.body["outcome"]) == (HTTPStatus.OK, "queued")
-    assert rows(store) == [(1, first.external_id, "rejected"), (2, first.external_id + "-2", "pending")]
+    assert rows(store, first.invoice_id) == [(1, first.external_id, "rejected"),
+                                             (2, first.external_id + "-2", "pending")]
 
     # Without the operator's credentials configured, there is no door: it would let anyone queue money.
     open_gate = _gate(store, bank, sdk_config(sdk, WEBHOOK_USERNAME="ops", WEBHOOK_PASSWORD="pw"), calls)

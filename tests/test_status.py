@@ -5,9 +5,12 @@ import base64
 import datetime
 import json
 import os
+import re
 import sqlite3
 
 import pytest
+
+from stark_challenge.vocabulary import Outcome
 
 from stark_challenge import report
 from stark_challenge.store import Store, StoreError
@@ -121,9 +124,11 @@ def test_status_table_shows_the_figures_in_reais(module_emulator, shared_filled,
     total, transferred = _reais(expected["invoice_total"]), _reais(expected["transferred"])
     n = expected["invoice_count"]
     lines = done.stdout.splitlines()
-    last_webhook = lines[-2]
+    last_webhook, database = lines[-3], lines[-1]
     assert last_webhook.startswith("last webhook  20")
-    assert lines[:-2] + lines[-1:] == [
+    # the file's size in use and free, and the oldest event kept (see EVENT_RETENTION)
+    assert re.fullmatch(r"database      \d+\.\d MiB in use, \d+\.\d MiB free for reuse; oldest event 20\S+", database)
+    assert lines[:-3] + lines[-2:-1] == [
         "rounds        2 issued, 2 due so far, 2 in the window",
         f"invoices      {n} issued, {total}",
         f"  credited    {n}, {total}",  # invoices by status, with their totals
@@ -171,7 +176,8 @@ def test_status_reads_while_the_service_writes_without_blocking_it(emulator, fil
             assert reader.summary()["events"]["received"] == before
         assert reader.summary()["events"]["received"] == before + 1
         with pytest.raises(StoreError, match="readonly"):
-            reader.finish_event("9100000000000001", "deleted", datetime.datetime.now(datetime.timezone.utc))
+            reader.finish_event("9100000000000001", Outcome("ignored", "deleted"),
+                                datetime.datetime.now(datetime.timezone.utc))
     finally:
         reader.close()
     assert status_json(database, tmp_path)["events"]["received"] == before + 1
@@ -195,7 +201,9 @@ def test_status_of_a_fresh_database_prints_zeros(tmp_path):
     Store(str(tmp_path / "fresh.sqlite3")).close()
     done = cli("status", cwd=tmp_path, DATABASE_PATH=str(tmp_path / "fresh.sqlite3"))
     assert done.returncode == 0
-    assert done.stdout.splitlines() == [
+    *lines, database = done.stdout.splitlines()
+    assert re.fullmatch(r"database      0\.\d MiB in use, 0\.0 MiB free for reuse; oldest event none", database)
+    assert lines == [
         "rounds        0 issued, 0 due so far, forever in the window",
         "invoices      0 issued, R$ 0.00",
         "credited      0 invoices, R$ 0.00",
@@ -226,7 +234,7 @@ def test_a_read_only_store_refuses_a_file_that_is_not_our_database(tmp_path):
 def test_one_line_status_summarises_the_report():
     summary = {
         "schedule": None, "rounds": {"issued": 3, "issuing": 0, "failed": 0}, "invoices": {},
-        "credits": {"count": 4, "amount": 50000, "fee": 200, "net": 49800, "skipped": 0},
+        "credits": {"count": 4, "amount": 50000, "fee": 200, "net": 49800},
         "transfers": {"success": {"count": 3, "amount": 39800}, "pending": {"count": 1, "amount": 10000}},
         "transferred": 39800, "events": {"received": 20, "pending": 2, "last_webhook_at": None},
     }

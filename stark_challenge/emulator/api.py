@@ -74,6 +74,14 @@ def _bad(code, message):
     return Rejected.one(code, message)
 
 
+def _external_ids(body):
+    """Return the externalIds a transfer create call sent (whatever became of it), for the record."""
+    try:
+        return [t.get("externalId") for t in json.loads(body)["transfers"] if isinstance(t, dict)]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
 class Api:
     """The routes over a `Ledger`; see the module docstring for the order of checks."""
 
@@ -213,6 +221,8 @@ class Api:
             call = {"method": method, "path": path, "query": parts.query, "status": status}
             if drop:
                 call["dropped"] = True
+            if (method, path) == ("POST", "/v2/transfer"):
+                call["external_ids"] = _external_ids(body)
             self._calls.append(call)
         if isinstance(payload, _File):
             return Reply(status, payload.body, drop, payload.content_type)
@@ -253,13 +263,13 @@ class Api:
 
     def _lister(self, kind, plural):
         def list_rows(bank, query, _payload):
-            page, cursor = queries.select(bank.rows(kind), query, kind)
+            page, cursor = queries.select(bank.rows(kind, lagged=True), query, kind)
             return {plural: page, "cursor": cursor}
         return list_rows
 
     def _getter(self, kind, singular, code):
         def get_row(bank, _query, _payload, row_id):
-            row = bank.get(kind, row_id)
+            row = bank.get(kind, row_id, lagged=True)
             if row is None:
                 raise _bad(code, "%s %s does not exist" % (singular, row_id))
             return {singular: row}

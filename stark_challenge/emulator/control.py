@@ -253,7 +253,8 @@ class Emulator(LedgerView):
     @property
     def requests(self):
         """Every API call so far, oldest first: dicts with method, path, query, status
-        (and dropped=True for calls cut by fail_next_after)."""
+        (and dropped=True for calls cut by fail_next_after; external_ids for a transfer
+        create call: the externalIds it sent, whatever became of them)."""
         return self._api.calls()
 
     # -- making things happen -------------------------------------------------------

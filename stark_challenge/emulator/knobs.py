@@ -31,6 +31,10 @@ def _flag(value):
     return isinstance(value, bool)
 
 
+def _duplicate_mode(value):
+    return value in ("refuse", "fail_later")
+
+
 class Knobs:
     """Settings of a running emulator; see each attribute for its meaning.
 
@@ -70,6 +74,13 @@ class Knobs:
     latency_s = 0.0
     # Largest accepted difference between Access-Time and our clock (Stark Bank: 5 min).
     max_clock_skew_s = 300.0
+    # A transfer whose externalId was used before: "refuse" answers 400 invalidExternalId and
+    # creates nothing; "fail_later" creates it and fails it later, as Stark Bank is also
+    # reported to do (the first transfer with that externalId is untouched).
+    duplicate_external_id = "refuse"
+    # Seconds an invoice or transfer read (get, query) lags the writes: it answers the state
+    # the entity had this long ago, or not found if it did not exist yet.
+    read_lag_s = 0.0
 
     _checks = {
         "starting_balance": _cents,
@@ -87,6 +98,8 @@ class Knobs:
         "hold_deliveries": _flag,
         "latency_s": _seconds,
         "max_clock_skew_s": _seconds,
+        "duplicate_external_id": _duplicate_mode,
+        "read_lag_s": _seconds,
     }
 
     def __init__(self, **values):

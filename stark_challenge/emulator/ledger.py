@@ -42,6 +42,7 @@ SUBSCRIPTIONS = (
 )
 
 _KINDS = ("invoice", "invoice-log", "transfer", "transfer-log", "event", "event-attempt", "webhook")
+_LAGGED = ("invoice", "transfer")  # the kinds whose reads the read_lag_s knob delays
 
 
 def _utc_now():
@@ -65,6 +66,7 @@ class Ledger(InvoiceRules, TransferRules):
         self._now = now
         self._lock = threading.Lock()
         self._tables = {kind: Table() for kind in _KINDS}
+        self._history = {}  # (kind, id) -> [(time, row copy)] of invoices and transfers, for read_lag_s
         self._balance = knobs.starting_balance  # cents
         self._init_invoice_rules()
         self._init_transfer_rules()
@@ -73,15 +75,31 @@ class Ledger(InvoiceRules, TransferRules):
 
     # -- reading --------------------------------------------------------------------
 
-    def rows(self, kind):
-        """Return [(sequence, row copy)] of a kind ("invoice", "event", ...), oldest first."""
-        with self._lock:
-            return copy.deepcopy(self._tables[kind].rows())
+    def rows(self, kind, lagged=False):
+        """Return [(sequence, row copy)] of a kind ("invoice", "event", ...), oldest first.
 
-    def get(self, kind, row_id):
-        """Return a copy of one row, or None if there is no such id."""
+        ``lagged``: as an API read sees them under the read_lag_s knob (``_as_read``).
+        """
         with self._lock:
-            return copy.deepcopy(self._tables[kind].get(row_id))
+            rows = self._tables[kind].rows()
+            if lagged:
+                rows = [(n, seen) for n, seen in ((n, self._as_read(kind, row)) for n, row in rows) if seen]
+            return copy.deepcopy(rows)
+
+    def get(self, kind, row_id, lagged=False):
+        """Return a copy of one row, or None if there is no such id (``lagged``: as ``rows``)."""
+        with self._lock:
+            row = self._tables[kind].get(row_id)
+            return copy.deepcopy(self._as_read(kind, row) if lagged and row is not None else row)
+
+    def _as_read(self, kind, row):
+        """Return ``row`` as it was read_lag_s ago (None: it did not exist yet); lock held."""
+        lag = self._knobs.read_lag_s
+        if not lag or kind not in _LAGGED:
+            return row
+        seen = self._now() - datetime.timedelta(seconds=lag)
+        versions = [version for at, version in self._history.get((kind, row["id"]), ()) if at <= seen]
+        return versions[-1] if versions else None
 
     def balance(self):
         """Return the workspace balance in cents."""
@@ -157,6 +175,8 @@ class Ledger(InvoiceRules, TransferRules):
         return self._ids.new()
 
     def _log(self, kind, entity, log_type, errors=()):
+        if kind in _LAGGED:  # every change of an invoice or transfer is logged: keep the version read_lag_s reads
+            self._history.setdefault((kind, entity["id"]), []).append((self._now(), copy.deepcopy(entity)))
         now = iso(self._now())
         log = {"id": self._new_id(), "type": log_type, "created": now, "errors": list(errors),
                kind: copy.deepcopy(entity)}

@@ -5,7 +5,8 @@ Ledger for the attributes it uses). A transfer's life, as Stark Bank documents i
 
 - creation refuses, all or none, an externalId used before in the workspace (or twice in
   the request) and, without an externalId, a repeat of amount and receiver on the same
-  UTC day;
+  UTC day; with the duplicate_external_id knob at "fail_later", a repeated externalId is
+  created instead and fails at its processing step, as Stark Bank is also reported to do;
 - created -> processing when its ``scheduled`` moment comes (at once, transfer_delay_s
   after creation, when not scheduled for later): the balance is debited then, and a
   transfer the balance cannot cover fails instead ("failed" log, nothing debited);
@@ -25,6 +26,7 @@ __all__ = ["TransferRules", "INSUFFICIENT_BALANCE"]
 
 _PENDING = ("created", "processing")
 _DEFAULT_ERRORS = ["Simulated failure: the receiving institution refused the transfer"]
+_DUPLICATE_ERRORS = ["externalId was already used by another transfer"]
 INSUFFICIENT_BALANCE = "Insufficient balance: the workspace balance cannot cover this transfer"
 
 
@@ -47,11 +49,14 @@ class TransferRules:
         with self._lock:
             moment = self._now()
             now, day = iso(moment), moment.date().isoformat()
-            errors, external_ids, implicit_keys = [], set(), set()
+            errors, external_ids, implicit_keys, duplicates = [], set(), set(), set()
             for index, fields in enumerate(transfers):
                 external_id = fields["externalId"]
                 if external_id is not None:
-                    if external_id in self._external_ids or external_id in external_ids:
+                    repeated = external_id in self._external_ids or external_id in external_ids
+                    if repeated and self._knobs.duplicate_external_id == "fail_later":
+                        duplicates.add(index)
+                    elif repeated:
                         errors.append({"code": "invalidExternalId",
                                        "message": "Element %d: externalId %r was already used" % (index, external_id)})
                     external_ids.add(external_id)
@@ -68,7 +73,7 @@ class TransferRules:
             self._external_ids |= external_ids
             self._implicit_keys |= implicit_keys
             created, events = [], []
-            for fields in transfers:
+            for index, fields in enumerate(transfers):
                 transfer = dict(fields, id=self._new_id(), fee=0, status="created", transactionIds=[],
                                 metadata={}, created=now, updated=now)
                 if transfer["description"] is None:
@@ -76,6 +81,8 @@ class TransferRules:
                 self._tables["transfer"].add(transfer)
                 if self._chance.random() < self._knobs.transfer_fail_ratio:
                     self._doomed[transfer["id"]] = list(_DEFAULT_ERRORS)
+                if index in duplicates:
+                    self._doomed[transfer["id"]] = list(_DUPLICATE_ERRORS)
                 events.append(self._log("transfer", transfer, "created"))
                 created.append(copy.deepcopy(transfer))
         self._publish(events)

@@ -18,9 +18,7 @@ died (the kill a crash point armed).
 
 import base64
 import contextlib
-import datetime
 import json
-import logging
 import os
 import secrets
 import signal
@@ -33,16 +31,10 @@ import urllib.parse
 import urllib.request
 from typing import Callable, NamedTuple
 
-import starkbank
-from starkcore.utils.cache import cache as sdk_cache
-
 from stark_challenge import config as config_module
-from stark_challenge.bank import Bank
 from stark_challenge.emulator import Emulator
-from stark_challenge.store import Store
-from stark_challenge.transfers import MAX_TRIES, Sender
 
-from support import FakeClock, child_env, free_port
+from support import child_env, free_port
 
 __all__ = ["Run", "Step", "STEPS", "Crashed", "StoryStuck", "INVOICES", "ROLES", "SEAM"]
 
@@ -381,10 +373,9 @@ def missed_event_pulled(run):
     run.deliver_until(lambda: run.succeeded("D"), "D's transfer to succeed")
 
 
-def transfer_e_stalls(run):
-    """E's create call and its lookup go unanswered (500), and the service is stopped. Seven more
-    unanswered tries are made by the service's own Sender in this process, on a fake clock (minutes of
-    backoff in no time): E is `stalled`, as after its bounded tries."""
+def transfer_e_unanswered(run):
+    """E's create call and its lookup go unanswered (500), and the service is stopped: E is `pending`,
+    to be sent again under its own external id (no definite answer never makes a new one)."""
     run.emu.fail_next("POST", "/v2/transfer", status=500)
     run.emu.fail_next("GET", "/v2/transfer", status=500)
     run.pay("E")
@@ -393,78 +384,17 @@ def transfer_e_stalls(run):
     run.wait(lambda: run.transfer_rows("E") == [(1, "pending", 1)] and run.is_quiet(pending_ok=True),
              "E's first try to go unanswered")
     run.stop_service()
-    _stall(run, run.invoices["E"]["id"])
 
 
 def retry_e(run):
-    """The operator runs `transfers retry` for E while the service is stopped: the command asks Stark Bank
-    and queues attempt 2; the service, started, leaves the stalled attempt and sends attempt 2."""
+    """The operator runs `transfers retry` for E while the service is stopped: its first attempt has no
+    definite answer, so the command makes it due now under the same external id (never a second one);
+    the service, started, sends it."""
     done = run.run_command("transfers", "retry", run.invoices["E"]["id"])
     assert done == 0, f"transfers retry exited {done}"
     run.start_service()
     run.wait(lambda: run.succeeded("E") or run.emu.deliveries_held(), "E's transfer sent")
     run.deliver_until(lambda: run.succeeded("E"), "E's transfer to succeed")
-
-
-def _stall(run, invoice_id):
-    """Make E's remaining unanswered tries with the service's Sender, in this process, on a fake clock.
-
-    The service is stopped (this holds the store's lock). The emulator's tripwire does not
-    number these calls: no service process makes them.
-    """
-    config = run.config()
-    clock = FakeClock(datetime.datetime.now(datetime.timezone.utc))
-    run.emu.tripwire.pause()
-    try:
-        with _sdk_through(run.env), _quiet_logger("stark_challenge"):
-            bank = Bank(config)
-            bank.configure()
-            store = Store(run.database)
-            try:
-                sender = Sender(store, bank, config.instance_tag, clock, base_backoff_s=0.001)
-                while store.attempts(invoice_id)[-1].state != "stalled":
-                    if store.attempts(invoice_id)[-1].tries >= MAX_TRIES:
-                        raise StoryStuck("E reached its last try without stalling")
-                    run.emu.fail_next("POST", "/v2/transfer", status=500)
-                    run.emu.fail_next("GET", "/v2/transfer", status=500)
-                    clock.advance(3600)
-                    sender.send_due()
-            finally:
-                store.close()
-    finally:
-        run.emu.tripwire.resume()
-
-
-@contextlib.contextmanager
-def _quiet_logger(name):
-    """Keep a logger's lines (the Sender's WARNING and ERROR lines, here expected) out of the output for a while."""
-    logger = logging.getLogger(name)
-    saved = logger.level
-    logger.setLevel(logging.CRITICAL + 1)  # its children, at NOTSET, follow it
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
-
-
-@contextlib.contextmanager
-def _sdk_through(env):
-    """Point this process's SDK at the emulator for a while (proxy and CA), then put everything back."""
-    names = ("HTTPS_PROXY", "https_proxy", "REQUESTS_CA_BUNDLE", "NO_PROXY", "no_proxy")
-    saved = {name: os.environ.get(name) for name in names}
-    saved_user, saved_timeout = starkbank.user, starkbank.timeout
-    os.environ.update({name: env[name] for name in names})
-    sdk_cache.clear()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        starkbank.user, starkbank.timeout = saved_user, saved_timeout
-        sdk_cache.clear()
 
 
 STEPS = (
@@ -475,6 +405,6 @@ STEPS = (
     Step("B answered 500, then found by lookup", transfer_b_500_then_lookup),
     Step("C failed, second attempt", transfer_c_fails_then_second_attempt),
     Step("D recovered by the missed-event pull", missed_event_pulled),
-    Step("E stalled, service stopped", transfer_e_stalls),
+    Step("E unanswered, service stopped", transfer_e_unanswered),
     Step("E mended by transfers retry", retry_e),
 )

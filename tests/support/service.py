@@ -153,5 +153,5 @@ def service_settled(service, emulator):
     if emulator.requests_in_flight or not emulator.idle():
         return False
     unprocessed = query(service, "select count(*) from event where processed_at is null")[0][0]
-    unsent = query(service, "select count(*) from transfer where state in ('pending', 'sending')")[0][0]
+    unsent = query(service, "select count(*) from transfer where state in ('pending', 'sending', 'exists')")[0][0]
     return unprocessed == 0 and unsent == 0
