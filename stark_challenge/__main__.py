@@ -245,7 +245,7 @@ def run(args):
         bank = Bank(config)
         bank.configure()
         if not config.basic_auth:
-            logger.warning("WEBHOOK_USERNAME/WEBHOOK_PASSWORD not set: POST /webhook relies on signatures alone")
+            logger.warning("no WEBHOOK_USERNAME/PASSWORD: POST /webhook relies on signatures alone")
         if not config.operator_auth:
             logger.info("OPERATOR_USERNAME/OPERATOR_PASSWORD not set: /status, /metrics and /transfers/retry "
                         "answer 404 (the status and transfers commands still work on this host)")
@@ -306,7 +306,9 @@ def _register_emulator_webhook(bank, config, port, emulator):
                 hook["id"], port)
     # Its command line (python -m stark_challenge.emulator pay/reverse/fail-transfer/set-balance/resend) acts on
     # this emulator from another shell through this URL.
-    logger.info("emulator: commands (pay, reverse, ...): export STARK_EMULATOR_CONTROL=%s", emulator.control_url)
+    # Two lines, so that each fits 120 columns and the second can be copied as it is.
+    logger.info("emulator: commands (pay, reverse, ...) act on it from another shell after:")
+    logger.info("export STARK_EMULATOR_CONTROL=%s", emulator.control_url)
 
 
 COMMANDS = {None: run, "run": run, "status": commands.status, "check": commands.check,
