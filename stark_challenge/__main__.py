@@ -247,8 +247,7 @@ def run(args):
         if not config.basic_auth:
             logger.warning("no WEBHOOK_USERNAME/PASSWORD: POST /webhook relies on signatures alone")
         if not config.operator_auth:
-            logger.info("OPERATOR_USERNAME/OPERATOR_PASSWORD not set: /status, /metrics and /transfers/retry "
-                        "answer 404 (the status and transfers commands still work on this host)")
+            logger.info("no OPERATOR_USERNAME/PASSWORD: /status, /metrics, retries and replays answer 404")
         try:
             store = Store(config.database_path)
         except StoreError as e:
@@ -302,8 +301,7 @@ def _register_emulator_webhook(bank, config, port, emulator):
     url = config_module.with_userinfo(config_module.local_url(config.host, port, "/webhook"),
                                       config.webhook_username, config.webhook_password)
     hook = bank.create_webhook(url, ["invoice", "transfer"])
-    logger.info("emulator: webhook %s registered for port %d; invoices are paid a few seconds after each round",
-                hook["id"], port)
+    logger.info("emulator: webhook %s registered; it pays invoices a few seconds after each round", hook["id"])
     # Its command line (python -m stark_challenge.emulator pay/reverse/fail-transfer/set-balance/resend) acts on
     # this emulator from another shell through this URL.
     # Two lines, so that each fits 120 columns and the second can be copied as it is.
