@@ -301,7 +301,7 @@ def _register_emulator_webhook(bank, config, port, emulator):
     url = config_module.with_userinfo(config_module.local_url(config.host, port, "/webhook"),
                                       config.webhook_username, config.webhook_password)
     hook = bank.create_webhook(url, ["invoice", "transfer"])
-    logger.info("emulator: webhook %s registered; it pays invoices a few seconds after each round", hook["id"])
+    logger.info("emulator: webhook %s registered; invoices get paid soon after each round", hook["id"])
     # Its command line (python -m stark_challenge.emulator pay/reverse/fail-transfer/set-balance/resend) acts on
     # this emulator from another shell through this URL.
     # Two lines, so that each fits 120 columns and the second can be copied as it is.
