@@ -24,11 +24,12 @@ from .errors import ConfigError, StarkChallengeError
 
 logger = logging.getLogger("stark_challenge")
 
-# Try-it mode runs fast unless the user set these: a round every 30 s for 3 minutes.
+# Try-it mode runs fast unless the user set these: a round every 30 s for 3 minutes. The
+# undelivered-event pull keeps its default (10 min): the webhook is registered before round 0,
+# and a pull every 30 s would meet each round's events on their way in.
 EMULATOR_DEFAULTS = {
     "INVOICE_INTERVAL": "30s",
     "INVOICE_DURATION": "3m",
-    "EVENT_POLL_INTERVAL": "30s",
     "BANK_TIMEOUT": "5s",
 }
 
