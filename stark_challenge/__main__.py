@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 
-from . import __version__, commands, config as config_module, event_commands, logs, report, transfer_states
+from . import __version__, commands, config as config_module, event_commands, logs, memory, report, transfer_states
 from .commands import fail, load_config
 from .errors import ConfigError, StarkChallengeError
 
@@ -225,6 +225,7 @@ def run(args):
     from .store import Store, StoreError
 
     signals = Signals()  # first: a signal during start-up then stops cleanly once started
+    memory.limit_arenas()  # before any thread starts (see memory.ARENAS)
     emulator = throwaway = None
     try:
         if args.emulator:

@@ -15,7 +15,8 @@ answers and Stark Bank's key is at hand), for an orchestrator's probes; ``GET /s
 ``POST /events/replay`` (``{"event_id": ...}``), an operator's replay of an event from
 Stark Bank (``replay``). The last four are the operator's: behind the operator's basic auth
 (``OPERATOR_USERNAME``/``OPERATOR_PASSWORD``), never the webhook's, and 404 when that
-pair is not configured. Any other path is 404, another known method on a known path
+pair is not configured. ``GET /debug/memory``, the process's memory figures (``memory``), is
+the operator's too, and exists only when ``DEBUG_MEMORY`` is on. Any other path is 404, another known method on a known path
 405 (with ``Allow``), a method outside ``METHODS`` 501 and the connection closed. Every
 answer is JSON, except the metrics.
 
@@ -86,9 +87,10 @@ ROUTES = {
     "/metrics": {"GET": "metrics", "HEAD": "metrics"},
     "/transfers/retry": {"POST": "retry"},
     "/events/replay": {"POST": "replay"},
+    "/debug/memory": {"GET": "debug_memory"},
 }
 # The routes behind the operator's credentials, which do not exist without them.
-OPERATOR_ROUTES = frozenset({"/status", "/metrics", "/transfers/retry", "/events/replay"})
+OPERATOR_ROUTES = frozenset({"/status", "/metrics", "/transfers/retry", "/events/replay", "/debug/memory"})
 # Methods answered 404 or 405; any other is 501, as http.server answers a method it has no do_ for.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
@@ -139,12 +141,13 @@ class Gate:
     ``GET /status``), ``metrics_page`` (``() -> str``, ``GET /metrics``), ``retry``
     (``(invoice_id) -> resend.Outcome``, ``POST /transfers/retry``) and ``replay``
     (``(event_id) -> replay.Outcome``, ``POST /events/replay``): ``console.Console``'s, as is
-    ``readiness`` (``() -> (HTTPStatus, dict)``, ``GET /readyz``).
+    ``readiness`` (``() -> (HTTPStatus, dict)``, ``GET /readyz``); ``memory_page`` (``() -> dict``,
+    ``GET /debug/memory``) is ``memory.Figures.read``, None (the default) to leave that route 404.
     ``counters`` (``metrics.Counters``) counts webhooks by outcome and signature verdicts.
     """
 
     def __init__(self, store, signatures, config, clock, on_event=None, health=None, report=None, counters=None,
-                 metrics_page=None, retry=None, replay=None, readiness=None):
+                 metrics_page=None, retry=None, replay=None, readiness=None, memory_page=None):
         self._store = store
         self._signatures = signatures
         self._webhook_auth = (config.webhook_username, config.webhook_password)
@@ -158,6 +161,7 @@ class Gate:
         self._metrics_page = metrics_page or str
         self._retry = retry
         self._replay = replay
+        self._memory_page = memory_page  # None: DEBUG_MEMORY is off and the route answers 404
         self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
         self._receiving = 0  # webhooks being verified or stored: each may be an event about to be stored
         self._receiving_lock = threading.Lock()
@@ -236,6 +240,12 @@ class Gate:
         """
         return self._operator_call(request, "retry", "invoice_id", self._retry, "nothing queued",
                                    {"refused": HTTPStatus.CONFLICT, "unknown": HTTPStatus.NOT_FOUND})
+
+    def debug_memory(self, request):
+        """GET /debug/memory: the memory figures, behind the operator's basic auth; 404 unless DEBUG_MEMORY is on."""
+        if self._memory_page is None:
+            return _error(HTTPStatus.NOT_FOUND, "not found")
+        return self._operator_denied(request, "debug") or Reply(HTTPStatus.OK, self._memory_page())
 
     def replay(self, request):
         """POST /events/replay: ``{"event_id": "..."}``, an operator's replay (``replay.replay``).
