@@ -258,7 +258,7 @@ def run(args):
         app = App(config, bank, store)
         # The try-it's webhook is registered once the port is known and before round 0
         # goes out, so that round's events are pushed, not pulled later.
-        register = (lambda port: _register_emulator_webhook(bank, config, port)) if emulator else None
+        register = (lambda port: _register_emulator_webhook(bank, config, port, emulator)) if emulator else None
         try:
             app.start(before_rounds=register)
         except OSError as e:
@@ -288,12 +288,15 @@ def run(args):
             _leave_throwaway(throwaway, config.database_path, args.keep_database)
 
 
-def _register_emulator_webhook(bank, config, port):
+def _register_emulator_webhook(bank, config, port, emulator):
     url = config_module.with_userinfo(config_module.local_url(config.host, port, "/webhook"),
                                       config.webhook_username, config.webhook_password)
     hook = bank.create_webhook(url, ["invoice", "transfer"])
     logger.info("emulator: webhook %s registered for port %d; invoices are paid a few seconds after each round",
                 hook["id"], port)
+    # Its command line (python -m stark_challenge.emulator pay/reverse/fail-transfer/set-balance/resend) acts on
+    # this emulator from another shell through this URL.
+    logger.info("emulator: commands (pay, reverse, ...): export STARK_EMULATOR_CONTROL=%s", emulator.control_url)
 
 
 COMMANDS = {None: run, "run": run, "status": commands.status, "check": commands.check,

@@ -61,6 +61,13 @@ from .vocabulary import ALARMS, INVALID_CODES, NOT_OURS_CODES, ROUND_STATES
 
 __all__ = ["Store", "StoreLocked", "StoreError", "Round", "Transfer", "StoredEvent"]
 
+# An invoice's statuses (its log types) in the order of its life: a log that arrives after
+# one of a later stage does not move the status back (Stark Bank does not promise the order
+# of its events: an invoice's "overdue" can come after its "expired", "paid" after "credited").
+# Unknown types rank with "created"; between equals, the later arrival wins.
+_INVOICE_STAGE = {"created": 0, "registered": 0, "updated": 0, "overdue": 1, "paid": 2, "canceled": 2,
+                  "expired": 2, "voided": 2, "credited": 3, "reversed": 4}
+
 # Seconds a writer waits for another process's lock before SQLite gives up.
 BUSY_TIMEOUT_S = 5.0
 # The longest an event's commit waits for the events its caller said are on their way.
@@ -701,17 +708,18 @@ class Store:
     def update_invoice(self, invoice_id, status, now, fee=None):
         """Record a new status (and fee, when known) of one of our invoices; return True if known.
 
-        A ``created`` or ``paid`` that arrives after ``credited`` (a redelivery, say) does
-        not move the status back: logs can arrive in any order.
+        Logs can arrive in any order: one of an earlier stage than the status recorded
+        (``_INVOICE_STAGE``: ``created`` or ``paid`` after ``credited``, a redelivery say;
+        ``overdue`` after ``expired``) leaves the status as it is.
         """
         with self.atomic():
-            cur = self._conn.execute(
-                "update invoice set status = ?, fee = coalesce(?, fee), updated_at = ?"
-                " where id = ? and not (status = 'credited' and ? in ('created', 'paid'))",
-                (status, fee, _iso(now), invoice_id, status),
-            )
-            # No row changed: not ours, or a late 'created' or 'paid' after 'credited' (ours, left as it is).
-            return cur.rowcount == 1 or self._one("select 1 from invoice where id = ?", (invoice_id,)) is not None
+            row = self._one("select status from invoice where id = ?", (invoice_id,))
+            if row is None:
+                return False
+            moves = _INVOICE_STAGE.get(status, 0) >= _INVOICE_STAGE.get(row[0], 0)
+            self._conn.execute("update invoice set status = ?, fee = coalesce(?, fee), updated_at = ? where id = ?",
+                               (status if moves else row[0], fee, _iso(now), invoice_id))
+            return True
 
     def has_invoice(self, invoice_id):
         """Return True if a round of ours issued the invoice (it is in the invoice table)."""

@@ -170,6 +170,17 @@ def test_paid_after_credited_keeps_the_invoice_credited(store):
     assert store.update_invoice("not-ours", "paid", at()) is False
 
 
+def test_an_invoice_status_never_goes_back_to_an_earlier_stage(store):
+    store.claim_round(0, at(), 2, at())
+    store.record_invoices(0, 0, [{"id": i, "amount": 500, "name": "A B", "tax_id": "x", "status": "created"}
+                                 for i in ("i1", "i2")], at())
+    for invoice_id, arrivals in (("i1", ("expired", "overdue", "created")), ("i2", ("reversed", "credited", "paid"))):
+        for n, status in enumerate(arrivals):
+            assert store.update_invoice(invoice_id, status, at(n), fee=7 if status == "credited" else None) is True
+    assert rows(store, "select id, status, fee from invoice order by id") == [("i1", "expired", None),
+                                                                           ("i2", "reversed", 7)]
+
+
 def test_a_round_is_claimed_until_it_is_settled(store):
     first = store.claim_round(0, at(), 9, at())
     assert (first.attempts, first.planned) == (0, 9)

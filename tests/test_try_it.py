@@ -2,6 +2,7 @@
 is deleted at exit unless --keep-database, which prints the status command that reads it."""
 
 import re
+import sys
 
 from support import Service, child_env, free_port, messages_matching, run_cli, wait_for
 
@@ -30,6 +31,11 @@ def test_the_webhook_is_registered_before_round_0_and_the_database_deleted_at_ex
         registered = [i for i, m in enumerate(messages) if m.startswith("emulator: webhook")]
         round_0 = [i for i, m in enumerate(messages) if m.startswith("round 0 issued")]
         assert registered and registered[0] < round_0[0], messages
+        # The emulator's command line reaches the try-it's emulator through the URL it prints.
+        [control] = [m.rsplit("=", 1)[1] for m in messages if m.startswith("emulator: commands")]
+        done = run_cli("-m", "stark_challenge.emulator", "set-balance", "12345", cwd=tmp_path,
+                       env={"STARK_EMULATOR_CONTROL": control}, executable=sys.executable)
+        assert (done.returncode, done.stdout) == (0, "balance: 12345 cents\n"), done.stderr
         assert service.stop() == 0, service.logs()
     finally:
         service.close()
