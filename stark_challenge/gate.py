@@ -230,7 +230,10 @@ class Gate:
         """Run ``call(id)`` for the id in the body's ``field``; return its Outcome as a Reply (``statuses`` by code).
 
         Behind the operator's basic auth; an id is Stark Bank's: digits, at most ``MAX_ID``.
+        A Gate built without ``call`` has no such route (404).
         """
+        if call is None:
+            return _error(HTTPStatus.NOT_FOUND, "not found")
         denied = self._operator_denied(request, what)
         if denied is not None:
             return denied

@@ -316,7 +316,7 @@ class Server:
         try:
             return self.gate.admit(complete, may_wait=False)
         except Exception:
-            self._log_unexpected("screening a request from %s failed", complete.client)
+            self._log_unexpected("deciding a request from %s on the selector thread failed", complete.client)
             return functools.partial(self.gate.admit, complete)
 
     def _answer_at_once(self, conn, head, reply):

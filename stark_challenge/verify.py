@@ -203,17 +203,9 @@ class Signatures:
     def __init__(self, fetch_key, verifier=None, clock=time.monotonic):
         self.keys = KeyCache(fetch_key, clock=clock)
         self._verifier = verifier or best_verifier()
+        self.name = self._verifier.name  # the verifier in use, e.g. "native (coincurve)"
+        self.cheap = self._verifier.cheap  # a check may run on the HTTP selector thread (may_wait=False)
         self._checking = threading.Lock()
-
-    @property
-    def name(self):
-        """The name of the verifier in use, e.g. ``"native (coincurve)"``."""
-        return self._verifier.name
-
-    @property
-    def cheap(self):
-        """True if a check is cheap enough for the HTTP selector thread (``check(..., may_wait=False)``)."""
-        return self._verifier.cheap
 
     def check(self, content, signature, may_wait=True):
         """Return True if ``signature`` (the header's text) signs ``content`` (the raw body, str).

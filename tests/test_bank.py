@@ -152,6 +152,7 @@ class WatchedVerifier:
     """The pure verifier, counting the checks that run at once; the first one waits for company."""
 
     name = "watched"
+    cheap = False  # the pure verifier inside
 
     def __init__(self, parsed):
         self._inner = verify.PureVerifier()

@@ -106,6 +106,14 @@ def test_basic_auth_guards_the_webhook_and_the_status(emulator, server_for):
     assert call(server, "GET", "/health")[0] == 200  # health stays open for probes
 
 
+def test_an_operator_endpoint_the_service_did_not_wire_does_not_exist(server_for):
+    server = server_for(OPERATOR_USERNAME="ops", OPERATOR_PASSWORD="0p3r")  # no retry, no replay given
+    operator = {"Authorization": "Basic b3BzOjBwM3I="}  # ops:0p3r
+    for path in ("/transfers/retry", "/events/replay"):
+        assert call(server, "POST", path, b'{"invoice_id": "1", "event_id": "1"}', operator)[:3:2] == (
+            404, {"error": "not found"}), path
+
+
 def test_without_operator_credentials_the_operator_endpoints_do_not_exist(server_for):
     server = server_for(WEBHOOK_USERNAME="stark", WEBHOOK_PASSWORD="s3cret")
     auth = {"Authorization": "Basic c3Rhcms6czNjcmV0"}  # stark:s3cret, the webhook's

@@ -165,7 +165,7 @@ def test_paid_after_credited_keeps_the_invoice_credited(store):
     store.record_invoices(0, 0, [{"id": "i1", "amount": 500, "name": "A B", "tax_id": "x", "status": "created"}], at())
     assert store.update_invoice("i1", "credited", at(1), fee=50) is True
     assert store.update_invoice("i1", "paid", at(2)) is True  # ours, left credited
-    assert store.update_invoice("i1", "created", at(3)) is True  # a late redelivery of its first log, too
+    assert store.update_invoice("i1", "created", at(3)) is True  # a late 'created': left credited too
     assert rows(store, "select status, fee from invoice") == [("credited", 50)]
     assert store.update_invoice("not-ours", "paid", at()) is False
 
