@@ -4,6 +4,7 @@ from stark_challenge import retention
 from stark_challenge.events import Event
 from stark_challenge.retention import Retention
 from stark_challenge.store import PRUNE_BATCH
+from stark_challenge.vocabulary import Outcome
 
 DAY = 86400
 
@@ -13,7 +14,7 @@ def add_events(store, count, now, prefix="ev", processed=True):
         event_id = f"{prefix}{i}"
         store.add_event(Event(event_id, "invoice", "updated", f"inv-{prefix}{i}", {"id": event_id}), "webhook", now)
         if processed:
-            store.finish_event(event_id, "updated", now)
+            store.finish_event(event_id, Outcome("invoice_status", "invoice updated"), now)
 
 
 def event_ids(store):
@@ -36,7 +37,7 @@ def test_prune_deletes_processed_events_received_before_the_cut_in_batches(store
 def test_prune_never_deletes_money_rows(store, clock):
     store.add_event(Event("ev-credit", "invoice", "credited", "inv1", {"id": "ev-credit"}), "webhook", clock())
     store.add_credit("inv1", "ev-credit", 10000, 50, "tag-inv-inv1", clock())
-    store.finish_event("ev-credit", "credit queued", clock())
+    store.finish_event("ev-credit", Outcome("credit_queued", "credit queued"), clock())
     before = {table: store._one(f"select count(*) from {table}")[0] for table in ("credit", "transfer")}
 
     assert store.prune_events(clock.advance(1), limit=10) == 1
