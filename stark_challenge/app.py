@@ -78,8 +78,9 @@ class App:
         self.server = Server((c.host, c.port), self.gate, c.max_connections, c.request_timeout_s)
         self.schedule = self._schedule()
         self.server.start()
-        logger.info("stark_challenge %s listening on %s:%d (%s, database %s, signatures verified by %s)",
-                    __version__, c.host, self.server.port, c.environment, c.database_path, self.signatures.name)
+        # Two lines, so that each fits 120 columns (the database path aside).
+        logger.info("stark_challenge %s (%s), database %s", __version__, c.environment, c.database_path)
+        logger.info("listening on %s:%d, signatures verified by %s", c.host, self.server.port, self.signatures.name)
         self.worker.start()
         self.worker_started.set()
         if before_rounds is not None:

@@ -32,7 +32,7 @@ def test_the_webhook_is_registered_before_round_0_and_the_database_deleted_at_ex
         round_0 = [i for i, m in enumerate(messages) if m.startswith("round 0 issued")]
         assert registered and registered[0] < round_0[0], messages
         # The emulator's command line reaches the try-it's emulator through the URL it prints.
-        [control] = [m.rsplit("=", 1)[1] for m in messages if m.startswith("emulator: commands")]
+        [control] = [m.split("=", 1)[1] for m in messages if m.startswith("export STARK_EMULATOR_CONTROL=")]
         done = run_cli("-m", "stark_challenge.emulator", "set-balance", "12345", cwd=tmp_path,
                        env={"STARK_EMULATOR_CONTROL": control}, executable=sys.executable)
         assert (done.returncode, done.stdout) == (0, "balance: 12345 cents\n"), done.stderr
