@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help test run bench crash clean
+.PHONY: help test run bench soak crash clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -41,6 +41,11 @@ run: $(STAMP) ## run the service: your project if STARK_PROJECT_ID is set, else 
 
 bench: $(STAMP) ## the webhook benchmark (prints figures)
 	$(BIN)/python bench/webhook_bench.py
+
+# The service under steady traffic for SOAK_MINUTES (default 30): memory, threads, files and
+# the database sampled every 30 s; writes bench/soak.json and bench/soak.svg (README, "Soak").
+soak: $(STAMP) ## the soak run: SOAK_MINUTES (30) of steady traffic, memory sampled
+	$(BIN)/python bench/soak.py
 
 # The service killed with SIGKILL at every durable step of the money path's story (each
 # commit, each call to Stark Bank before and after Stark Bank carried it out), restarted,

@@ -11,12 +11,14 @@ bounded by ``SHUTDOWN_TIMEOUT_S`` each, and closes the store.
 import logging
 import threading
 
-from . import __version__, metrics
+from . import __version__, memory, metrics
 from .console import Console
 from .gate import Gate
 from .invoicer import Invoicer
+from .retention import Retention
 from .scheduler import Schedule, open_window
 from .server import Server
+from .store import CACHE_KIB
 from .timing import utcnow
 from .verify import Signatures
 from .worker import Worker
@@ -39,10 +41,16 @@ class App:
         self.config, self.bank, self.store = config, bank, store
         self.signatures = signatures or Signatures(bank.fetch_public_key)
         self.counters = metrics.Counters()  # the process's own counts, for GET /metrics
+        figures = None  # GET /debug/memory, only when DEBUG_MEMORY asks for it
+        if config.debug_memory != "off":
+            if config.debug_memory == "trace":
+                memory.start_tracing()
+            figures = memory.Figures(cache_kib=CACHE_KIB).read
         self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters,
                              reconcile_interval_s=config.reconcile_interval_s,
                              reconcile_after_s=config.reconcile_after_s, alarm_after_s=config.alarm_after_s,
-                             lease_s=4 * config.bank_timeout_s + 60)
+                             lease_s=4 * config.bank_timeout_s + 60,
+                             retention=Retention(store, config.event_retention_s, utcnow))
         self.worker_started = threading.Event()  # set by start() once the worker thread runs
         self.schedule = None  # built by start(), once the service listens
         self.server = None
@@ -51,7 +59,7 @@ class App:
         self.gate = Gate(store, self.signatures, config, clock=utcnow, on_event=self.worker.wake,
                          health=self.console.health, report=self.console.status_page, counters=self.counters,
                          metrics_page=self.console.metrics_page, retry=self.console.retry,
-                         replay=self.console.replay)
+                         replay=self.console.replay, readiness=self.console.readiness, memory_page=figures)
 
     def healthy(self):
         """Return True if the store answers and the worker and HTTP threads run (the watchdog's test)."""
@@ -70,8 +78,9 @@ class App:
         self.server = Server((c.host, c.port), self.gate, c.max_connections, c.request_timeout_s)
         self.schedule = self._schedule()
         self.server.start()
-        logger.info("stark_challenge %s listening on %s:%d (%s, database %s, signatures verified by %s)",
-                    __version__, c.host, self.server.port, c.environment, c.database_path, self.signatures.name)
+        # Two lines, so that each fits 120 columns (the database path aside).
+        logger.info("stark_challenge %s (%s), database %s", __version__, c.environment, c.database_path)
+        logger.info("listening on %s:%d, signatures verified by %s", c.host, self.server.port, self.signatures.name)
         self.worker.start()
         self.worker_started.set()
         if before_rounds is not None:

@@ -21,7 +21,7 @@ from . import config as config_module, logs, report
 from .errors import BankError, BankRejected, ConfigError
 from .timing import utcnow
 
-__all__ = ["status", "transfers", "check", "keygen", "webhook", "load_config", "fail"]
+__all__ = ["read_report", "status", "transfers", "check", "keygen", "webhook", "load_config", "fail"]
 
 # Seconds the retry command waits for the running service's answer (it asks Stark Bank once).
 RETRY_TIMEOUT_S = 60.0
@@ -56,7 +56,7 @@ def fail(message, status=2):
     return status
 
 
-def _report(path):
+def read_report(path):
     """Return the status report of the database at ``path``, read-only; raise StoreError."""
     from .store import Store
 
@@ -72,7 +72,7 @@ def status(args):
     from .store import StoreError
 
     try:
-        data = _report(load_config(args, require_credentials=False).database_path)
+        data = read_report(load_config(args, require_credentials=False).database_path)
     except ConfigError as e:
         return fail(str(e))
     except StoreError as e:
@@ -281,7 +281,7 @@ def _database_plan(path):
     if not os.path.exists(path):
         return "new: the first round is issued at start"
     try:
-        data = _report(path)
+        data = read_report(path)
     except StoreError as e:
         return f"unreadable: {e}"
     r = data["rounds"]

@@ -173,6 +173,12 @@ VARIABLES = (
       "max_connections", _whole(1, 1024)),
     V("REQUEST_TIMEOUT", "10s", "a request must arrive whole within this of its first byte, and an idle "
                                 "connection is closed after it", "request_timeout_s", _seconds(allow_zero=False)),
+    V("EVENT_RETENTION", "90d", "how long received events (and their bodies) are kept, then deleted in small batches; "
+      "money rows (rounds, invoices, credits, transfers) are never deleted; 0 = keep forever",
+      "event_retention_s", _seconds(allow_zero=True)),
+    V("DEBUG_MEMORY", "off", "off; on: GET /debug/memory (basic auth) answers the process's memory figures; "
+      "trace: the same plus tracemalloc's top allocation sites (slower: for diagnosis only)", "debug_memory",
+      _one_of(("off", "on", "trace"), "must be off, on or trace")),
     V("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", "log_level",
       _one_of(("DEBUG", "INFO", "WARNING", "ERROR"), "must be DEBUG, INFO, WARNING or ERROR", case=str.upper)),
     V("LOG_FORMAT", "", "text, json or journal (journald's native protocol, with fields); default: journal "
@@ -226,6 +232,8 @@ class Config(NamedTuple):
     alarm_after_s: float
     max_connections: int
     request_timeout_s: float  # a stalled client is cut off after this
+    event_retention_s: float  # 0 = events are kept forever
+    debug_memory: str  # "off", "on" or "trace"
     log_level: str
     log_format: str  # "text", "json" or "journal"
 

@@ -1,6 +1,7 @@
 """Console: what the service tells about itself, and the operator's retry: the bodies behind the gate's routes.
 
-``health`` for ``GET /health`` (a status word, for anyone); ``status_page`` for
+``health`` for ``GET /health`` (a status word, for anyone), ``readiness`` for ``GET /readyz``
+(the database and Stark Bank's key, for anyone; it may fetch the key); ``status_page`` for
 ``GET /status`` and ``metrics_page`` for ``GET /metrics`` (the money summary, the live
 details and the same numbers for Prometheus); ``retry`` for ``POST /transfers/retry`` and
 ``replay`` for ``POST /events/replay``. Who may ask, and the HTTP status of each
@@ -13,6 +14,7 @@ import threading
 from http import HTTPStatus
 
 from . import __version__, metrics, replay, report, resend
+from .errors import BankUnavailable
 from .timing import utcnow
 
 __all__ = ["Console"]
@@ -52,6 +54,24 @@ class Console:
         if self._worker.last_pass_at is None:
             return HTTPStatus.OK, {"status": "starting"}
         return HTTPStatus.OK, {"status": "ok"}
+
+    def readiness(self):
+        """Return (HTTPStatus, body) for GET /readyz: 200 ``ready`` when the store answers and Stark Bank's
+        public key is at hand (the webhook's signature check needs it), else 503 naming each as ``ok`` or
+        ``unavailable``.
+
+        With no key cached yet, it is fetched here (``KeyCache.get``: at most one attempt per
+        its retry period, whatever the number of probes).
+        """
+        store_ok = self._store.ping()
+        try:
+            key_ok = self._signatures.keys.get() is not None
+        except BankUnavailable:
+            key_ok = False
+        if store_ok and key_ok:
+            return HTTPStatus.OK, {"status": "ready"}
+        return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "not ready", "database": "ok" if store_ok else "unavailable",
+                                                "public_key": "ok" if key_ok else "unavailable"}
 
     def details(self):
         """Return the service's live details (version, store, scheduler, worker, verifier, key fetches) as a dict."""

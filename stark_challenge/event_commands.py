@@ -19,8 +19,8 @@ __all__ = ["events", "REPLAY_TIMEOUT_S"]
 
 # Seconds the replay command waits for the running service's answer (it asks Stark Bank once).
 REPLAY_TIMEOUT_S = 60.0
-# Width of the outcome column in the listing, so that a line fits 120 columns.
-_OUTCOME_WIDTH = 40
+# Width of the outcome column in the listing, so that a line of 16-digit ids fits 120 columns.
+_OUTCOME_WIDTH = 37
 
 
 def events(args):
@@ -51,8 +51,8 @@ def _line(row):
     if len(outcome) > _OUTCOME_WIDTH:
         outcome = outcome[:_OUTCOME_WIDTH - 3] + "..."
     kind = f"{row['subscription']} {row['log_type']}"
-    return (f"{_when(row['received_at'])}  {row['id']:<18} {row['source']:<7} {kind:<18} "
-            f"{row['entity_id']:<18} {outcome}")
+    return (f"{_when(row['received_at'])}  {row['id']:<16} {row['source']:<7} {kind:<19} "
+            f"{row['entity_id']:<16} {outcome}")
 
 
 def _show(event_id, row, as_json):

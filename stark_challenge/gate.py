@@ -8,13 +8,15 @@ every check and its answer can be read, and tested, in this one module.
 
 The routes (``ROUTES``, the one routing table, and the one place that says which
 methods exist): ``POST /webhook``, Stark Bank's events; ``GET /health``, the status word
-only, for probes; ``GET /status``, the money summary and the service's details, and
+only, for probes; ``GET /livez`` (the process answers) and ``GET /readyz`` (the database
+answers and Stark Bank's key is at hand), for an orchestrator's probes; ``GET /status``, the money summary and the service's details, and
 ``GET /metrics``, the same numbers for Prometheus (text); ``POST /transfers/retry``
 (``{"invoice_id": ...}``), an operator's retry of a stuck transfer (``resend``);
 ``POST /events/replay`` (``{"event_id": ...}``), an operator's replay of an event from
 Stark Bank (``replay``). The last four are the operator's: behind the operator's basic auth
 (``OPERATOR_USERNAME``/``OPERATOR_PASSWORD``), never the webhook's, and 404 when that
-pair is not configured. Any other path is 404, another known method on a known path
+pair is not configured. ``GET /debug/memory``, the process's memory figures (``memory``), is
+the operator's too, and exists only when ``DEBUG_MEMORY`` is on. Any other path is 404, another known method on a known path
 405 (with ``Allow``), a method outside ``METHODS`` 501 and the connection closed. Every
 answer is JSON, except the metrics.
 
@@ -79,13 +81,16 @@ logger = logging.getLogger(__name__)
 ROUTES = {
     "/webhook": {"POST": "webhook"},
     "/health": {"GET": "health", "HEAD": "health"},
+    "/livez": {"GET": "livez", "HEAD": "livez"},
+    "/readyz": {"GET": "readyz", "HEAD": "readyz"},
     "/status": {"GET": "status", "HEAD": "status"},
     "/metrics": {"GET": "metrics", "HEAD": "metrics"},
     "/transfers/retry": {"POST": "retry"},
     "/events/replay": {"POST": "replay"},
+    "/debug/memory": {"GET": "debug_memory"},
 }
 # The routes behind the operator's credentials, which do not exist without them.
-OPERATOR_ROUTES = frozenset({"/status", "/metrics", "/transfers/retry", "/events/replay"})
+OPERATOR_ROUTES = frozenset({"/status", "/metrics", "/transfers/retry", "/events/replay", "/debug/memory"})
 # Methods answered 404 or 405; any other is 501, as http.server answers a method it has no do_ for.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
@@ -135,12 +140,14 @@ class Gate:
     ``health`` (``() -> (HTTPStatus, dict)``, ``GET /health``), ``report`` (``() -> dict``,
     ``GET /status``), ``metrics_page`` (``() -> str``, ``GET /metrics``), ``retry``
     (``(invoice_id) -> resend.Outcome``, ``POST /transfers/retry``) and ``replay``
-    (``(event_id) -> replay.Outcome``, ``POST /events/replay``): ``console.Console``'s.
+    (``(event_id) -> replay.Outcome``, ``POST /events/replay``): ``console.Console``'s, as is
+    ``readiness`` (``() -> (HTTPStatus, dict)``, ``GET /readyz``); ``memory_page`` (``() -> dict``,
+    ``GET /debug/memory``) is ``memory.Figures.read``, None (the default) to leave that route 404.
     ``counters`` (``metrics.Counters``) counts webhooks by outcome and signature verdicts.
     """
 
     def __init__(self, store, signatures, config, clock, on_event=None, health=None, report=None, counters=None,
-                 metrics_page=None, retry=None, replay=None):
+                 metrics_page=None, retry=None, replay=None, readiness=None, memory_page=None):
         self._store = store
         self._signatures = signatures
         self._webhook_auth = (config.webhook_username, config.webhook_password)
@@ -148,11 +155,13 @@ class Gate:
         self._clock = clock  # () -> aware UTC datetime
         self._on_event = on_event
         self._health = health or (lambda: (HTTPStatus.OK, {"status": "ok"}))
+        self._readiness = readiness or (lambda: (HTTPStatus.OK, {"status": "ready"}))
         self._report = report or dict
         self.counters = counters or metrics.Counters()
         self._metrics_page = metrics_page or str
         self._retry = retry
         self._replay = replay
+        self._memory_page = memory_page  # None: DEBUG_MEMORY is off and the route answers 404
         self.refusals = Throttle()  # refusal lines: the first of a kind, then at most one a second
         self._receiving = 0  # webhooks being verified or stored: each may be an event about to be stored
         self._receiving_lock = threading.Lock()
@@ -178,10 +187,18 @@ class Gate:
             decide = functools.partial(_error, HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed",
                                        (("Allow", ", ".join(allowed)),))
         elif allowed[request.method] == "webhook":
-            return self._webhook(request, may_wait)
+            return self._timed(self._webhook(request, may_wait), time.monotonic())
         else:
             decide = functools.partial(getattr(self, allowed[request.method]), request)
         return decide() if may_wait else decide
+
+    def _timed(self, decided, began):
+        """Return ``decided`` (a webhook's Reply, or a callable that finishes it), counting in the webhook
+        latency histogram the seconds from ``began`` (monotonic) until its Reply exists."""
+        if callable(decided):  # a Reply is a tuple, never callable
+            return lambda: self._timed(decided(), began)
+        self.counters.observe(metrics.WEBHOOK_SECONDS, time.monotonic() - began)
+        return decided
 
     def refuse(self, status, reason, what, client, headers=(), close=False, kind=None):
         """Log a refusal (throttled by ``kind``, a fixed text; default ``reason``) and return its Reply."""
@@ -194,6 +211,15 @@ class Gate:
     def health(self, request):
         """GET /health: the status word, for anyone who asks."""
         status, payload = self._health()
+        return Reply(status, payload)
+
+    def livez(self, request):
+        """GET /livez: 200 whenever the process answers HTTP at all (a liveness probe restarts it otherwise)."""
+        return Reply(HTTPStatus.OK, {"status": "alive"})
+
+    def readyz(self, request):
+        """GET /readyz: 200 when webhooks can be taken (database and Stark Bank's key), 503 naming what is not."""
+        status, payload = self._readiness()
         return Reply(status, payload)
 
     def status(self, request):
@@ -215,6 +241,12 @@ class Gate:
         """
         return self._operator_call(request, "retry", "invoice_id", self._retry, "nothing queued",
                                    {"refused": HTTPStatus.CONFLICT, "unknown": HTTPStatus.NOT_FOUND})
+
+    def debug_memory(self, request):
+        """GET /debug/memory: the memory figures, behind the operator's basic auth; 404 unless DEBUG_MEMORY is on."""
+        if self._memory_page is None:
+            return _error(HTTPStatus.NOT_FOUND, "not found")
+        return self._operator_denied(request, "debug") or Reply(HTTPStatus.OK, self._memory_page())
 
     def replay(self, request):
         """POST /events/replay: ``{"event_id": "..."}``, an operator's replay (``replay.replay``).

@@ -2,7 +2,8 @@
 
 ``setup(level, fmt)`` installs one handler on the root logger, writing to stderr:
 
-- ``text``: ``2026-11-28 14:00:00 INFO  invoicer: round 0 issued: 9 invoices, total R$ 3,120.00``
+- ``text``: ``2026-11-28 14:00:00 INFO    round 0 issued: 9 invoices, total R$ 3,120.00``, for a
+  person: the message after the time and level, the logger's name only on warnings and errors;
 - ``json``: ``{"time": "...", "level": "INFO", "logger": "stark_challenge.invoicer", "message": "..."}``
   one object a line, with ``exception`` when there is a traceback, and the record's
   fields (below) as keys of their own;
@@ -140,7 +141,7 @@ def _utc(record):
 
 
 class TextFormatter(logging.Formatter):
-    """One readable line per record: time (UTC), level, short logger name, message.
+    """One readable line per record: time (UTC), level, message; warnings and errors name the short logger.
 
     With ``journald``: ``<priority>short name: message``, every line of a traceback
     prefixed too; journald has the time and reads the level from the prefix.
@@ -155,7 +156,8 @@ class TextFormatter(logging.Formatter):
         if self._journald:
             line = f"{name}: {record.getMessage()}"
         else:
-            line = f"{_utc(record):%Y-%m-%d %H:%M:%S} {record.levelname:<7} {name}: {record.getMessage()}"
+            where = f"{name}: " if record.levelno >= logging.WARNING else ""
+            line = f"{_utc(record):%Y-%m-%d %H:%M:%S} {record.levelname:<7} {where}{record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         line = redact(line)

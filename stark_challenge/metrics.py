@@ -24,6 +24,7 @@ Threads: ``Counters.add`` takes one lock for a dict update, cheap enough for the
 webhook path; ``snapshot`` copies under the same lock.
 """
 
+import bisect
 import math
 import os
 import resource
@@ -37,6 +38,13 @@ __all__ = ["Counters", "Family", "exposition", "service_families", "process_fami
            "KNOWN_LABELS"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Upper bounds (seconds) of the latency histograms' buckets: a forged webhook is refused in
+# well under a millisecond, a stored one waits for its commit's fsync (milliseconds), and
+# anything near a second is a client or a disk in trouble.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The histogram of POST /webhook: from the request whole to its answer decided.
+WEBHOOK_SECONDS = "stark_challenge_webhook_duration_seconds"
 
 # Every label set the service's code counts, per counter: each is exposed at 0 until it is
 # first counted. A label set counted but not listed here still appears, once counted.
@@ -63,12 +71,32 @@ class Counters:
     def __init__(self):
         self._lock = threading.Lock()
         self._values = {}  # (name, labels) -> int, guarded by _lock
+        self._histograms = {}  # name -> [count per bucket of LATENCY_BUCKETS_S and +Inf, sum], guarded by _lock
 
     def add(self, name, labels=(), amount=1):
         """Add ``amount`` (default 1) to the counter ``name`` with ``labels``."""
         key = (name, labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0) + amount
+
+    def observe(self, name, seconds):
+        """Count one duration of ``seconds`` in the histogram ``name`` (buckets ``LATENCY_BUCKETS_S``)."""
+        index = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
+        with self._lock:
+            counts = self._histograms.setdefault(name, [0] * (len(LATENCY_BUCKETS_S) + 2))
+            counts[index] += 1
+            counts[-1] += seconds
+
+    def histogram_samples(self, name):
+        """Return the samples of the histogram ``name`` for a ``histogram`` Family: cumulative
+        ``_bucket`` counts by ``le`` (+Inf last), then ``_sum`` and ``_count``; all 0 if never observed."""
+        with self._lock:
+            counts = list(self._histograms.get(name, [0] * (len(LATENCY_BUCKETS_S) + 2)))
+        samples, total = [], 0
+        for bound, count in zip(LATENCY_BUCKETS_S + (math.inf,), counts):
+            total += count
+            samples.append(("_bucket", (("le", "+Inf" if bound == math.inf else repr(bound)),), total))
+        return samples + [("_sum", (), float(counts[-1])), ("_count", (), total)]
 
     def value(self, name, labels=()):
         """Return the current value of one counter (0 if never added to)."""
@@ -84,12 +112,14 @@ class Counters:
 
 
 class Family(NamedTuple):
-    """One metric family: its name, type (``counter`` or ``gauge``), help text and samples."""
+    """One metric family: its name, type (``counter``, ``gauge`` or ``histogram``), help text and samples."""
 
     name: str
     type: str
     help: str
-    samples: list  # [(labels: tuple of (name, value) pairs, value: int or float)]
+    # [(labels: tuple of (name, value) pairs, value: int or float)]; a histogram's samples
+    # are (suffix, labels, value), the suffix being _bucket, _sum or _count.
+    samples: list
 
 
 def _escape_label(value):
@@ -124,9 +154,11 @@ def exposition(families):
             raise ValueError(f"counter {family.name} must end in _total")
         lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
         lines.append(f"# TYPE {family.name} {family.type}")
-        for labels, value in family.samples:
+        for sample in family.samples:
+            suffix, labels, value = sample if family.type == "histogram" else ("", *sample)
             text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            lines.append(f"{family.name}{{{text}}} {_number(value)}" if text else f"{family.name} {_number(value)}")
+            name = family.name + suffix
+            lines.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +204,9 @@ def service_families(report, credit_outcomes, counters, public_key_fetches, last
         Family("stark_challenge_webhooks_total", "counter",
                "POST /webhook answers by outcome: stored, duplicate, refused (by reason), unavailable (503).",
                counters.samples("stark_challenge_webhooks_total")),
+        Family(WEBHOOK_SECONDS, "histogram",
+               "POST /webhook answers by how long they took, from the request whole to the answer decided "
+               "(a handler thread's wait included).", counters.histogram_samples(WEBHOOK_SECONDS)),
         Family("stark_challenge_signature_verifications_total", "counter",
                "Digital-Signature checks by verdict.",
                counters.samples("stark_challenge_signature_verifications_total")),

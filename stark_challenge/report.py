@@ -21,6 +21,10 @@ def reais(cents):
     return f"{sign}R$ {cents // 100:,}.{cents % 100:02d}"
 
 
+def _mib(count):
+    return f"{count / 2**20:.1f} MiB"
+
+
 def build(summary, now):
     """Return the status dict: the store's ``summary`` plus the rounds due by ``now`` (aware UTC)."""
     report = dict(summary)
@@ -78,6 +82,10 @@ def render(report):
     if e.get("not_ours") or e.get("invalid"):
         lines.append(("  refused", f"{e.get('not_ours', 0)} not ours (moved nothing), "
                                    f"{e.get('invalid', 0)} with invalid data"))
+    storage = report.get("storage")
+    if storage:
+        lines.append(("database", f"{_mib(storage['bytes'])} in use, {_mib(storage['free_bytes'])} free for reuse; "
+                                  f"oldest event {storage['oldest_event_at'] or 'none'}"))
     alarms = report.get("alarms") or []
     if alarms:
         lines.append(("ALARMS", f"{len(alarms)} standing: a person must look"))

@@ -72,6 +72,15 @@ _INVOICE_STAGE = {"created": 0, "registered": 0, "updated": 0, "overdue": 1, "pa
 BUSY_TIMEOUT_S = 5.0
 # The longest an event's commit waits for the events its caller said are on their way.
 GROUP_WAIT_S = 0.002
+# SQLite's page cache, per connection, in KiB. The service holds one connection (``status``
+# opens its own, in its own process), so this is the most the cache can take of its memory,
+# however large the database grows. Set here rather than left to the library's build.
+CACHE_KIB = 2048
+# After a checkpoint the write-ahead log is cut back to this, so a burst of writes does
+# not leave a large file behind for good.
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
+# Events deleted per transaction by ``prune_events``: short, so webhooks wait little on it.
+PRUNE_BATCH = 500
 
 _TRANSFER_DDL = """create table if not exists %(table)s (
         external_id text primary key,
@@ -140,6 +149,7 @@ SCHEMA = (
     )""",
     "create index if not exists event_pending on event (processed_at) where processed_at is null",
     "create index if not exists event_outcome on event (outcome_code)",
+    "create index if not exists event_received on event (received_at)",  # retention: oldest first
     """create table if not exists credit (
         invoice_id text primary key,
         event_id text not null,
@@ -340,6 +350,8 @@ class Store:
             self._conn.execute("pragma journal_mode = wal")
             self._conn.execute("pragma synchronous = full")
             self._conn.execute("pragma foreign_keys = on")
+            self._conn.execute(f"pragma cache_size = -{CACHE_KIB}")  # negative: KiB, not pages
+            self._conn.execute(f"pragma journal_size_limit = {WAL_LIMIT_BYTES}")
             with self.atomic():
                 self._bring_schema_up_to_date()
         except sqlite3.Error as e:
@@ -673,6 +685,22 @@ class Store:
                 (_iso(now), outcome.text[:200], outcome.code, event_id),
             )
             return cur.rowcount == 1
+
+    def prune_events(self, before, limit=PRUNE_BATCH):
+        """Delete up to ``limit`` processed events received before ``before``, oldest first; return how many.
+
+        Only events (and the bodies they hold) are ever deleted: rounds, invoices,
+        credits and transfers are the money's record and stay. An event not yet
+        processed is kept whatever its age. One short transaction per call: the
+        caller repeats it until it returns less than ``limit``.
+        """
+        with self.atomic():
+            cur = self._conn.execute(
+                "delete from event where id in (select id from event where processed_at is not null"
+                " and received_at < ? order by received_at limit ?)",
+                (_iso(before), limit),
+            )
+            return cur.rowcount
 
     def event_processed(self, event_id):
         """Return True if the event is stored and processed."""
@@ -1156,7 +1184,19 @@ class Store:
             "transferred": transfers.get("success", {"amount": 0})["amount"],
             "events": dict(events),
             "alarms": [dict(r) for r in alarms],
+            "storage": self._storage(),
         }
+
+    def _storage(self):
+        """Return the database's size: bytes in use, bytes free (pages the file keeps for reuse), the oldest event's time.
+
+        The write-ahead log beside it is left out: it comes and goes with checkpoints,
+        and is cut back to ``WAL_LIMIT_BYTES`` after each.
+        """
+        page = self._one("pragma page_size")[0]
+        pages, free = self._one("pragma page_count")[0], self._one("pragma freelist_count")[0]
+        oldest = self._one("select min(received_at) from event")[0]
+        return {"bytes": (pages - free) * page, "free_bytes": free * page, "oldest_event_at": oldest}
 
 
 # Error codes with which Stark Bank refuses a create because a transfer with the external id exists.

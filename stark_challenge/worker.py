@@ -16,7 +16,8 @@ One pass (``run_once``) does, in order:
    really fail) is asked here with our own credentials and handed in as
    ``events.Facts``. An event whose question Stark Bank does not answer stays
    pending and is asked again with backoff (bounded, with jitter); the others go on;
-3. send the transfers that are due (``transfers.Sender``), up to 100 in one create call.
+3. send the transfers that are due (``transfers.Sender``), up to 100 in one create call;
+4. delete a few batches of events older than ``EVENT_RETENTION``, when due (``retention``).
 
 ``events.accept`` calls ``wake()`` after storing a new event, so a credit is forwarded at
 once; otherwise the thread sleeps until the next due transfer or pull. Passes start at
@@ -67,7 +68,7 @@ class Worker:
     def __init__(self, store, bank, instance_tag, poll_interval_s, clock=utcnow, sender=None, rng=None,
                  counters=None, gather_s=GATHER_S, reconcile_interval_s=RECONCILE_INTERVAL_S,
                  reconcile_after_s=CHECK_AFTER_S, alarm_after_s=ALARM_AFTER_S, lease_s=None,
-                 monotonic=time.monotonic):
+                 monotonic=time.monotonic, retention=None):
         self._store = store
         self._bank = bank
         self._tag = instance_tag
@@ -96,6 +97,7 @@ class Worker:
         self._waiting = {}  # event id -> (when to ask again, failures in a row): questions Stark Bank left unanswered
         self._page_full = False  # the last process_events took a full batch: more may be pending
         self._gather_s = gather_s  # the least time between the starts of two passes of the thread
+        self._retention = retention  # a retention.Retention, or None to keep every event
         self.last_pass_at = None  # for /health
         self.last_error = None
 
@@ -129,6 +131,8 @@ class Worker:
             self._sender.check_due(states=("sending", "exists"))  # expired claims, and ids Stark Bank said exist
         if not self._stop.is_set() and (self._next_reconcile_at is None or self._clock() >= self._next_reconcile_at):
             self.reconcile()
+        if self._retention is not None and not self._stop.is_set():
+            self._retention.run_if_due()
         self.last_pass_at = self._clock()
         return self._seconds_to_next()
 

@@ -4,7 +4,9 @@ The story of the money path runs once without a kill, which must hold every inva
 and lists its crash points; then a few of them, every k-th from an offset drawn from a
 seed, are run with the service killed there. The seed changes from run to run (so the
 suite covers the points over time) and is printed; ``CRASH_SEED=<seed>`` repeats a
-sample, and a failure names the point to run alone with ``make crash POINT=<id>``.
+sample, and a failure names the point to run alone with ``make crash POINT=<id>``. The
+restart's time is printed, not asserted (``make crash`` holds it to 5 s): the suite checks
+behaviour, not speed, on a machine it shares.
 """
 
 import os
@@ -29,7 +31,9 @@ def test_a_sample_of_crash_points_holds_every_invariant(emulator_certificates, t
         print(f"\ncrash sample: seed {seed} (CRASH_SEED={seed} repeats it): "
               f"{', '.join(p.id for p in chosen)} of {len(found)} points")
     for point in chosen:
-        result = run.run_point(point, emulator_certificates, base=str(tmp_path))
+        result = run.run_point(point, emulator_certificates, base=str(tmp_path), timed=False)
+        with capsys.disabled():
+            print(run.line(1, 1, result))
         assert result.held, (f"crash point {point.id} (seed {seed}): {run.line(1, 1, result)}; "
                              f"rerun it alone: make crash POINT={point.id}")
 

@@ -59,7 +59,7 @@ def test_events_lists_shows_and_replays_without_moving_money_twice(emulator, ser
     lines = listed.stdout.splitlines()
     assert lines and all(len(line) <= 120 for line in lines), lines
     (line,) = [line for line in lines if credited["id"] in line]
-    assert f" pull    invoice credited   {invoice['id']}" in line and line.endswith("credit queued")
+    assert f" pull    invoice credited    {invoice['id']} " in line and line.endswith("credit queued")
     rows = json.loads(cli(service, "events", "--json", "--limit", "100").stdout)
     assert sorted(r["id"] for r in rows) == sorted(r[0] for r in query(service, "select id from event"))
 
@@ -102,3 +102,39 @@ def test_events_on_a_database_without_events(store, tmp_path):
     assert (done.returncode, done.stdout, done.stderr) == (0, "no events\n", "")
     missing = run_cli("events", "show", "1", cwd=tmp_path, env={"DATABASE_PATH": tmp_path / "none.sqlite3"})
     assert missing.returncode == 1 and "no such database" in missing.stderr
+
+
+def test_a_service_without_operator_credentials_takes_no_replay(emulator, service_factory):
+    service = service_factory(webhook=False, INVOICE_MIN=1, INVOICE_MAX=1, OPERATOR_USERNAME="", OPERATOR_PASSWORD="")
+    service.start()
+    assert service.request("POST", "/events/replay", b'{"event_id": "1"}')[0] == 404
+    done = cli(service, "events", "replay", "1")
+    assert done.returncode == 2 and "set OPERATOR_USERNAME and OPERATOR_PASSWORD" in done.stderr
+
+
+def test_replay_errors_are_one_line(emulator_project, store, tmp_path):
+    database = {"DATABASE_PATH": tmp_path / "state.sqlite3"}
+    store.close()  # stopped: the command opens the store itself
+    no_file = run_cli("events", "replay", "1", cwd=tmp_path, env={"DATABASE_PATH": tmp_path / "none.sqlite3"})
+    assert no_file.returncode == 1 and no_file.stderr.endswith("no such database (set DATABASE_PATH)\n")
+    no_project = run_cli("events", "replay", "1", cwd=tmp_path, env=database)
+    assert no_project.returncode == 2 and no_project.stderr.startswith("stark_challenge: STARK_PROJECT_ID: not set")
+    unknown = run_cli("events", "replay", "1", cwd=tmp_path, env={**emulator_project.env, **database})
+    assert unknown.returncode == 2 and unknown.stderr.endswith("Stark Bank has no such event for this workspace\n")
+    unreachable = run_cli("events", "replay", "1", cwd=tmp_path,
+                          env={**emulator_project.env, **database, "HTTPS_PROXY": "http://127.0.0.1:9",
+                               "https_proxy": "http://127.0.0.1:9", "BANK_TIMEOUT": "2s"})
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith("stark_challenge: Stark Bank did not answer, nothing stored: ")
+    bad = run_cli("events", cwd=tmp_path, env={**database, "INVOICE_MIN": "eight"})
+    assert (bad.returncode, bad.stderr) == (2, "stark_challenge: INVOICE_MIN: must be a whole number\n")
+
+
+def test_a_listing_line_fits_120_columns_whatever_the_outcome():
+    from stark_challenge.event_commands import _line
+
+    row = {"received_at": "2026-12-06T02:00:00.123456+00:00", "id": "6" * 16, "source": "webhook",
+           "subscription": "invoice", "log_type": "credited", "entity_id": "5" * 16,
+           "outcome": "not issued here: Stark Bank reports it 'created', not paid, and a great deal more"}
+    line = _line(row)
+    assert len(line) <= 120 and line.endswith("...") and line.startswith("2026-12-06 02:00:00  6666")

@@ -371,7 +371,7 @@ def test_a_signal_during_a_transfer_call_finishes_it_closes_the_database_and_exi
     assert query(service, "select state from transfer") == [("created",)]
     assert len(emulator.transfers()) == 1
     assert not os.path.exists(service.env["DATABASE_PATH"] + "-wal")  # closed: checkpointed
-    assert messages_matching(service, "^stopped$")
+    assert messages_matching(service, "^stopped; ")
 
 
 def test_sigterm_during_a_round_create_call_waits_for_the_round_and_exits_0(emulator, service_factory):

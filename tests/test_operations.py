@@ -30,7 +30,9 @@ def parse_exposition(text):
 
     Fails on: a sample before its family's TYPE, a TYPE repeated or after samples, an unknown
     type, a counter not ending in _total, a malformed label set or value, a repeated sample,
-    a missing final newline."""
+    a missing final newline, a histogram without its +Inf bucket, _sum and _count, or whose
+    buckets are not cumulative or end elsewhere than at _count. A histogram's samples keep
+    their suffixed names (``x_bucket``, ``x_sum``, ``x_count``)."""
     assert text.endswith("\n")
     types, samples, helped = {}, {}, set()
     for line in text[:-1].split("\n"):
@@ -41,7 +43,7 @@ def parse_exposition(text):
             continue
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
-            assert name not in types and kind in ("counter", "gauge"), line
+            assert name not in types and kind in ("counter", "gauge", "histogram"), line
             assert not any(n == name for n, _ in samples), "TYPE after samples: " + line
             types[name] = kind
             continue
@@ -63,11 +65,20 @@ def parse_exposition(text):
             assert rest.startswith(" "), line
             rest = rest[1:]
         assert _VALUE.fullmatch(rest), line
-        assert name in types, "sample before its TYPE: " + line
-        assert types[name] != "counter" or name.endswith("_total"), line
+        family = next((name[:-len(s)] for s in ("_bucket", "_sum", "_count")
+                       if name.endswith(s) and types.get(name[:-len(s)]) == "histogram"), name)
+        assert family in types, "sample before its TYPE: " + line
+        assert types[family] != "counter" or name.endswith("_total"), line
+        assert types[family] != "histogram" or name != family, "a histogram sample needs its suffix: " + line
         key = (name, frozenset(labels))
         assert key not in samples, "repeated: " + line
         samples[key] = float(rest)
+    for family in (n for n, kind in types.items() if kind == "histogram"):
+        buckets = sorted((float(dict(labels)["le"]), v) for (n, labels), v in samples.items()
+                         if n == family + "_bucket")
+        assert buckets and buckets[-1][0] == math.inf, family + ": no +Inf bucket"
+        assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:])), family + ": buckets not cumulative"
+        assert samples[(family + "_count", frozenset())] == buckets[-1][1] and (family + "_sum", frozenset()) in samples
     return samples
 
 

@@ -29,7 +29,7 @@ def test_make_help_lists_the_targets(tmp_path):
     done = subprocess.run(["make", "-s", "-C", ROOT, "help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     targets = [line.split()[1] for line in done.stdout.splitlines()]
-    assert targets == ["help", "test", "run", "bench", "crash", "clean"]
+    assert targets == ["help", "test", "run", "bench", "soak", "crash", "clean"]
 
 
 def test_the_documented_production_installs_include_the_fast_extra():

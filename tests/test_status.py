@@ -5,6 +5,7 @@ import base64
 import datetime
 import json
 import os
+import re
 import sqlite3
 
 import pytest
@@ -123,9 +124,11 @@ def test_status_table_shows_the_figures_in_reais(module_emulator, shared_filled,
     total, transferred = _reais(expected["invoice_total"]), _reais(expected["transferred"])
     n = expected["invoice_count"]
     lines = done.stdout.splitlines()
-    last_webhook = lines[-2]
+    last_webhook, database = lines[-3], lines[-1]
     assert last_webhook.startswith("last webhook  20")
-    assert lines[:-2] + lines[-1:] == [
+    # the file's size in use and free, and the oldest event kept (see EVENT_RETENTION)
+    assert re.fullmatch(r"database      \d+\.\d MiB in use, \d+\.\d MiB free for reuse; oldest event 20\S+", database)
+    assert lines[:-3] + lines[-2:-1] == [
         "rounds        2 issued, 2 due so far, 2 in the window",
         f"invoices      {n} issued, {total}",
         f"  credited    {n}, {total}",  # invoices by status, with their totals
@@ -198,7 +201,9 @@ def test_status_of_a_fresh_database_prints_zeros(tmp_path):
     Store(str(tmp_path / "fresh.sqlite3")).close()
     done = cli("status", cwd=tmp_path, DATABASE_PATH=str(tmp_path / "fresh.sqlite3"))
     assert done.returncode == 0
-    assert done.stdout.splitlines() == [
+    *lines, database = done.stdout.splitlines()
+    assert re.fullmatch(r"database      0\.\d MiB in use, 0\.0 MiB free for reuse; oldest event none", database)
+    assert lines == [
         "rounds        0 issued, 0 due so far, forever in the window",
         "invoices      0 issued, R$ 0.00",
         "credited      0 invoices, R$ 0.00",

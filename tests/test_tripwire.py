@@ -1,5 +1,6 @@
 """The emulator's hooks for the crash enumeration, through the real SDK: the tripwire stops a client at
-its n-th call before or after Stark Bank acts, held webhooks go one at a time, unused faults are forgotten."""
+its n-th call before or after Stark Bank acts, held webhooks go one at a time, unused faults are forgotten,
+and a call can be carried out yet answered 500."""
 
 import pytest
 import starkbank
@@ -66,3 +67,13 @@ def test_held_webhooks_go_one_at_a_time_and_unused_faults_are_forgotten(emulator
     emulator.clear_faults()
     starkbank.transfer.create([transfer("trip-3")])  # not refused: the rule was forgotten
     assert [t["externalId"] for t in emulator.transfers()] == ["trip-1", "trip-2", "trip-3"]
+
+
+def test_a_call_failed_after_it_was_carried_out_is_answered_with_the_status(emulator, sdk):
+    emulator.fail_next_after("POST", "/v2/transfer", status=500)
+
+    with pytest.raises(starkbank.error.InternalServerError):
+        starkbank.transfer.create([transfer("trip-1")])
+
+    assert [t["externalId"] for t in emulator.transfers()] == ["trip-1"]
+    assert [c["status"] for c in emulator.requests] == [500]

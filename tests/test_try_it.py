@@ -32,7 +32,7 @@ def test_the_webhook_is_registered_before_round_0_and_the_database_deleted_at_ex
         round_0 = [i for i, m in enumerate(messages) if m.startswith("round 0 issued")]
         assert registered and registered[0] < round_0[0], messages
         # The emulator's command line reaches the try-it's emulator through the URL it prints.
-        [control] = [m.rsplit("=", 1)[1] for m in messages if m.startswith("emulator: commands")]
+        [control] = [m.split("=", 1)[1] for m in messages if m.startswith("export STARK_EMULATOR_CONTROL=")]
         done = run_cli("-m", "stark_challenge.emulator", "set-balance", "12345", cwd=tmp_path,
                        env={"STARK_EMULATOR_CONTROL": control}, executable=sys.executable)
         assert (done.returncode, done.stdout) == (0, "balance: 12345 cents\n"), done.stderr
@@ -65,3 +65,15 @@ def test_the_throwaway_database_is_deleted_when_the_start_fails(tmp_path):
     bad = run_cli("--emulator", cwd=tmp_path, env={"TMPDIR": scratch, "INVOICE_MIN": "eight"})
     assert bad.returncode == 2 and bad.stderr.strip() == "stark_challenge: INVOICE_MIN: must be a whole number"
     assert _throwaways(scratch) == []
+
+
+def test_stopping_says_what_the_run_left(tmp_path):
+    service, scratch = _try_it(tmp_path)
+    try:
+        wait_for(lambda: messages_matching(service, "^round 0 issued"), message="round 0")
+        assert service.stop() == 0, service.logs()
+    finally:
+        service.close()
+    (summary,) = messages_matching(service, "^stopped; ")
+    assert re.fullmatch(r"stopped; 1 round issued, \d+ credits? \(R\$ [\d,]+\.\d\d\), R\$ [\d,]+\.\d\d forwarded, "
+                        r"\d+ transfers? open", summary), summary

@@ -6,7 +6,8 @@ connection instead of answering); it knows nothing about sockets or TLS (see `pr
 Each call goes through, in order:
 
 1. the latency_s knob (a wait),
-2. injected faults (`faults`): answer an error without acting, or act and then drop,
+2. injected faults (`faults`): answer an error without acting, or act and then drop or
+   answer an error,
    and the tripwire (`tripwire`), which may stop the client just before or after the call,
 3. routing by method and path (404 if none),
 4. authentication (`auth`; 401) for every route but GET /v2/public-key; the project
@@ -37,7 +38,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import documents, query as queries, validate
-from .faults import DROP, SLOW
+from .faults import DROP, FAIL, FAIL_AFTER, SLOW
 from .tripwire import Tripwire
 from .validate import Rejected
 
@@ -207,11 +208,14 @@ class Api:
         drop = False
         if ticket is None:  # the tripwire stopped the client before Stark Bank acted: nothing is done
             status, payload, drop = 0, {}, True
-        elif fault is not None and fault[0] != DROP:
+        elif fault is not None and fault[0] == FAIL:
             status, payload = fault[1], {"errors": [{"code": "injectedFault", "message": "injected by the emulator"}]}
         else:
-            drop = fault is not None
+            drop = fault is not None and fault[0] == DROP
             status, payload = self._route(method, path, query, headers, body)
+            if fault is not None and fault[0] == FAIL_AFTER:  # done, and answered as a failure
+                status, payload = fault[1], {"errors": [{"code": "injectedFault",
+                                                         "message": "injected by the emulator"}]}
         drop = self.tripwire.after(ticket) or drop
         with self._lock:
             call = {"method": method, "path": path, "query": parts.query, "status": status}

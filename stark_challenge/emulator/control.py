@@ -37,7 +37,7 @@ from .api import Api
 from .auth import Projects
 from .ledger import Ids, Ledger
 from .delivery import Courier
-from .faults import DROP, FAIL, SLOW, Faults
+from .faults import DROP, FAIL, FAIL_AFTER, Faults, SLOW
 from .keys import EventKey
 from .knobs import Knobs
 from .proxy import ProxyServer, make_tls_context
@@ -286,10 +286,14 @@ class Emulator(LedgerView):
         status (and an errors body), without acting on them."""
         self._faults.add(FAIL, method, path_prefix, count, status)
 
-    def fail_next_after(self, method, path_prefix, count=1):
+    def fail_next_after(self, method, path_prefix, count=1, status=None):
         """Perform the next count matching calls, then close the connection without
-        answering: the client gets a connection error although the call took effect."""
-        self._faults.add(DROP, method, path_prefix, count)
+        answering: the client gets a connection error although the call took effect.
+        With ``status`` (500, say), answer that status and an errors body instead."""
+        if status is None:
+            self._faults.add(DROP, method, path_prefix, count)
+        else:
+            self._faults.add(FAIL_AFTER, method, path_prefix, count, status)
 
     def answer_late(self, method, path_prefix, delay_s, count=1):
         """Hold the next count matching calls delay_s seconds, then perform and answer them

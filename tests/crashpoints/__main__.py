@@ -15,6 +15,7 @@ ledger. One line per point, then ``crash points: N run, N held, N failed``. Exit
 import argparse
 import concurrent.futures
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -65,8 +66,11 @@ def main(argv=None):
             results.append(result)
             print(run.line(index, len(chosen), result), flush=True)
     failed = [r for r in results if not r.held]
+    drifted = sum(1 for r in results if r.drift)
     print(f"crash points: {len(results)} run, {len(results) - len(failed)} held, {len(failed)} failed "
-          f"({time.monotonic() - began:.0f} s)")
+          f"({drifted} drifted from the run without a kill; {time.monotonic() - began:.0f} s, "
+          f"{args.jobs} at a time; load average {os.getloadavg()[1]:.1f} over the last 5 min: the restart times "
+          f"count the other processes' CPU too)")
     for r in failed:
         print(f"  rerun alone: make crash POINT={r.point.id}")
     return 1 if failed else 0

@@ -31,6 +31,7 @@ class Result(NamedTuple):
     settle_s: Optional[float]  # from the restart to everything settled
     problems: tuple  # invariants broken, or what went wrong on the way
     kept: Optional[str]  # the run's directory (service log, database), kept when it failed
+    drift: Optional[str] = None  # what differed from the run without a kill at this point, if anything
 
     @property
     def held(self):
@@ -66,29 +67,31 @@ def count(certificates, keep=False, base=None):
     return found, problems, time.monotonic() - began, kept
 
 
-def run_point(point, certificates, keep=False, base=None):
-    """Run the story with the service killed at ``point``; return its Result (directory: see ``count``)."""
+def run_point(point, certificates, keep=False, base=None, timed=True):
+    """Run the story with the service killed at ``point``; return its Result (directory: see ``count``;
+    ``timed``: see ``invariants.check``)."""
     workdir = tempfile.mkdtemp(prefix="crash-point-", dir=base)
     restart_s = settle_s = None
+    drift = None
     commit_kill = (point.launch, point.n) if point.kind == points.COMMIT else None
     with Run(workdir, certificates, commit_kill=commit_kill) as run:
         if point.kind == points.CALL:
             run.emu.tripwire.arm(point.n, point.phase, run.kill)
         try:
             problems = _crash(run, point)
-            point = _as_seen(run, point)
+            point, drift = _as_seen(run, point)
             if not problems:
                 restart_s = _recover(run)
                 began = time.monotonic() - restart_s
                 run.wait(_settled(run), "everything to settle", SETTLE_S)
                 settle_s = time.monotonic() - began
-                problems = invariants.check(run, restart_s)
+                problems = invariants.check(run, restart_s, timed)
         except (Crashed, StoryStuck, AssertionError) as e:
             problems = [f"after the restart: {e}"]
     kept = workdir if problems or keep else None
     if kept is None:
         shutil.rmtree(workdir, ignore_errors=True)
-    return Result(point, restart_s, settle_s, tuple(problems), kept)
+    return Result(point, restart_s, settle_s, tuple(problems), kept, drift)
 
 
 def _crash(run, point):
@@ -106,39 +109,40 @@ def _crash(run, point):
 
 
 def _killed_where_expected(run, point):
-    """Return [] if the service died at ``point``, as the run without a kill saw it, else what differs."""
+    """Return [] if the service died at ``point``, else what happened instead."""
     if point.kind == points.CALL:
-        tripped = run.emu.tripwire.tripped
-        if tripped is None:
-            return ["the service died, but not at the armed call"]
-        if point.label and tripped[2] != point.label:
-            return [f"call {point.n} was {tripped[2]}, not {point.label}: the story is not deterministic"]
-        return []
+        return [] if run.emu.tripwire.tripped else ["the service died, but not at the armed call"]
     if run.launches != point.launch:
         return [f"the service died in its process {run.launches}, not {point.launch}"]
-    with open(run.commit_log(point.launch)) as log:
-        lines = log.read().splitlines()
-    if len(lines) != point.n:
-        return [f"the service died after {len(lines)} commits, not at commit {point.n}"]
-    label = lines[-1].split(" ", 2)[2]
-    if point.label and label != point.label:
-        return [f"commit {point.n} wrote {label}, not {point.label}: the story is not deterministic"]
+    if len(_commits(run, point.launch)) != point.n:
+        return [f"the service died after {len(_commits(run, point.launch))} commits, not at commit {point.n}"]
     return []
 
 
+def _commits(run, launch):
+    """Return the labels of the durable commits process ``launch`` of the run made."""
+    if not os.path.exists(run.commit_log(launch)):
+        return []
+    with open(run.commit_log(launch)) as log:
+        return [line.split(" ", 2)[2] for line in log.read().splitlines()]
+
+
 def _as_seen(run, point):
-    """Return ``point`` with what this run saw where it died filled in (a point named alone has no label)."""
+    """Return ``point`` as this run saw it where it died (label, process, step), and a note if the run
+    without a kill saw something else there (a drift: the story did not repeat itself exactly), or None."""
     step = run.step_started[-1][1] if run.step_started else ""
     if point.kind == points.CALL:
         tripped = run.emu.tripwire.tripped
-        return point._replace(label=point.label or (tripped[2] if tripped else ""), step=point.step or step)
-    label = ""
-    if os.path.exists(run.commit_log(point.launch)):
-        with open(run.commit_log(point.launch)) as log:
-            lines = log.read().splitlines()
-        label = lines[-1].split(" ", 2)[2] if lines else ""
-    return point._replace(label=point.label or label, process=point.process or run.processes.get(point.launch, ""),
-                          step=point.step or step)
+        label = tripped[2] if tripped else ""
+    else:
+        commits = _commits(run, point.launch)
+        label = commits[-1] if commits else ""
+    drift = None
+    if point.label and label != point.label:
+        drift = f"here the run without a kill saw {point.label}, this one {label}"
+    seen = point._replace(label=label or point.label, step=point.step or step,
+                          process=point.process or run.processes.get(point.launch, ""))
+    return seen, drift
 
 
 def _recover(run):
@@ -176,6 +180,7 @@ def line(index, total, result):
     p = result.point
     head = f"{index:>4}/{total} {p.id:<17} {p.describe()} [{p.step or '?'}]"
     kept = f" (kept: {result.kept})" if result.kept else ""
+    kept += f" (drifted: {result.drift})" if result.drift else ""
     if result.restart_s is None:
         return f"{head}: FAILED: {'; '.join(result.problems)}{kept}"
     times = f"restarted in {result.restart_s:.2f} s, settled in {result.settle_s or 0:.1f} s"

@@ -90,18 +90,52 @@ def _connection_class(counter):
             if sql.lstrip()[:5].lower() == "begin":
                 self._changes, self._wrote = self.total_changes, []
                 return
-            match = _WRITE.match(sql)
-            if match:
-                what = "%s %s" % (match.group(1).split()[0].lower(), match.group(2))
-                if what not in self._wrote:
-                    self._wrote.append(what)
+            _written(self._wrote, sql)
 
     return CountingConnection
 
 
+def _written(wrote, sql):
+    """Add to ``wrote`` what ``sql`` writes ("insert event"), if it writes."""
+    match = _WRITE.match(sql)
+    if match:
+        what = "%s %s" % (match.group(1).split()[0].lower(), match.group(2))
+        if what not in wrote:
+            wrote.append(what)
+
+
+def _postgres_class(counter, psycopg):
+    class CountingPgConnection(psycopg.Connection):
+        """A psycopg connection (the store's are in autocommit, with explicit begin and commit) that
+        reports each commit of a transaction that changed rows to ``counter``, as COMMIT returns (the
+        server has made it durable)."""
+
+        _rows = 0  # rows the open transaction changed
+        _wrote = ()
+
+        def execute(self, query, params=None, **kwargs):
+            text = query if isinstance(query, str) else ""
+            verb = text.strip().lower()
+            if verb.startswith("begin"):
+                self._rows, self._wrote = 0, []
+            cursor = super().execute(query, params, **kwargs)
+            if verb == "commit":
+                if self._rows:
+                    counter.committed(self._wrote)
+                self._rows, self._wrote = 0, []
+            elif _WRITE.match(text) and cursor.rowcount > 0:
+                self._rows += cursor.rowcount
+                _written(self._wrote, text)
+            return cursor
+
+    return CountingPgConnection
+
+
 def install(log_path, kill_at):
-    """Make every sqlite3.connect of this process count its durable commits (see the module docstring)."""
-    counting = _connection_class(_Counter(log_path, kill_at))
+    """Make every sqlite3 (and psycopg, when installed) connection of this process count its durable
+    commits (see the module docstring)."""
+    counter = _Counter(log_path, kill_at)
+    counting = _connection_class(counter)
     connect = sqlite3.connect
 
     def counting_connect(*args, **kwargs):
@@ -109,6 +143,11 @@ def install(log_path, kill_at):
         return connect(*args, **kwargs)
 
     sqlite3.connect = counting_connect
+    try:
+        import psycopg
+    except ImportError:
+        return
+    psycopg.connect = _postgres_class(counter, psycopg).connect
 
 
 if __name__ == "__main__":
