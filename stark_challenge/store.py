@@ -737,8 +737,8 @@ class Store:
         """Record a new status (and fee, when known) of one of our invoices; return True if known.
 
         Logs can arrive in any order: one of an earlier stage than the status recorded
-        (``_INVOICE_STAGE``: ``paid`` after ``credited``, ``overdue`` after ``expired``)
-        leaves the status as it is.
+        (``_INVOICE_STAGE``: ``created`` or ``paid`` after ``credited``, a redelivery say;
+        ``overdue`` after ``expired``) leaves the status as it is.
         """
         with self.atomic():
             row = self._one("select status from invoice where id = ?", (invoice_id,))
@@ -1087,6 +1087,33 @@ class Store:
             rows = self._all(f"select {_TRANSFER_COLUMNS} from transfer where state in ({marks}) and created_at < ?",
                              (*transfer_states.OPEN, _iso(before)))
         return [_transfer_of(r) for r in rows]
+
+    def credits_failed(self):
+        """Return {invoice id: detail} of credits whose latest attempt is ``FAILED`` (failed or
+        rejected): nothing forwarded and no attempt left (a first failure queues the second
+        itself), so a person must look."""
+        marks = ",".join("?" * len(transfer_states.FAILED))
+        with self._lock:
+            rows = self._all(f"select {_TRANSFER_COLUMNS} from transfer t where state in ({marks}) and attempt ="
+                             " (select max(attempt) from transfer where invoice_id = t.invoice_id)"
+                             " order by invoice_id", tuple(transfer_states.FAILED))
+        return {t.invoice_id: f"attempt {t.attempt} ({t.external_id}, {t.amount} cents) {t.state}"
+                              + (f": {t.errors[-1][1]}" if t.errors else "")
+                for t in map(_transfer_of, rows)}
+
+    def credits_reversed(self):
+        """Return {invoice id: detail} of our credited invoices that Stark Bank then reversed
+        (a ``reversed`` log: the payer got money back), with what we forwarded or owe."""
+        with self._lock:
+            rows = self._all("select c.invoice_id, c.net, t.external_id, t.state from credit c"
+                             " join invoice i on i.id = c.invoice_id"
+                             " left join transfer t on t.invoice_id = c.invoice_id"
+                             " where i.status = 'reversed' order by c.invoice_id, t.attempt")
+        found = {}
+        for r in rows:
+            found.setdefault(r["invoice_id"], [r["net"], []])[1].append(f"{r['external_id']} {r['state']}")
+        return {invoice: f"credit of {net} cents; transfers: {', '.join(attempts)}"
+                for invoice, (net, attempts) in found.items()}
 
     def invoices_moving_twice(self):
         """Return {invoice id: [external ids]} of invoices with more than one attempt moving or paid."""

@@ -80,4 +80,8 @@ ALARMS = {
     "credit_refused": "a genuine credit of ours failed the amount checks: nothing was forwarded",
     "invoice_not_found": "Stark Bank never found an invoice that carries our tag: nothing was forwarded",
     "attempts_moving": "two transfer attempts of one invoice are both moving or paid",
+    "credit_failed": "every transfer attempt of a credit failed at Stark Bank (insufficient balance, say): "
+                     "nothing was forwarded; 'transfers retry' sends one more",
+    "credit_reversed": "Stark Bank reversed the payment of an invoice whose credit we forward: "
+                       "what was forwarded already left",
 }

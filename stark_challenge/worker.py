@@ -156,6 +156,8 @@ class Worker:
             "invoice_not_found": self._store.credits_refused(("not_ours_not_found",)),
             "attempts_moving": {invoice: "attempts " + ", ".join(ids)
                                 for invoice, ids in self._store.invoices_moving_twice().items()},
+            "credit_failed": self._store.credits_failed(),
+            "credit_reversed": self._store.credits_reversed(),
         }
         for kind, found in standing.items():
             for subject, detail in self._store.sync_alarms(kind, found, now):
