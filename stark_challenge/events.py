@@ -47,6 +47,8 @@ import logging
 import re
 from typing import NamedTuple
 
+from . import logs
+from .report import reais
 from .taxid import mask_tax_id
 from .vocabulary import Outcome, external_id
 
@@ -106,12 +108,14 @@ def accept(store, event, source, now, on_new=None, coming=0):
     """
     new = store.add_event(event, source, now, coming)
     if new:
-        logger.info("%s accepted: event %s, %s %s %s", source, event.id, event.subscription, event.log_type,
-                    event.entity_id)
+        # Per-event lines are for debugging: the round, credit and transfer lines tell a person the story.
+        logger.debug("%s accepted: event %s, %s %s %s", source, event.id, event.subscription, event.log_type,
+                     event.entity_id, extra=logs.fields(event_id=event.id))
         if on_new is not None:
             on_new()
     else:
-        logger.info("%s accepted: event %s again (already stored)", source, event.id)
+        logger.debug("%s accepted: event %s again (already stored)", source, event.id,
+                     extra=logs.fields(event_id=event.id))
     return new
 
 
@@ -268,9 +272,10 @@ def _invoice(store, event, instance_tag, now, facts):
         return Outcome(problem.code, "invalid: " + problem.text)
     store.update_invoice(invoice_id, "credited", now, fee=fee)
     store.add_credit(invoice_id, event.id, amount, fee, external_id(instance_tag, invoice_id, 1), now)
-    logger.info(
-        "invoice %s credited: amount %d, fee %d, forwarding %d cents (payer %s; amounts from the %s)",
-        invoice_id, amount, fee, amount - fee, mask_tax_id(invoice.get("taxId")), source,
+    logger.debug(
+        "invoice %s credited: %s, fee %s, forwarding %s (payer %s; amounts from the %s)",
+        invoice_id, reais(amount), reais(fee), reais(amount - fee), mask_tax_id(invoice.get("taxId")), source,
+        extra=logs.fields(invoice_id=invoice_id, event_id=event.id, amount_cents=amount, fee_cents=fee),
     )
     return Outcome("credit_queued", "credit queued")
 
@@ -323,9 +328,13 @@ def _transfer(store, event, instance_tag, now, facts):
     if confirmed_failed:
         again = " and queued once more as " + retry_id if current.attempt == 1 else "; no attempt left"
         logger.error(
-            "TRANSFER FAILED: %s (invoice %s, %d cents) failed at Stark Bank: %s%s",
-            ext, current.invoice_id, current.amount, errors or "no reason given", again,
+            "TRANSFER FAILED: %s (invoice %s, %s) failed at Stark Bank: %s%s",
+            ext, current.invoice_id, reais(current.amount), errors or "no reason given", again,
+            extra=logs.fields(invoice_id=current.invoice_id, transfer_id=transfer_id, external_id=ext,
+                              amount_cents=current.amount),
         )
     elif event.log_type == "success":
-        logger.info("transfer %s succeeded: invoice %s, %d cents", ext, current.invoice_id, current.amount)
+        logger.info("transfer %s succeeded: %s for invoice %s", transfer_id, reais(current.amount),
+                    current.invoice_id, extra=logs.fields(invoice_id=current.invoice_id, transfer_id=transfer_id,
+                                                          external_id=ext, amount_cents=current.amount))
     return Outcome("transfer_status", f"transfer {updated.state}")

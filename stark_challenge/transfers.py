@@ -47,10 +47,11 @@ import datetime
 import logging
 import random
 
-from . import transfer_states, vocabulary
+from . import logs, transfer_states, vocabulary
 from .bank import MAX_PER_CALL
 from .errors import BankError, BankRejected, BankUnavailable
 from .metrics import Counters
+from .report import reais
 from .store import DUPLICATE_CODES
 from .timing import backoff
 
@@ -202,9 +203,13 @@ class Sender:
                                "that settles it records it", transfer.external_id, made["id"])
                 continue
             credit = credits[transfer.invoice_id]
+            # One line per credit forwarded, in 120 columns: the ids and cents are its fields.
             logger.info(
-                "transfer sent: invoice %s, amount %d, fee %d, transfer %d cents, external id %s, Stark Bank id %s",
-                transfer.invoice_id, credit["amount"], credit["fee"], transfer.amount, transfer.external_id, made["id"],
+                "invoice %s: %s - %s fee = %s, transfer %s", transfer.invoice_id, reais(credit["amount"]),
+                reais(credit["fee"]), reais(transfer.amount), made["id"],
+                extra=logs.fields(invoice_id=transfer.invoice_id, transfer_id=made["id"],
+                                  external_id=transfer.external_id, amount_cents=credit["amount"],
+                                  fee_cents=credit["fee"], net_cents=transfer.amount),
             )
 
     def _settle(self, transfer, error, lookup=True, retry_at=None):
@@ -237,9 +242,11 @@ class Sender:
         if isinstance(error, BankRejected) and transfer.tries <= 1:
             self._store.settle_transfer(transfer.external_id, "rejected", errors, now, owner=self.owner)
             logger.error(
-                "TRANSFER REJECTED: %s (invoice %s, %d cents): %s",
-                transfer.external_id, transfer.invoice_id, transfer.amount,
+                "TRANSFER REJECTED: %s (invoice %s, %s): %s",
+                transfer.external_id, transfer.invoice_id, reais(transfer.amount),
                 "; ".join(f"{c}: {m}" for c, m in errors),
+                extra=logs.fields(invoice_id=transfer.invoice_id, external_id=transfer.external_id,
+                                  amount_cents=transfer.amount),
             )
             return answered
         retry_at = retry_at or self._later(transfer.tries)
@@ -351,9 +358,11 @@ class Sender:
         if updated is not None and updated.state != transfer.state:
             logger.info("transfer %s: Stark Bank reports it %s (checked)", transfer.external_id, updated.state)
             if updated.state == "failed":
-                logger.error("TRANSFER FAILED: %s (invoice %s, %d cents) failed at Stark Bank%s", transfer.external_id,
-                             transfer.invoice_id, transfer.amount,
-                             " and queued once more as " + retry_id if transfer.attempt == 1 else "; no attempt left")
+                logger.error("TRANSFER FAILED: %s (invoice %s, %s) failed at Stark Bank%s", transfer.external_id,
+                             transfer.invoice_id, reais(transfer.amount),
+                             " and queued once more as " + retry_id if transfer.attempt == 1 else "; no attempt left",
+                             extra=logs.fields(invoice_id=transfer.invoice_id, external_id=transfer.external_id,
+                                               transfer_id=current.transfer_id, amount_cents=transfer.amount))
         return True
 
     def confirm_failure(self, failed):

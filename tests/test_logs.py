@@ -215,9 +215,8 @@ def test_a_real_run_logs_what_matters_and_no_secret_or_tax_id(emulator, service_
     by_id = {i["id"]: i for i in invoices}
     for transfer in emulator.transfers():
         invoice = by_id[transfer["tags"][1].removeprefix("invoice-")]
-        sent = (f"transfer sent: invoice {invoice['id']}, amount {invoice['amount']}, fee {invoice['fee']}, "
-                f"transfer {transfer['amount']} cents, external id {transfer['externalId']}, "
-                f"Stark Bank id {transfer['id']}")
+        sent = (f"invoice {invoice['id']}: {_reais(invoice['amount'])} - {_reais(invoice['fee'])} fee = "
+                f"{_reais(transfer['amount'])}, transfer {transfer['id']}")
         assert service.log_messages().count(sent) == 1
     # Recovery at each start-up: nothing half-done the first time; the schedule resumed the second.
     recovery = messages_matching(service, r"^recovery: ")

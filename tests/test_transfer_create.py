@@ -13,6 +13,7 @@ from ellipticcurve import PrivateKey
 from stark_challenge import bank as bank_module
 from stark_challenge.bank import Bank
 from stark_challenge.errors import BankRejected, BankUnavailable
+from stark_challenge.report import reais
 from stark_challenge.vocabulary import external_id
 from stark_challenge.transfers import Sender
 from stark_challenge.vocabulary import transfer_tags
@@ -126,12 +127,14 @@ def test_a_batch_answer_is_recorded_with_one_log_line_per_transfer(emulator, ban
     made = {t["externalId"]: t for t in emulator.transfers()}
     assert [(store.transfer(ext).state, store.transfer(ext).transfer_id) for ext in ids] == [
         ("created", made[ext]["id"]) for ext in ids]
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("transfer sent:")]
-    assert lines == [
-        f"transfer sent: invoice {i}, amount {10000 + int(i)}, fee 50, transfer {10000 + int(i) - 50} cents,"
-        f" external id {ext}, Stark Bank id {made[ext]['id']}"
+    sent = [r for r in caplog.records if " fee = " in r.getMessage()]
+    assert [r.getMessage() for r in sent] == [
+        f"invoice {i}: {reais(10000 + int(i))} - R$ 0.50 fee = {reais(10000 + int(i) - 50)}, transfer {made[ext]['id']}"
         for i, ext in zip(["81", "82", "83"], ids)
     ]
+    assert [r.fields for r in sent] == [  # the ids and cents, as journald and JSON fields
+        {"invoice_id": i, "transfer_id": made[ext]["id"], "external_id": ext, "amount_cents": 10000 + int(i),
+         "fee_cents": 50, "net_cents": 10000 + int(i) - 50} for i, ext in zip(["81", "82", "83"], ids)]
     assert all(made[ext]["tags"] == transfer_tags(TAG, i, ext) for i, ext in zip(["81", "82", "83"], ids))
 
 

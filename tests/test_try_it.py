@@ -77,3 +77,30 @@ def test_stopping_says_what_the_run_left(tmp_path):
     (summary,) = messages_matching(service, "^stopped; ")
     assert re.fullmatch(r"stopped; 1 round issued, \d+ credits? \(R\$ [\d,]+\.\d\d\), R\$ [\d,]+\.\d\d forwarded, "
                         r"\d+ transfers? open", summary), summary
+
+
+def test_the_terminal_tells_rounds_credits_and_transfers_in_reais_within_120_columns(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = free_port()
+    service = Service(child_env(tmp_path, LOG_FORMAT="text", PORT=port, TMPDIR=scratch), str(tmp_path / "try.log"),
+                      args=["--emulator", "--port", str(port)])
+    try:
+        service.start(timeout=30)
+        wait_for(lambda: re.search(r"transfer \d+ succeeded", service.logs()), timeout=45, message="a transfer")
+        assert service.stop() == 0, service.logs()
+    finally:
+        service.close()
+    lines = service.logs().splitlines()
+    (database,) = re.findall(r"database (\S+)$", service.logs(), re.M)  # the user's path: not ours to shorten
+    long = [line for line in lines if len(line.replace(database, "DB")) > 120]
+    assert not long, long
+    assert not [line for line in lines if "accepted: event" in line or "cents" in line]  # per-event lines: DEBUG
+    forwarded = [line for line in lines if " fee = " in line]
+    assert forwarded and all(re.search(r" INFO    invoice \d+: R\$ [\d,]+\.\d\d - R\$ [\d,]+\.\d\d fee = "
+                                       r"R\$ [\d,]+\.\d\d, transfer \d+$", line) for line in forwarded), forwarded
+    assert re.search(r" INFO    round 0 issued: \d+ invoices?, total R\$ [\d,]+\.\d\d$", lines[[
+        i for i, line in enumerate(lines) if "round 0 issued" in line][0]])
+    assert re.search(r" INFO    stopped; 1 round issued, \d+ credits? \(R\$ [\d,]+\.\d\d\), R\$ [\d,]+\.\d\d "
+                     r"forwarded, \d+ transfers? open$", [line for line in lines if "stopped; " in line][0])
+    assert not [line for line in lines if "pulled" in line]  # the webhook brought every event

@@ -297,20 +297,19 @@ class Api:
                               "updated": now}], "cursor": None}
 
     def _create_invoices(self, bank, _query, payload):
-        validate.check_fields(payload, ("invoices",))
-        now = datetime.datetime.now(datetime.timezone.utc)
-        invoices, errors = validate.check_invoices(payload.get("invoices"), now)
-        if errors:
-            raise Rejected(errors)
-        return {"invoices": bank.create_invoices(invoices)}
+        return self._create("invoices", payload, validate.check_invoices, bank.create_invoices)
 
     def _create_transfers(self, bank, _query, payload):
-        validate.check_fields(payload, ("transfers",))
-        now = datetime.datetime.now(datetime.timezone.utc)
-        transfers, errors = validate.check_transfers(payload.get("transfers"), now)
+        return self._create("transfers", payload, validate.check_transfers, bank.create_transfers)
+
+    @staticmethod
+    def _create(field, payload, check, create):
+        """Validate the list under ``field`` with ``check``; create it all with ``create``, or refuse it all."""
+        validate.check_fields(payload, (field,))
+        entities, errors = check(payload.get(field), datetime.datetime.now(datetime.timezone.utc))
         if errors:
             raise Rejected(errors)
-        return {"transfers": bank.create_transfers(transfers)}
+        return {field: create(entities)}
 
     def _update_invoice(self, bank, _query, payload, invoice_id):
         status, amount, due, expiration = validate.check_invoice_update(payload)
