@@ -17,9 +17,8 @@ threads (``pool.Pool``, at most ``max_connections``), which run it, write the an
 that does not read) and give a keep-alive connection back. When every handler is busy
 and as many requests wait, the next gets 503 (Stark Bank delivers again later).
 
-Not a thread per connection: then ``max_connections`` slow clients would shut every
-genuine one out (a slowloris); here a waiting client costs a buffer and a descriptor.
-
+Not a thread per connection: then ``max_connections`` slow clients (a slowloris) would
+shut every genuine one out; here a waiting client costs a buffer and a descriptor.
 Bounds, each a constant or a constructor argument: a request must arrive whole
 within ``request_timeout_s`` of its first byte, and an idle connection is closed
 after as long (deadlines, not read timeouts); at most ``max_open`` connections are
@@ -28,8 +27,8 @@ its deadline; a head of ``wire.MAX_HEAD_BYTES`` and a body of ``wire.MAX_BODY_BY
 at most. A body is read whole before its request is decided, so no refused request
 leaves bytes for the next one to parse.
 
-Refusals are logged through the Gate's ``refusals`` Throttle; an unexpected error
-is a 500 whose traceback is logged at most once a minute: no client can fill the log.
+Refusals are logged through the Gate's ``refusals`` Throttle; a StoreError is a 503, an unexpected
+error a 500 whose traceback is logged at most once a minute: no client can fill the log.
 """
 
 import collections
@@ -62,11 +61,7 @@ SPARE_FILES = 64  # descriptors kept free of held connections: database, Stark B
 
 
 def _open_bound(wanted):
-    """Return ``wanted``, or fewer if the process may not open that many files (RLIMIT_NOFILE).
-
-    ``SPARE_FILES`` descriptors stay free for the database, the calls to Stark Bank and
-    the handlers' connections.
-    """
+    """Return ``wanted``, or fewer if RLIMIT_NOFILE would not leave ``SPARE_FILES`` descriptors free."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
@@ -310,10 +305,7 @@ class Server:
                 return
 
     def _admit(self, complete):
-        """Return ``Gate.admit(complete, may_wait=False)``; on a bug, the whole decision left to a handler.
-
-        This thread reads every request: an error in a check is logged, never raised.
-        """
+        """Return ``Gate.admit(complete, may_wait=False)``; on a bug (logged, never raised), leave it to a handler."""
         try:
             return self.gate.admit(complete, may_wait=False)
         except Exception:
@@ -321,10 +313,7 @@ class Server:
             return functools.partial(self.gate.admit, complete)
 
     def _answer_at_once(self, conn, head, reply):
-        """Send ``reply`` in one ``send``; return True if the connection stays for another request.
-
-        This thread waits for no one: a client whose answer does not fit is cut off.
-        """
+        """Send ``reply`` in one ``send`` (an answer that does not fit cuts the client off); True if it stays."""
         data, close = answer(head, reply.status, reply.body, reply.headers, reply.close or self._stopping.is_set(),
                              date=self.http_date())
         log_access(conn.address[0], head, reply.status)
@@ -398,11 +387,9 @@ class Server:
     def _serve(self, item):
         """Run a request's ``decide`` (in a handler thread), write its Reply whole, keep or close the connection.
 
-        A database that is unavailable (StoreError from any route: a server restarting,
-        say) is a 503, so the client tries again; an unexpected error is a 500 that closes
-        the connection. The socket stays
-        non-blocking: ``send_all`` gives the answer up after ``request_timeout_s`` if
-        the client does not read it.
+        A StoreError (the database away: a server restarting, say) is a 503, so the client
+        tries again; an unexpected error a 500 that closes the connection. ``send_all``
+        gives the answer up after ``request_timeout_s`` if the client does not read it.
         """
         conn, head, decide = item
         try:
