@@ -14,6 +14,8 @@ import starkbank
 from starkcore.utils.cache import cache as sdk_cache
 
 from stark_challenge import config as config_module
+from stark_challenge.app import App
+from stark_challenge.bank import Bank
 from stark_challenge.config import with_userinfo
 from stark_challenge.emulator import Emulator
 from stark_challenge.emulator.certs import make_certificates
@@ -227,3 +229,16 @@ def _service_maker(emulator, directory, made):
         return service
 
     return make
+
+
+@pytest.fixture
+def in_process_app(emulator, sdk, tmp_path):
+    """The service's App started in this process on the emulator (one invoice a round, one round), stopped after."""
+    config = sdk_config(sdk, HOST="127.0.0.1", PORT="0", INVOICE_MIN=1, INVOICE_MAX=1, INVOICE_DURATION="0",
+                        DATABASE_PATH=str(tmp_path / "state.sqlite3"))
+    bank = Bank(config)
+    bank.configure()
+    app = App(config, bank, Store(config.database_path))
+    app.start()
+    yield app
+    app.stop()

@@ -15,7 +15,6 @@ import pytest
 from ellipticcurve import Ecdsa, PrivateKey
 
 from stark_challenge import config as config_module
-from stark_challenge.app import App
 from stark_challenge.bank import Bank
 from stark_challenge.errors import BankUnavailable, ConfigError, SignatureError
 from stark_challenge.events import Event
@@ -169,26 +168,18 @@ def test_a_worker_whose_database_fails_logs_it_reports_it_and_keeps_running(emul
 # -- the service: /health, a second instance -----------------------------------------------
 
 
-def test_health_answers_503_when_the_database_stops_answering(emulator, sdk, tmp_path):
-    config = sdk_config(sdk, HOST="127.0.0.1", PORT="0", INVOICE_MIN=1, INVOICE_MAX=1, INVOICE_DURATION="0",
-                        DATABASE_PATH=str(tmp_path / "state.sqlite3"))
-    bank = Bank(config)
-    bank.configure()
-    app = App(config, bank, Store(config.database_path))
-    app.start()
-    try:
-        url = f"http://127.0.0.1:{app.server.port}/health"
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            assert answer.status == 200
-        wait_for(lambda: emulator.invoices(), message="round 0")
-        app.store.close()
-        with pytest.raises(urllib.error.HTTPError) as raised:
-            urllib.request.urlopen(url, timeout=5)
-        assert raised.value.code == 503
-        assert json.loads(raised.value.read()) == {"status": "degraded"}  # the reason is behind auth, in /status
-        assert not app.healthy()
-    finally:
-        app.stop()
+def test_health_answers_503_when_the_database_stops_answering(emulator, in_process_app):
+    app = in_process_app
+    url = f"http://127.0.0.1:{app.server.port}/health"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        assert answer.status == 200
+    wait_for(lambda: emulator.invoices(), message="round 0")
+    app.store.close()
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(url, timeout=5)
+    assert raised.value.code == 503
+    assert json.loads(raised.value.read()) == {"status": "degraded"}  # the reason is behind auth, in /status
+    assert not app.healthy()
 
 
 def test_a_second_instance_on_the_same_database_is_refused(service_factory, tmp_path):

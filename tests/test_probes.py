@@ -7,10 +7,8 @@ import urllib.error
 import urllib.request
 
 from stark_challenge import verify
-from stark_challenge.app import App
 from stark_challenge.bank import Bank
 from stark_challenge.gate import Gate
-from stark_challenge.store import Store
 from stark_challenge.verify import Signatures
 from stark_challenge.wire import Request
 
@@ -48,22 +46,14 @@ def test_readyz_is_503_until_stark_banks_key_can_be_fetched(emulator, service_fa
     assert service.request("GET", "/livez") == (200, {"status": "alive"})
 
 
-def test_readyz_is_503_when_the_database_stops_answering(emulator, sdk, tmp_path):
-    config = sdk_config(sdk, HOST="127.0.0.1", PORT="0", INVOICE_MIN=1, INVOICE_MAX=1, INVOICE_DURATION="0",
-                        DATABASE_PATH=str(tmp_path / "state.sqlite3"))
-    bank = Bank(config)
-    bank.configure()
-    app = App(config, bank, Store(config.database_path))
-    app.start()
-    try:
-        base = f"http://127.0.0.1:{app.server.port}"
-        assert _get(base + "/readyz") == (200, {"status": "ready"})
-        wait_for(lambda: emulator.invoices(), message="round 0")
-        app.store.close()
-        assert _get(base + "/readyz") == (503, {"status": "not ready", "database": "unavailable", "public_key": "ok"})
-        assert _get(base + "/livez") == (200, {"status": "alive"})
-    finally:
-        app.stop()
+def test_readyz_is_503_when_the_database_stops_answering(emulator, in_process_app):
+    app = in_process_app
+    base = f"http://127.0.0.1:{app.server.port}"
+    assert _get(base + "/readyz") == (200, {"status": "ready"})
+    wait_for(lambda: emulator.invoices(), message="round 0")
+    app.store.close()
+    assert _get(base + "/readyz") == (503, {"status": "not ready", "database": "unavailable", "public_key": "ok"})
+    assert _get(base + "/livez") == (200, {"status": "alive"})
 
 
 def _histogram(service):
