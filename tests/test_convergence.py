@@ -17,7 +17,6 @@ external ids they sent. In-between states are held with ``answer_late`` and rele
 
 import base64
 import json
-import random
 
 import pytest
 import starkbank
