@@ -87,12 +87,18 @@ class Run:
                     "DATABASE_URL" if location.startswith("postgresql://") else "DATABASE_PATH": location})
         services = []
         for k in range(count):
+            if k == 1:
+                # The benchmark delivers the events itself, standing in for Stark Bank's courier: the
+                # events of round 0 count as delivered, so a later instance's start-up pull finds none.
+                wait(lambda: _rounds(location) == ["issued"], "round 0")
+                self.emulator.mark_delivered([e["id"] for e in self.emulator.events()])
             service = wb.Service({**env, "PORT": str(wb.free_port())},
                                  os.path.join(self.workdir, f"{len(self.services)}.log"))
             service.pure = False
             service.start(timeout=60)
             self.services.append(service)
             services.append(service)
+            wait(lambda: b'"ok"' in wb.http_get(service.port, "/health")[1], "the first pass")
         auth = "Basic " + base64.b64encode(f"stark:{password}".encode()).decode()
         return services, auth
 
@@ -103,13 +109,12 @@ class Run:
         before = {i["id"] for i in self.emulator.invoices()}
         services, auth = self._start(location, count)
         wait(lambda: _rounds(location) == ["issued"], f"{name}: round 0")
-        for service in services:
-            wait(lambda: b'"ok"' in wb.http_get(service.port, "/health")[1], f"{name}: the first pass")
         ids = {i["id"] for i in self.emulator.invoices()} - before
         for invoice_id in ids:
             self.emulator.pay(invoice_id)
         events = [e for e in self.emulator.events() if e["subscription"] == "invoice"
                   and e["log"]["type"] == "credited" and e["log"]["invoice"]["id"] in ids]
+        self.emulator.mark_delivered([e["id"] for e in self.emulator.events()])  # the benchmark delivers them
         requests = wb.Requests(self.emulator, auth, None)
         signed = [requests.signed(event) for event in events]
 
