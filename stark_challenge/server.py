@@ -2,7 +2,7 @@
 
 It only moves bytes, through ``wire`` (a head read once, a request framed, an answer
 written); what a request may be and what it gets is decided by ``gate.Gate.admit``.
-Nothing of ``http.server`` runs here (README, Inside: what it keeps of it and why).
+Nothing of ``http.server`` runs here (docs/design.md, "Inside": what it keeps of it and why).
 
 How a request travels. One thread (``http``) owns the listening socket and every
 connection waiting for a request, all non-blocking, multiplexed with ``selectors``.
