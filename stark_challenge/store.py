@@ -69,6 +69,7 @@ import threading
 from typing import NamedTuple, Optional
 
 from . import transfer_states
+from .config import LEASE_S
 from .errors import StoreError, StoreLocked, StoreUnavailable
 from .group_commit import GroupCommit
 from .postgres_db import is_url
@@ -183,11 +184,6 @@ SCHEMA = tuple(ddl % _SCHEMA_NAMES if "%(" in ddl else ddl for ddl in SCHEMA)
 # The schema this code writes; ``_UPGRADES`` brings an older database to it, in order.
 SCHEMA_VERSION = 2
 
-
-# How long a claim (a round being issued, a transfer being sent) keeps other instances away
-# unless renewed: longer than one create call (BANK_TIMEOUT, 15 s by default), so the holder's
-# call is over when another instance takes the claim over and looks it up at Stark Bank.
-LEASE_S = 60.0
 
 class Round(NamedTuple):
     """A round of invoices as stored."""
@@ -378,12 +374,17 @@ class Store:
     def _bring_schema_up_to_date(self):
         """Create the schema, or upgrade an older one in place, step by step; in the caller's transaction.
 
-        A database without ``schema_version`` but with a ``transfer`` table was written
-        before versions were recorded: version 0.
+        A SQLite file without a ``schema_version`` row but with a ``transfer`` table was
+        written before versions were recorded: version 0. No released version wrote
+        PostgreSQL tables without one, so such a database is refused rather than guessed at.
         """
-        if self._has_table("schema_version"):
-            version = self._one("select version from schema_version")["version"]
+        row = self._one("select version from schema_version") if self._has_table("schema_version") else None
+        if row is not None:
+            version = row["version"]
         elif self._has_table("transfer"):
+            if self.backend == "postgres":
+                raise StoreError(f"{self.name}: holds this service's tables but no schema version (not written by "
+                                 "a released version); give the service a new database")
             version = 0
         else:
             for ddl in SCHEMA:
