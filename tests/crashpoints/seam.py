@@ -1,11 +1,13 @@
-"""Run the service with a commit seam: number its durable SQLite commits, and SIGKILL it at one.
+"""Run the service with a commit seam: number its durable commits (SQLite or PostgreSQL), and SIGKILL it at one.
 
     python tests/crashpoints/seam.py [the service's arguments]
 
 is ``python -m stark_challenge [arguments]`` with one difference, made from outside the
-package: every ``sqlite3`` connection the process opens is of a subclass that notes the
-tables each transaction writes and, when a ``commit`` that wrote something returns (with
-``synchronous=FULL`` in WAL mode: after the fsync of the WAL), numbers it and appends
+package: every ``sqlite3`` connection the process opens (and every ``psycopg`` one, when
+that is installed) is of a subclass that notes the tables each transaction writes and,
+when a ``commit`` that wrote something returns (SQLite with ``synchronous=FULL`` in WAL
+mode: after the fsync of the WAL; PostgreSQL: once the server answered COMMIT, so the
+transaction is durable on the server whatever happens to the process), numbers it and appends
 one line to ``CRASH_COMMIT_LOG``: ``<n> <time.monotonic()> <what it wrote>``. With
 ``CRASH_AT_COMMIT=n``, the process kills itself with SIGKILL as commit n returns: the
 transaction is on disk, and nothing the service would do next (answer a webhook, call
@@ -105,28 +107,44 @@ def _written(wrote, sql):
 
 
 def _postgres_class(counter, psycopg):
+    class CountingPgCursor(psycopg.Cursor):
+        """A cursor that tells its connection the rows each writing statement changed."""
+
+        def execute(self, query, params=None, **kwargs):
+            super().execute(query, params, **kwargs)
+            self.connection._ran(query, self.rowcount)
+            return self
+
+        def executemany(self, query, params_seq, **kwargs):
+            super().executemany(query, params_seq, **kwargs)
+            self.connection._ran(query, self.rowcount)  # psycopg sums the rows of every execution
+
     class CountingPgConnection(psycopg.Connection):
-        """A psycopg connection (the store's are in autocommit, with explicit begin and commit) that
-        reports each commit of a transaction that changed rows to ``counter``, as COMMIT returns (the
-        server has made it durable)."""
+        """A psycopg connection that reports to ``counter`` each commit of a transaction that changed rows,
+        as COMMIT returns (the server has made it durable). The store's connections are in autocommit
+        mode and run ``begin`` and ``commit`` as statements; every statement, ``Connection.execute`` and
+        ``executemany`` alike, goes through a cursor of the connection's ``cursor_factory``."""
 
         _rows = 0  # rows the open transaction changed
         _wrote = ()
 
-        def execute(self, query, params=None, **kwargs):
+        @classmethod
+        def connect(cls, *args, **kwargs):
+            kwargs.setdefault("cursor_factory", CountingPgCursor)
+            return super().connect(*args, **kwargs)
+
+        def _ran(self, query, rowcount):
             text = query if isinstance(query, str) else ""
             verb = text.strip().lower()
-            if verb.startswith("begin"):
+            if verb.startswith("begin") or verb == "rollback":
                 self._rows, self._wrote = 0, []
-            cursor = super().execute(query, params, **kwargs)
-            if verb == "commit":
+            elif verb == "commit":
                 if self._rows:
                     counter.committed(self._wrote)
                 self._rows, self._wrote = 0, []
-            elif _WRITE.match(text) and cursor.rowcount > 0:
-                self._rows += cursor.rowcount
+            elif rowcount > 0 and _WRITE.match(text):
+                self._rows += rowcount
                 _written(self._wrote, text)
-            return cursor
 
     return CountingPgConnection
 
