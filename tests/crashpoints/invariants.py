@@ -16,7 +16,7 @@ from stark_challenge import transfer_states
 
 from .story import INVOICES, StoryStuck
 
-__all__ = ["Invariant", "INVARIANTS", "RESTART_LIMIT_S", "check"]
+__all__ = ["Invariant", "INVARIANTS", "RESTART_LIMIT_S", "ALARM_WAIT_S", "check", "stuck"]
 
 FEE = 50  # the emulator's invoice_fee, in cents
 RESTART_LIMIT_S = 5.0
@@ -33,6 +33,18 @@ class Invariant(NamedTuple):
 def _credited(run):
     """The invoices of ours that Stark Bank credited (status paid; the credit is logged with it)."""
     return [i for i in run.emu.invoices() if i["status"] == "paid" and "stark-challenge" in i["tags"]]
+
+
+def stuck(run):
+    """The credited invoices of ours whose every transfer failed at Stark Bank (what ``transfers retry``
+    is for), by Stark Bank's ledger."""
+    transfers = run.emu.transfers()
+    found = set()
+    for invoice in _credited(run):
+        mine = [t for t in transfers if f"invoice-{invoice['id']}" in (t.get("tags") or ())]
+        if mine and all(t["status"] == "failed" for t in mine):
+            found.add(invoice["id"])
+    return found
 
 
 def _moved(transfers):

@@ -10,6 +10,7 @@ are checked. A run is on SQLite, or on PostgreSQL when given a ``database_url`` 
 schema). ``line`` formats a result as the output's line.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -87,6 +88,8 @@ def run_point(point, certificates, keep=False, base=None, timed=True, database_u
                 restart_s = _recover(run)
                 began = time.monotonic() - restart_s
                 run.wait(_settled(run), "everything to settle", SETTLE_S)
+                if _follow_alarms(run):
+                    run.wait(_settled(run), "everything to settle after the operator's retries", SETTLE_S)
                 settle_s = time.monotonic() - began
                 problems = invariants.check(run, restart_s, timed)
         except (Crashed, StoryStuck, AssertionError) as e:
@@ -162,6 +165,27 @@ def _recover(run):
         if status not in (0, 2):  # 2: refused, what the killed one did is already queued
             raise StoryStuck(f"{' '.join(run.last_command)} run again exited {status}")
     return run.start_service(seam=False, settings=AFTER_CRASH)
+
+
+def _follow_alarms(run):
+    """Do what the operator does for a credit whose every attempt failed (Stark Bank's ledger says which):
+    wait for its alarm in /status (``credit_failed``, at most ``invariants.ALARM_WAIT_S``) and run
+    ``transfers retry`` for it, as the alarm says; return True if a retry was run. A credit left without
+    an alarm is not retried: the invariants report it."""
+    stuck = invariants.stuck(run)
+    if not stuck:
+        return False
+
+    def alarmed():
+        return stuck & {a["subject"] for a in run.status_page()["alarms"] if a["kind"] == "credit_failed"}
+    with contextlib.suppress(StoryStuck):
+        run.wait(lambda: alarmed() == stuck, "an alarm for each stuck credit", invariants.ALARM_WAIT_S)
+    found = alarmed()
+    for invoice_id in sorted(found):
+        status = run.run_command("transfers", "retry", invoice_id, seam=False)
+        if status != 0:
+            raise StoryStuck(f"transfers retry {invoice_id} (its alarm standing) exited {status}")
+    return bool(found)
 
 
 def _settled(run):

@@ -2,7 +2,7 @@
 
 ``Run`` holds what a run of the story needs: an emulator, the service (started through
 ``seam.py``, so its durable commits are numbered) on a SQLite file or a PostgreSQL
-schema of its own, and the invoices of round 0 by their part in the story (A to E).
+schema of its own, and the invoices of round 0 by their part in the story (A to F).
 ``STEPS`` is the story as data: each ``Step`` is a name and a function of the run; add
 a step to extend it. Every step leaves the service quiet
 (``Run.quiet``): nothing in flight at Stark Bank, no delivery being sent, every stored
@@ -40,7 +40,7 @@ from support import child_env, free_port
 __all__ = ["Run", "Step", "STEPS", "Crashed", "StoryStuck", "INVOICES", "ROLES", "SEAM", "AFTER_CRASH"]
 
 SEAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seam.py")
-ROLES = ("A", "B", "C", "D", "E")  # one invoice of round 0 for each part of the story
+ROLES = ("A", "B", "C", "D", "E", "F")  # one invoice of round 0 for each part of the story
 INVOICES = len(ROLES)
 USERNAME = "stark"  # the webhook's basic auth user
 OPERATOR = "operator"  # the basic auth user of /status and the operator's routes
@@ -152,11 +152,12 @@ class Run:
 
     def run_command(self, *args, seam=True):
         """Run the command line (``transfers retry ...``) with the service's settings, as a process of the
-        run (through the seam, so its commits count too); return its exit status. Raise Crashed if killed."""
+        run (through the seam, so its commits count too); return its exit status. Raise Crashed if killed.
+        A service running meanwhile is the run's process again once the command ended."""
         self.last_command = args
-        self.proc = self._spawn(" ".join(args[:2]), args, seam)
+        service, self.proc = self.proc, self._spawn(" ".join(args[:2]), args, seam)
         self.wait(lambda: self.proc.poll() is not None, " ".join(args), WAIT_S, dead_ok=True)
-        proc, self.proc = self.proc, None
+        proc, self.proc = self.proc, service
         if proc.returncode < 0:
             raise Crashed(f"{' '.join(args)} died (signal {-proc.returncode})")
         return proc.returncode
@@ -408,6 +409,18 @@ def missed_event_pulled(run):
     run.deliver_until(lambda: run.succeeded("D"), "D's transfer to succeed")
 
 
+def transfer_f_fails_twice(run):
+    """F's first attempt fails at Stark Bank, and so does the second one it queues: the credit is stuck (its
+    latest attempt failed, nothing forwarded), what ``transfers retry`` is for."""
+    run.emu.set(transfer_fail_ratio=1.0)  # drawn when each transfer is created
+    run.pay("F")
+    run.deliver_one()
+    run.deliver_one()
+    run.deliver_until(lambda: [(a, s) for a, s, _ in run.transfer_rows("F")] == [(1, "failed"), (2, "failed")],
+                      "F's two attempts to fail")
+    run.emu.set(transfer_fail_ratio=0.0)
+
+
 def transfer_e_unanswered(run):
     """E's create call and its lookup go unanswered (500), and the service is stopped: E is `pending`,
     to be sent again under its own external id (no definite answer never makes a new one)."""
@@ -421,15 +434,17 @@ def transfer_e_unanswered(run):
     run.stop_service()
 
 
-def retry_e(run):
-    """The operator runs `transfers retry` for E while the service is stopped: its first attempt has no
-    definite answer, so the command makes it due now under the same external id (never a second one);
-    the service, started, sends it."""
-    done = run.run_command("transfers", "retry", run.invoices["E"]["id"])
-    assert done == 0, f"transfers retry exited {done}"
+def retry_e_and_f(run):
+    """The operator runs `transfers retry` for E, then for F, while the service is stopped. E's first
+    attempt has no definite answer, so the command makes it due now under the same external id (never a
+    second one); F's latest attempt failed, so the command asks Stark Bank for every transfer of the
+    invoice and, none moving money, queues a third attempt. The service, started, sends both."""
+    for role in ("E", "F"):
+        done = run.run_command("transfers", "retry", run.invoices[role]["id"])
+        assert done == 0, f"transfers retry {role} exited {done}"
     run.start_service()
-    run.wait(lambda: run.succeeded("E") or run.emu.deliveries_held(), "E's transfer sent")
-    run.deliver_until(lambda: run.succeeded("E"), "E's transfer to succeed")
+    run.wait(lambda: run.succeeded("E") or run.emu.deliveries_held(), "E's and F's transfers sent")
+    run.deliver_until(lambda: run.succeeded("E") and run.succeeded("F", attempt=3), "E's and F's transfers to succeed")
 
 
 STEPS = (
@@ -440,6 +455,7 @@ STEPS = (
     Step("B answered 500, then found by lookup", transfer_b_500_then_lookup),
     Step("C failed, second attempt", transfer_c_fails_then_second_attempt),
     Step("D recovered by the missed-event pull", missed_event_pulled),
+    Step("F failed twice: stuck", transfer_f_fails_twice),
     Step("E unanswered, service stopped", transfer_e_unanswered),
-    Step("E mended by transfers retry", retry_e),
+    Step("E and F mended by transfers retry", retry_e_and_f),
 )
