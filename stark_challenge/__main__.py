@@ -12,6 +12,7 @@ Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -162,17 +163,21 @@ def _route_sdk_through(emulator):
 def _emulator_config(args, emulator):
     """Return (Config, throwaway directory or None) of a try-it run against ``emulator``.
 
-    The project is the emulator's throwaway one, rounds are fast unless set, and the
-    database goes in a new temporary directory (returned, for ``run`` to delete at exit)
-    unless DATABASE_PATH is set.
+    The project is the emulator's throwaway one, rounds are fast unless set, the webhook
+    gets basic auth with a random password unless WEBHOOK_USERNAME/PASSWORD are set (so the
+    try-it goes through every check a production webhook does), and the database goes in a
+    new temporary directory (returned, for ``run`` to delete at exit) unless DATABASE_PATH
+    is set.
     """
     project_id, private_key = emulator.create_project()
     env_file = config_module.read_dotenv(args.env_file or ".env", required=args.env_file is not None)
     given = lambda name: os.environ.get(name) or env_file.get(name)  # noqa: E731
     fast = {k: v for k, v in EMULATOR_DEFAULTS.items() if not given(k)}
+    if not (given("WEBHOOK_USERNAME") or given("WEBHOOK_PASSWORD")):
+        fast.update(WEBHOOK_USERNAME="try-it", WEBHOOK_PASSWORD=secrets.token_urlsafe(16))
     directory = None
     if not (given("DATABASE_PATH") or given("DATABASE_URL")):
-        directory = tempfile.mkdtemp(prefix="stark_challenge-")
+        directory = tempfile.mkdtemp(prefix="try-it-")
         fast["DATABASE_PATH"] = os.path.join(directory, "stark_challenge.sqlite3")
     fast.update({"STARK_PROJECT_ID": project_id, "STARK_PRIVATE_KEY": private_key, "STARK_ENVIRONMENT": "sandbox"})
     try:
@@ -235,7 +240,7 @@ def run(args):
             from .emulator.certs import CertificateError
 
             try:
-                emulator = Emulator(pay_ratio=0.6, pay_delay_s=4.0, transfer_delay_s=2.0).start()
+                emulator = Emulator(pay_ratio=0.5, pay_delay_s=4.0, transfer_delay_s=2.0).start()
             except CertificateError as e:
                 return fail(f"--emulator: {e} (install it, e.g. apt install openssl; or run against your own "
                             "Stark Bank project)")

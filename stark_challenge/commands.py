@@ -52,8 +52,12 @@ def configured_bank(args):
 
 
 def fail(message, status=2):
-    """Print ``message`` to stderr as one line, secrets redacted; return ``status`` (for ``return fail(...)``)."""
-    print(f"stark_challenge: {' '.join(logs.redact(message).split())}", file=sys.stderr)
+    """Print ``message`` to stderr as one line, secrets redacted; return ``status`` (for ``return fail(...)``).
+
+    Under systemd the line starts with ``<3>`` (an error's priority, ``logs.priority_prefixes``).
+    """
+    prefix = "<3>" if logs.priority_prefixes(sys.stderr) else ""
+    print(f"{prefix}stark_challenge: {' '.join(logs.redact(message).split())}", file=sys.stderr)
     return status
 
 

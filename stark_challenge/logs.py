@@ -16,7 +16,9 @@ Started by systemd with stderr connected to the journal (``JOURNAL_STREAM`` name
 stderr's device and inode), every line written to stderr starts with its syslog
 priority, ``<3>`` for ERROR, ``<4>`` WARNING, ``<6>`` INFO, ``<7>`` DEBUG, which journald
 reads (the unit's ``SyslogLevelPrefix=yes``) and strips, and text lines leave out the
-timestamp journald adds.
+timestamp journald adds. So do lines to any stderr that is not a terminal while
+``JOURNAL_STREAM`` is set at all (``priority_prefixes``): a service whose stderr a wrapper
+redirected still runs under systemd, and its errors must not lose their priority.
 
 Fields: ids and amounts a line is about, given by the caller as
 ``logger.info("...", ..., extra=logs.fields(invoice_id=..., amount_cents=...))``.
@@ -46,7 +48,7 @@ import time
 
 from .taxid import mask_tax_id
 
-__all__ = ["setup", "redact", "fields", "priority", "under_journald", "TextFormatter", "JsonFormatter",
+__all__ = ["setup", "redact", "fields", "priority", "under_journald", "priority_prefixes", "TextFormatter", "JsonFormatter",
            "JournalHandler", "Throttle", "JOURNAL_SOCKET"]
 
 # Where journald takes entries in its native protocol (systemd's sd_journal_send uses it).
@@ -134,6 +136,23 @@ def under_journald(stream=None, environ=None):
     except (ValueError, OSError, AttributeError):
         return False
     return (found.st_dev, found.st_ino) == (device, inode)
+
+
+def priority_prefixes(stream=None, environ=None):
+    """Return True if lines written to ``stream`` (stderr) start with their priority (``<3>``...).
+
+    True under journald (``under_journald``), and whenever systemd's ``JOURNAL_STREAM`` is
+    set and ``stream`` is not a terminal: a service whose stderr was redirected (a wrapper
+    script, a copy to a file) is still a service, and whatever reads its lines honours the
+    prefix. A person at a terminal never sees one.
+    """
+    environ = os.environ if environ is None else environ
+    if under_journald(stream, environ):
+        return True
+    try:
+        return bool(environ.get("JOURNAL_STREAM")) and not (stream or sys.stderr).isatty()
+    except (ValueError, AttributeError):
+        return False
 
 
 def _utc(record):
@@ -290,8 +309,8 @@ class Throttle:
 
 def setup(level="INFO", fmt="text", stream=None, journald=None, journal_socket=JOURNAL_SOCKET):
     """Send every log record at ``level`` and above to ``stream`` (stderr), as ``fmt`` ('text', 'json' or
-    'journal': to ``journal_socket``). ``journald`` (default: ``under_journald(stream)``) prefixes each
-    line with its priority. Return the handler."""
+    'journal': to ``journal_socket``). ``journald`` (default: ``priority_prefixes(stream)``) prefixes
+    each line with its priority. Return the handler."""
     # Neither format shows the caller's file and line, thread or process: skip collecting
     # them for every record (the logging HOWTO's "Optimization"; a third of a line's CPU).
     logging._srcfile = None
@@ -299,7 +318,7 @@ def setup(level="INFO", fmt="text", stream=None, journald=None, journal_socket=J
     logging.logProcesses = False
     logging.logMultiprocessing = False
     stream = stream or sys.stderr
-    journald = under_journald(stream) if journald is None else journald
+    journald = priority_prefixes(stream) if journald is None else journald
     if fmt == "journal":
         handler = JournalHandler(stream, journal_socket)
     else:

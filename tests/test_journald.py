@@ -17,7 +17,7 @@ import pytest
 
 from stark_challenge import logs
 
-from support import messages_matching, query, wait_for
+from support import messages_matching, query, run_cli, wait_for
 
 _PREFIXED = re.compile(r"<[0-7]>")
 
@@ -34,6 +34,22 @@ def test_under_journald_only_when_journal_stream_names_stderr(tmp_path):
         assert not logs.under_journald(stream, {"JOURNAL_STREAM": _journal_stream(tmp_path / "other")})
         assert not logs.under_journald(stream, {"JOURNAL_STREAM": "garbage"})
         assert not logs.under_journald(stream, {})
+
+
+def test_priorities_prefix_a_redirected_service_but_never_a_terminal(tmp_path):
+    leader, follower = os.openpty()
+    with open(tmp_path / "stderr", "w") as stream, os.fdopen(follower, "w") as terminal:
+        assert logs.priority_prefixes(stream, {"JOURNAL_STREAM": _journal_stream(tmp_path / "stderr")})
+        assert logs.priority_prefixes(stream, {"JOURNAL_STREAM": "8:1234"})  # systemd's, stderr redirected
+        assert not logs.priority_prefixes(stream, {})
+        assert not logs.priority_prefixes(terminal, {"JOURNAL_STREAM": "8:1234"})
+    os.close(leader)
+
+
+def test_a_configuration_error_under_systemd_is_one_line_at_error_priority(tmp_path):
+    done = run_cli("check", "--offline", cwd=tmp_path, env={"JOURNAL_STREAM": "8:1234"})
+    assert done.returncode == 2
+    assert done.stderr.startswith("<3>stark_challenge: STARK_PROJECT_ID: not set.") and done.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("level, prefix", [(logging.CRITICAL, "<2>"), (logging.ERROR, "<3>"),

@@ -19,7 +19,7 @@ def _try_it(tmp_path, *extra):
 
 
 def _throwaways(scratch):
-    return sorted(p.name for p in scratch.iterdir() if p.name.startswith("stark_challenge-"))
+    return sorted(p.name for p in scratch.iterdir() if p.name.startswith("try-it-"))
 
 
 def test_the_webhook_is_registered_before_round_0_and_the_database_deleted_at_exit(tmp_path):
@@ -31,6 +31,8 @@ def test_the_webhook_is_registered_before_round_0_and_the_database_deleted_at_ex
         registered = [i for i, m in enumerate(messages) if m.startswith("emulator: webhook")]
         round_0 = [i for i, m in enumerate(messages) if m.startswith("round 0 issued")]
         assert registered and registered[0] < round_0[0], messages
+        # Its webhook has basic auth (a random password), so no warning that it lacks one.
+        assert not [m for m in messages if "WEBHOOK_USERNAME" in m], messages
         # The emulator's command line reaches the try-it's emulator through the URL it prints.
         [control] = [m.split("=", 1)[1] for m in messages if m.startswith("export STARK_EMULATOR_CONTROL=")]
         done = run_cli("-m", "stark_challenge.emulator", "set-balance", "12345", cwd=tmp_path,
