@@ -35,7 +35,7 @@ def test_a_sample_of_crash_points_holds_every_invariant(emulator_certificates, p
             assert not problems, f"{backend}: the story without a kill (kept: {kept}): {problems}"
             assert {p.kind for p in found} == {points.COMMIT, points.CALL}
             # PostgreSQL's sample half a stride after SQLite's: the two cover different steps
-            chosen += points.sample(found, SAMPLE, seed + (len(found) // SAMPLE // 2 if url else 0))
+            chosen += points.sample(found, SAMPLE, seed + (len(found) // SAMPLE // 2 if urls[backend] else 0))
         with capsys.disabled():
             print(f"\ncrash sample: seed {seed} (CRASH_SEED={seed} repeats it): {', '.join(p.id for p in chosen)}")
         runs = [pool.submit(run.run_point, p, emulator_certificates, base=str(tmp_path), timed=False,
