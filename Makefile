@@ -18,16 +18,22 @@ $(STAMP): pyproject.toml
 
 # The suite under coverage, counting the service and CLI processes the tests start (see
 # [tool.coverage] in pyproject.toml): one combined branch-coverage report, then the runtime.
-# Fails if a test fails or coverage is under fail_under.
+# Two pytest processes share the tests (--shard, tests/conftest.py): most of a test's time
+# is spent waiting on the processes and clocks it runs, which two halves overlap. The second
+# half's output follows the first's. Fails if a test fails or coverage is under fail_under.
 test: export COVERAGE_FILE = $(CURDIR)/.coverage
 test: $(STAMP) ## the whole suite under coverage (installs what it needs into .venv)
 	@started=$$(date +%s); \
 	rm -f .coverage .coverage.*; \
-	$(BIN)/python -m coverage run -m pytest -q; tests=$$?; \
+	$(BIN)/python -m coverage run -m pytest -q -p no:cacheprovider --shard 2/2 >$(VENV)/test-half-2.log 2>&1 & \
+	second=$$!; \
+	$(BIN)/python -m coverage run -m pytest -q -p no:cacheprovider --shard 1/2; first=$$?; \
+	wait $$second; second=$$?; \
+	echo "--- the second half of the tests (--shard 2/2):"; cat $(VENV)/test-half-2.log; \
 	$(BIN)/python -m coverage combine --quiet; \
 	$(BIN)/python -m coverage report; covered=$$?; \
 	echo "make test: $$(( $$(date +%s) - started )) s"; \
-	[ $$tests -eq 0 ] && [ $$covered -eq 0 ]
+	[ $$first -eq 0 ] && [ $$second -eq 0 ] && [ $$covered -eq 0 ]
 
 # Your Stark Bank project when STARK_PROJECT_ID is set (environment or .env),
 # otherwise the built-in emulator: nothing to configure to try it.

@@ -277,8 +277,9 @@ def run(args):
         notifier.send(READY=1, STATUS=app.status_line())
         notifier.start(healthy=app.healthy, status=app.status_line)
 
+        trimmer = memory.Trimmer()  # the main thread is idle: it hands freed heap pages back meanwhile
         while not signals.wait(1.0):
-            pass
+            trimmer.run_if_due()
         logger.info("stopping (signal %d): finishing in-flight work", signals.received[0])
         notifier.send(STOPPING=1)
         notifier.stop()

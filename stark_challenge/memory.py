@@ -11,6 +11,9 @@ What a soak run (``bench/soak.py``) samples to tell where memory goes:
   ``None`` where SQLite is linked into Python itself rather than loaded as a library;
 - ``limit_arenas`` (called at start-up, whatever ``DEBUG_MEMORY`` says) caps glibc's
   malloc arenas, the one setting here that changes what is measured;
+- ``Trimmer`` (run by the main thread, whatever ``DEBUG_MEMORY`` says) hands the
+  allocator's free pages back to the kernel every ``TRIM_EVERY_S`` (glibc's
+  ``malloc_trim``): memory freed inside the heap otherwise stays resident;
 - with ``DEBUG_MEMORY=trace`` only: ``tracemalloc``'s traced total and the ten lines
   that hold most (tracing slows every allocation: for diagnosis, never left on).
 
@@ -24,9 +27,10 @@ import gc
 import os
 import sqlite3
 import sys
+import time
 import tracemalloc
 
-__all__ = ["Figures", "start_tracing", "limit_arenas", "ARENAS"]
+__all__ = ["Figures", "Trimmer", "start_tracing", "limit_arenas", "ARENAS", "TRIM_EVERY_S"]
 
 # sqlite3_status64 operations (sqlite3.h).
 _SQLITE_STATUS_MEMORY_USED = 0
@@ -54,6 +58,46 @@ def limit_arenas(environ=None, count=ARENAS):
     except (OSError, AttributeError):
         return None
     return count if mallopt(_M_ARENA_MAX, count) == 1 else None
+
+
+TRIM_EVERY_S = 60.0  # how often free heap pages are handed back to the kernel
+
+
+class Trimmer:
+    """Hands the C heap's free pages back to the kernel (glibc's ``malloc_trim(0)``), at most every ``every_s``.
+
+    glibc returns memory to the kernel only from the top of a heap: pages freed below a
+    chunk still in use stay resident, so under steady traffic resident memory creeps up
+    as the heap's holes move about. ``malloc_trim`` releases every whole free page of
+    every arena (``madvise``), taking each arena's lock for the walk (a millisecond or
+    so for this service's heap). Where the C library has no ``malloc_trim`` (not glibc),
+    ``run_if_due`` does nothing. Call it from one thread.
+    """
+
+    def __init__(self, every_s=TRIM_EVERY_S, monotonic=time.monotonic):
+        self._every_s = every_s
+        self._monotonic = monotonic
+        self._next_at = monotonic() + every_s
+        try:
+            self._trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+        self.trims = 0  # trims done, for tests
+
+    @property
+    def available(self):
+        """True where the C library has ``malloc_trim`` (glibc)."""
+        return self._trim is not None
+
+    def run_if_due(self):
+        """Trim if ``every_s`` has passed since the last trim (or the start); return True if it trimmed."""
+        now = self._monotonic()
+        if self._trim is None or now < self._next_at:
+            return False
+        self._next_at = now + self._every_s
+        self._trim(0)
+        self.trims += 1
+        return True
 
 
 def start_tracing():

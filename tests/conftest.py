@@ -29,6 +29,34 @@ from support import (  # re-exported (__all__) for modules that still import the
 __all__ = ["ROOT", "FakeClock", "Project", "Service", "child_env", "free_port", "make_config", "messages_matching",
            "query", "run_cli", "sdk_config", "service_settled", "signed_event", "status_json", "wait_for"]
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="K/N",
+                     help="run only every Nth collected test, starting with the Kth (1 <= K <= N): N processes "
+                          "run with 1/N .. N/N share the suite between them (make test runs two)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``--shard K/N``, keep the Kth, (K+N)th, ... tests of the collection, in order.
+
+    Interleaved rather than split by file, so each half gets its share of every module's slow
+    tests (most of a test's time is waiting on real processes and real time, which two
+    processes on two cores overlap); a module-scoped fixture is then set up once per process.
+    """
+    shard = config.getoption("shard")
+    if not shard:
+        return
+    try:
+        k, n = (int(part) for part in shard.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--shard {shard}: expected K/N with 1 <= K <= N") from None
+    kept, left = items[k - 1::n], [item for i, item in enumerate(items) if i % n != k - 1]
+    if left:
+        config.hook.pytest_deselected(items=left)
+    items[:] = kept
+
+
 # Variables that configure the service or steer its HTTP calls, besides config.VARIABLES.
 _OUTSIDE_CONFIG = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY", "HTTPS_PROXY", "https_proxy",
                    "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE",
