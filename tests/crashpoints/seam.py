@@ -4,7 +4,7 @@
 
 is ``python -m stark_challenge [arguments]`` with one difference, made from outside the
 package: every ``sqlite3`` connection the process opens (and every ``psycopg`` one, when
-that is installed) is of a subclass that notes the tables each transaction writes and,
+``DATABASE_URL`` is set) is of a subclass that notes the tables each transaction writes and,
 when a ``commit`` that wrote something returns (SQLite with ``synchronous=FULL`` in WAL
 mode: after the fsync of the WAL; PostgreSQL: once the server answered COMMIT, so the
 transaction is durable on the server whatever happens to the process), numbers it and appends
@@ -17,10 +17,9 @@ service, which carries no crash switch of its own.
 Why not strace's fault injection (``-e inject=fdatasync:signal=SIGKILL:when=n``): strace
 counts per thread, and the service commits from several (webhook handlers, the worker,
 the schedule), so the n-th fsync of the process cannot be named that way. Each commit
-counted here ends with one ``fdatasync`` of the WAL (``strace -f -e trace=fdatasync``: the
-story's first process makes 61 commits and 64 of them, the first commit also syncing
-the new WAL's header), and a transaction that wrote nothing, a read snapshot say, costs
-no fsync and is not counted.
+counted on SQLite ends with one ``fdatasync`` of the WAL (``strace -f -e trace=fdatasync``
+shows one per commit, and a few more at the first, which makes the new WAL), and a
+transaction that wrote nothing, a read snapshot say, costs no fsync and is not counted.
 """
 
 import os
@@ -149,9 +148,9 @@ def _postgres_class(counter, psycopg):
     return CountingPgConnection
 
 
-def install(log_path, kill_at):
-    """Make every sqlite3 (and psycopg, when installed) connection of this process count its durable
-    commits (see the module docstring)."""
+def install(log_path, kill_at, postgres=False):
+    """Make every sqlite3 connection of this process (and every psycopg one, with ``postgres``) count its
+    durable commits (see the module docstring)."""
     counter = _Counter(log_path, kill_at)
     counting = _connection_class(counter)
     connect = sqlite3.connect
@@ -161,15 +160,16 @@ def install(log_path, kill_at):
         return connect(*args, **kwargs)
 
     sqlite3.connect = counting_connect
-    try:
-        import psycopg
-    except ImportError:
+    if not postgres:
         return
+    import psycopg  # only then: it is a tenth of a second of the process's start
+
     psycopg.connect = _postgres_class(counter, psycopg).connect
 
 
 if __name__ == "__main__":
-    install(os.environ.get("CRASH_COMMIT_LOG"), int(os.environ.get("CRASH_AT_COMMIT") or 0))
+    install(os.environ.get("CRASH_COMMIT_LOG"), int(os.environ.get("CRASH_AT_COMMIT") or 0),
+            postgres=bool(os.environ.get("DATABASE_URL")))
     sys.path.pop(0)  # this file's folder: the service imports nothing from the harness
     sys.argv[0] = "stark_challenge"
     runpy.run_module("stark_challenge", run_name="__main__", alter_sys=True)
