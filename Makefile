@@ -56,10 +56,11 @@ soak: $(STAMP) ## the soak run: SOAK_MINUTES (30) of steady traffic, memory samp
 
 # The service killed with SIGKILL at every durable step of the money path's story (each
 # commit, each call to Stark Bank before and after Stark Bank carried it out), restarted,
-# settled, and checked against the emulator's ledger (tests/crashpoints). One point alone:
-# make crash POINT=call:12:before. About five minutes on 2 cores.
-crash: $(STAMP) ## kill the service at every durable step of the money path, check what must hold (POINT=... for one)
-	PYTHONPATH=tests $(BIN)/python -m crashpoints $(if $(POINT),--point $(POINT))
+# settled, and checked against the emulator's ledger (tests/crashpoints), on SQLite and then
+# on PostgreSQL (a throwaway server). One point alone: make crash POINT=call:12:before
+# (POINT=postgres:call:12:before on PostgreSQL); one backend: make crash BACKEND=sqlite.
+crash: $(STAMP) ## kill the service at every durable step of the money path, on SQLite and PostgreSQL; check what must hold (POINT=... for one)
+	PYTHONPATH=tests $(BIN)/python -m crashpoints $(if $(POINT),--point $(POINT)) $(if $(BACKEND),--backend $(BACKEND))
 
 clean: ## remove .venv, build files and coverage data
 	rm -rf $(VENV) .pytest_cache build *.egg-info .coverage .coverage.*
