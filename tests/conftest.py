@@ -20,6 +20,7 @@ from stark_challenge.config import with_userinfo
 from stark_challenge.emulator import Emulator
 from stark_challenge.emulator.certs import make_certificates
 from stark_challenge.store import Store
+from support.balancer import Balancer
 from support.postgres import Cluster, find_bindir
 from support import (  # re-exported (__all__) for modules that still import them from conftest
     ROOT, FakeClock, Service, child_env, free_port, make_config, messages_matching, query, run_cli, sdk_config,
@@ -198,9 +199,11 @@ def module_service_factory(module_emulator, tmp_path_factory):
 def instance_factory(emulator, tmp_path):
     """Return ``make(url, count, **env) -> [Service]`` (not started): ``count`` instances of one deployment
     (one project on the emulator, the same webhook credentials) sharing the PostgreSQL database at
-    ``url``, each with its own port, directory and webhook at the emulator (so every event reaches
-    each of them), short claims (``CLAIM_LEASE``). Every process is stopped at teardown."""
-    made = []
+    ``url`` (``DATABASE_PATH`` unset), each with its own port and directory, behind a round-robin
+    balancer whose URL is the deployment's one webhook at the emulator (each delivery reaches one
+    instance; one refused by a dead instance goes to the next), short claims (``CLAIM_LEASE``).
+    Every process and balancer is stopped at teardown."""
+    made, balancers = [], []
 
     def make(url, count, **values):
         project_id, private_key = emulator.create_project()
@@ -217,15 +220,19 @@ def instance_factory(emulator, tmp_path):
             })
             env.update({k: str(v) for k, v in values.items()})
             service = Service(env, str(home / "service.log"), cwd=str(home))
-            emulator.add_webhook(with_userinfo(f"http://127.0.0.1:{service.port}/webhook",
-                                               env["WEBHOOK_USERNAME"], env["WEBHOOK_PASSWORD"]))
             made.append(service)
             instances.append(service)
+        balancer = Balancer([service.port for service in instances]).start()
+        balancers.append(balancer)
+        emulator.add_webhook(with_userinfo(f"http://127.0.0.1:{balancer.port}/webhook",
+                                           env["WEBHOOK_USERNAME"], env["WEBHOOK_PASSWORD"]))
         return instances
 
     yield make
     for service in made:
         service.close()
+    for balancer in balancers:
+        balancer.close()
 
 
 def _service_maker(emulator, directory, made):
