@@ -186,8 +186,8 @@ VARIABLES = (
     V("RECONCILE_INTERVAL", "5m", "how often the reconciliation pass asks Stark Bank about open transfers and "
       "updates the alarms", "reconcile_interval_s", _seconds(allow_zero=False)),
     V("RECONCILE_AFTER", "2m", "an open transfer quiet for this long is asked about at Stark Bank by the "
-      "reconciliation pass; a read that does not find our own invoice or transfer counts as not yet for this "
-      "long after its event arrived", "reconcile_after_s", _seconds(allow_zero=True)),
+      "reconciliation pass; a read that does not find our own invoice or transfer (or shows our credited "
+      "invoice not paid) counts as not yet for this long after its event arrived", "reconcile_after_s", _seconds(allow_zero=True)),
     V("ALARM_AFTER", "1h", "a transfer still open after this is an alarm", "alarm_after_s",
       _seconds(allow_zero=False)),
     V("MAX_CONNECTIONS", "32", "HTTP requests handled at once (one thread each) and as many queued; "

@@ -295,6 +295,9 @@ class Worker:
                     return "Stark Bank does not find this invoice with our tag yet"
             elif found is None or self._tag not in (found.get("tags") or []):
                 self._remember_not_ours(asked.key, found)
+            elif found.get("status") != "paid" and self._within_grace(event):
+                # Ours, credited, but a lagging read shows it before the payment: not final yet.
+                return "Stark Bank does not report this invoice of ours paid yet"
             invoices[asked.key] = found
         elif asked.kind == "transfer":
             found = self._bank.get("transfer", asked.key)
@@ -309,7 +312,8 @@ class Worker:
         return None
 
     def _within_grace(self, event):
-        """Return True while a read that does not find our own entity counts as "not yet" for ``event``.
+        """Return True while a read that does not find our own entity (or shows our credited invoice not paid)
+        counts as "not yet" for ``event``.
 
         That is ``reconcile_after_s`` from the event's arrival: reads may lag writes.
         """

@@ -334,6 +334,40 @@ def test_a_credit_stark_bank_cannot_confirm_yet_waits_with_backoff_and_holds_up_
     assert [(t["amount"], t["externalId"]) for t in emulator.transfers()] == [(5000 - FEE, f"{TAG}-inv-{ours.id}")]
 
 
+def test_a_credit_of_ours_that_the_read_shows_not_paid_yet_waits_and_is_forwarded_once_paid(emulator, bank, store,
+                                                                                             clock):
+    # A read that lags the writes can show an invoice of ours as it was before its payment: the credit is not
+    # final "not paid" then, but "not yet" for RECONCILE_AFTER (60 s here), and forwarded once Stark Bank shows it
+    # paid. One that Stark Bank still shows unpaid after that moves nothing.
+    ours, never = starkbank.invoice.create([starkbank.Invoice(amount=amount, name="Arya Stark",
+                                                              tax_id="012.345.678-90", tags=[TAG])
+                                            for amount in (5000, 6000)])
+    for n, invoice in enumerate((ours, never)):
+        event = json.loads(signed_event(emulator, f"830000000000000{n}", {"id": invoice.id, "tags": [TAG],
+                                                                          "status": "paid", "amount": invoice.amount,
+                                                                          "fee": FEE})[0])["event"]
+        store.add_event(Event(event["id"], "invoice", "credited", invoice.id, event), "webhook", clock())
+    worker = Worker(store, bank, TAG, poll_interval_s=0, clock=clock, rng=random.Random(1), reconcile_after_s=60)
+
+    assert worker.process_events() == 0  # Stark Bank reports both "created": both wait
+    assert len(store.pending_events()) == 2 and store.credit(ours.id) is None
+    emulator.pay(ours.id)
+    clock.advance(30)
+    assert worker.process_events() == 1
+    assert store.credit(ours.id) is not None and [e.id for e in store.pending_events()] == ["8300000000000001"]
+    clock.advance(31)  # past RECONCILE_AFTER: what Stark Bank reports now is final
+    assert worker.process_events() == 1 and store.pending_events() == []
+    assert store.credit(never.id) is None
+    conn = sqlite3.connect(store.path)
+    try:
+        assert conn.execute("select outcome_code from event where id = '8300000000000001'").fetchall() == [
+            ("not_ours_not_paid",)]
+    finally:
+        conn.close()
+    worker.run_once()
+    assert [(t["amount"], t["externalId"]) for t in emulator.transfers()] == [(5000 - FEE, f"{TAG}-inv-{ours.id}")]
+
+
 def test_a_transfer_log_waits_for_our_own_lookup_while_no_stark_bank_id_is_recorded(emulator, bank, store, clock,
                                                                                      other_workspace):
     workspace, user = other_workspace
