@@ -309,7 +309,8 @@ class Soak:
 
     def _sample(self):
         pid = self.service.pid
-        sample = {"minute": round(self._minute(), 3), "pid": pid}
+        sample = {"minute": round(self._minute(), 3), "pid": pid,
+                  "loadavg": float(open("/proc/loadavg").read().split()[0])}  # the machine's, for context
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 name, _, value = line.partition(":")
@@ -579,6 +580,7 @@ def figures(samples, starts_minutes):
 
 
 def main():
+    host = machine()  # before the run: its load average is the one at the start
     soak = Soak()
     try:
         outcome = soak.run()
@@ -587,12 +589,14 @@ def main():
         samples = soak.samples
         soak.close()
     table = figures(samples, starts)
-    result = {"machine": machine(), "minutes": MINUTES, "rate_per_s": RATE, "sample_s": SAMPLE_S,
-              "warmup_min": WARMUP_MIN, "retention": RETENTION, "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX") or f"{ARENAS} (the service's own cap)",
+    result = {"machine": host, "minutes": MINUTES, "rate_per_s": RATE, "sample_s": SAMPLE_S,
+              "warmup_min": WARMUP_MIN, "retention": RETENTION,
+              "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX") or f"{ARENAS} (the service's own cap)",
               "restarts_at_minute": starts[1:], "figures": table, **outcome, "samples": samples}
     m = result["machine"]
+    m["loadavg_at_end"] = open("/proc/loadavg").read().split()[0]  # the machine may be shared: how busy it was
     print(f"\n{m['nproc']} x {m['cpu_model']}, Python {m['python']}, commit {m['commit']}, "
-          f"load average at start {m['loadavg_at_start']}")
+          f"load average at start {m['loadavg_at_start']}, at end {m['loadavg_at_end']}")
     print(f"{'figure':<26} {'first':>9} {'last':>9} {'min':>9} {'max':>9} {'slope/h after warm-up':>22}")
     for key, row in table.items():
         slope = "n/a" if row["slope_per_hour"] is None else f"{row['slope_per_hour']:+.2f} {row['unit']}/h"
