@@ -18,16 +18,22 @@ $(STAMP): pyproject.toml
 
 # The suite under coverage, counting the service and CLI processes the tests start (see
 # [tool.coverage] in pyproject.toml): one combined branch-coverage report, then the runtime.
-# Fails if a test fails or coverage is under fail_under.
+# Two pytest processes share the tests (--shard, tests/conftest.py): most of a test's time
+# is spent waiting on the processes and clocks it runs, which two halves overlap. The second
+# half's output follows the first's. Fails if a test fails or coverage is under fail_under.
 test: export COVERAGE_FILE = $(CURDIR)/.coverage
 test: $(STAMP) ## the whole suite under coverage (installs what it needs into .venv)
 	@started=$$(date +%s); \
 	rm -f .coverage .coverage.*; \
-	$(BIN)/python -m coverage run -m pytest -q; tests=$$?; \
+	$(BIN)/python -m coverage run -m pytest -q -p no:cacheprovider --shard 2/2 >$(VENV)/test-half-2.log 2>&1 & \
+	second=$$!; \
+	$(BIN)/python -m coverage run -m pytest -q -p no:cacheprovider --shard 1/2; first=$$?; \
+	wait $$second; second=$$?; \
+	echo "--- the second half of the tests (--shard 2/2):"; cat $(VENV)/test-half-2.log; \
 	$(BIN)/python -m coverage combine --quiet; \
 	$(BIN)/python -m coverage report; covered=$$?; \
 	echo "make test: $$(( $$(date +%s) - started )) s"; \
-	[ $$tests -eq 0 ] && [ $$covered -eq 0 ]
+	[ $$first -eq 0 ] && [ $$second -eq 0 ] && [ $$covered -eq 0 ]
 
 # Your Stark Bank project when STARK_PROJECT_ID is set (environment or .env),
 # otherwise the built-in emulator: nothing to configure to try it.
@@ -50,10 +56,11 @@ soak: $(STAMP) ## the soak run: SOAK_MINUTES (30) of steady traffic, memory samp
 
 # The service killed with SIGKILL at every durable step of the money path's story (each
 # commit, each call to Stark Bank before and after Stark Bank carried it out), restarted,
-# settled, and checked against the emulator's ledger (tests/crashpoints). One point alone:
-# make crash POINT=call:12:before. About five minutes on 2 cores.
-crash: $(STAMP) ## kill the service at every durable step of the money path, check what must hold (POINT=... for one)
-	PYTHONPATH=tests $(BIN)/python -m crashpoints $(if $(POINT),--point $(POINT))
+# settled, and checked against the emulator's ledger (tests/crashpoints), on SQLite and then
+# on PostgreSQL (a throwaway server). One point alone: make crash POINT=call:12:before
+# (POINT=postgres:call:12:before on PostgreSQL); one backend: make crash BACKEND=sqlite.
+crash: $(STAMP) ## kill the service at every durable step of the money path, on SQLite and PostgreSQL; check what must hold (POINT=... for one)
+	PYTHONPATH=tests $(BIN)/python -m crashpoints $(if $(POINT),--point $(POINT)) $(if $(BACKEND),--backend $(BACKEND))
 
 clean: ## remove .venv, build files and coverage data
 	rm -rf $(VENV) .pytest_cache build *.egg-info .coverage .coverage.*

@@ -42,20 +42,16 @@ from support.postgres import Cluster, find_bindir  # noqa: E402  (the tests' thr
 from stark_challenge.emulator import Emulator  # noqa: E402
 from stark_challenge.store import Store, StoreError  # noqa: E402
 
-CREDITS = 1500  # invoices of round 0, all paid and their credits sent, per setup
+CREDITS = 1500  # credits sent as fast as answers come back, per setup
+STEADY = 100  # credits sent first, at STEADY_RATE a second: a realistic intake, well below saturation
+STEADY_RATE = 5.0
 CONNECTIONS = 8  # keep-alive connections of the load, shared out between the instances
 SETUPS = (("sqlite_1", "sqlite", 1), ("postgres_1", "postgres", 1), ("postgres_2", "postgres", 2))
 TIMEOUT_S = 120.0
 
 
 def wait(predicate, what, timeout=TIMEOUT_S, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out waiting for {what}")
+    return wb.wait(predicate, what, timeout, interval)
 
 
 class Run:
@@ -86,17 +82,23 @@ class Run:
         env.update(self.emulator.env(project_id, private_key))
         env.update({"HOST": "127.0.0.1", "LOG_FORMAT": "json", "LOG_LEVEL": "WARNING",
                     "INSTANCE_TAG": wb.INSTANCE_TAG, "WEBHOOK_USERNAME": "stark", "WEBHOOK_PASSWORD": password,
-                    "INVOICE_INTERVAL": "24h", "INVOICE_DURATION": "0", "INVOICE_MIN": str(CREDITS),
-                    "INVOICE_MAX": str(CREDITS), "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "5s",
+                    "INVOICE_INTERVAL": "24h", "INVOICE_DURATION": "0", "INVOICE_MIN": str(STEADY + CREDITS),
+                    "INVOICE_MAX": str(STEADY + CREDITS), "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "5s",
                     "DATABASE_URL" if location.startswith("postgresql://") else "DATABASE_PATH": location})
         services = []
         for k in range(count):
+            if k == 1:
+                # The benchmark delivers the events itself, standing in for Stark Bank's courier: the
+                # events of round 0 count as delivered, so a later instance's start-up pull finds none.
+                wait(lambda: _rounds(location) == ["issued"], "round 0")
+                self.emulator.mark_delivered([e["id"] for e in self.emulator.events()])
             service = wb.Service({**env, "PORT": str(wb.free_port())},
                                  os.path.join(self.workdir, f"{len(self.services)}.log"))
             service.pure = False
             service.start(timeout=60)
             self.services.append(service)
             services.append(service)
+            wait(lambda: b'"ok"' in wb.http_get(service.port, "/health")[1], "the first pass")
         auth = "Basic " + base64.b64encode(f"stark:{password}".encode()).decode()
         return services, auth
 
@@ -107,23 +109,55 @@ class Run:
         before = {i["id"] for i in self.emulator.invoices()}
         services, auth = self._start(location, count)
         wait(lambda: _rounds(location) == ["issued"], f"{name}: round 0")
-        for service in services:
-            wait(lambda: b'"ok"' in wb.http_get(service.port, "/health")[1], f"{name}: the first pass")
         ids = {i["id"] for i in self.emulator.invoices()} - before
         for invoice_id in ids:
             self.emulator.pay(invoice_id)
         events = [e for e in self.emulator.events() if e["subscription"] == "invoice"
                   and e["log"]["type"] == "credited" and e["log"]["invoice"]["id"] in ids]
+        self.emulator.mark_delivered([e["id"] for e in self.emulator.events()])  # the benchmark delivers them
         requests = wb.Requests(self.emulator, auth, None)
         signed = [requests.signed(event) for event in events]
 
-        shares = [list(range(k, len(signed), count)) for k in range(count)]  # round robin
-        results = [None] * count
+        steady = self._send(name + "-steady", services, events[:STEADY], signed[:STEADY], "rate")
         cpu0 = sum(wb.cpu_s(s.pid) for s in services)
         db0 = self.cluster.cpu_seconds()
+        load = self._send(name, services, events[STEADY:], signed[STEADY:], "closed")
+        cpu = sum(wb.cpu_s(s.pid) for s in services) - cpu0
+        db = self.cluster.cpu_seconds() - db0 if backend == "postgres" else None
+        for service in services:
+            service.stop()
+        acked = len(load["to_transfer"])
+        figures = {
+            "instances": count, "backend": backend, **{k: v for k, v in load.items() if k != "to_transfer"},
+            "service_cpu_s": wb.rnd(cpu, 3), "service_cpu_ms_per_webhook": wb.rnd(cpu * 1000 / acked, 3),
+            "database_cpu_s": wb.rnd(db, 3),
+            "database_cpu_ms_per_webhook": None if db is None else wb.rnd(db * 1000 / acked, 3),
+            "steady": {k: v for k, v in steady.items() if k != "to_transfer"},
+        }
+        print(f"  {name:<11} steady {STEADY_RATE:g}/s: p99 {steady['p99_ms']} ms  credit->transfer p50 "
+              f"{steady['credit_to_transfer_p50_ms']} ms, p99 {steady['credit_to_transfer_p99_ms']} ms", flush=True)
+        print(f"  {name:<11} {figures['accepted_per_s']:>7} accepted/s  p99 {figures['p99_ms']} ms  "
+              f"credit->transfer p99 {figures['credit_to_transfer_p99_ms']} ms  service CPU "
+              f"{figures['service_cpu_ms_per_webhook']} ms/webhook  database CPU "
+              f"{figures['database_cpu_ms_per_webhook']} ms/webhook", flush=True)
+        return figures
+
+    def _send(self, name, services, events, signed, mode):
+        """Send ``signed`` (the requests of ``events``) round robin to ``services``; wait for every transfer.
+
+        ``mode``: "closed" (as fast as answers come back, ``CONNECTIONS`` shared out) or
+        "rate" (``STEADY_RATE`` a second in all, on a fixed schedule). Return the figures:
+        sent, accepted, accepted_per_s, p50_ms/p99_ms of the answers, and
+        credit_to_transfer_p50_ms/_p99_ms (with ``to_transfer``, every one of them in ms).
+        """
+        count = len(services)
+        shares = [list(range(k, len(signed), count)) for k in range(count)]  # round robin
+        results = [None] * count
+        options = ({"connections": max(1, CONNECTIONS // count)} if mode == "closed"
+                   else {"connections": 2, "rate": STEADY_RATE / count})
         threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, wb.run_loadgen(
-            self.workdir, f"{name}-{k}", [signed[i] for i in shares[k]], "closed", services[k].port,
-            connections=CONNECTIONS // count))) for k in range(count)]
+            self.workdir, f"{name}-{k}", [signed[i] for i in shares[k]], mode, services[k].port, **options)))
+            for k in range(count)]
         for t in threads:
             t.start()
         for t in threads:
@@ -144,27 +178,14 @@ class Run:
             return found if set(acked) <= set(found) else None
 
         found = wait(transfers, f"{name}: every credit's transfer", interval=0.1)
-        cpu = sum(wb.cpu_s(s.pid) for s in services) - cpu0
-        db = self.cluster.cpu_seconds() - db0 if backend == "postgres" else None
         created = {i: datetime.datetime.fromisoformat(found[i]["created"]).timestamp() for i in acked}
         to_transfer = [(created[i] - acked[i]) * 1000 for i in acked]
-        for service in services:
-            service.stop()
-        figures = {
-            "instances": count, "backend": backend, "sent": len(latencies), "accepted": len(acked),
-            "accepted_per_s": wb.rnd(len(acked) / (last - first), 1),
-            "p50_ms": wb.rnd(wb.percentile(latencies, 50)), "p99_ms": wb.rnd(wb.percentile(latencies, 99)),
-            "credit_to_transfer_p50_ms": wb.rnd(wb.percentile(to_transfer, 50)),
-            "credit_to_transfer_p99_ms": wb.rnd(wb.percentile(to_transfer, 99)),
-            "service_cpu_s": wb.rnd(cpu, 3), "service_cpu_ms_per_webhook": wb.rnd(cpu * 1000 / len(acked), 3),
-            "database_cpu_s": wb.rnd(db, 3),
-            "database_cpu_ms_per_webhook": None if db is None else wb.rnd(db * 1000 / len(acked), 3),
-        }
-        print(f"  {name:<11} {figures['accepted_per_s']:>7} accepted/s  p99 {figures['p99_ms']} ms  "
-              f"credit->transfer p99 {figures['credit_to_transfer_p99_ms']} ms  service CPU "
-              f"{figures['service_cpu_ms_per_webhook']} ms/webhook  database CPU "
-              f"{figures['database_cpu_ms_per_webhook']} ms/webhook", flush=True)
-        return figures
+        return {"sent": len(latencies), "accepted": len(acked),
+                "accepted_per_s": wb.rnd(len(acked) / (last - first), 1),
+                "p50_ms": wb.rnd(wb.percentile(latencies, 50)), "p99_ms": wb.rnd(wb.percentile(latencies, 99)),
+                "credit_to_transfer_p50_ms": wb.rnd(wb.percentile(to_transfer, 50)),
+                "credit_to_transfer_p99_ms": wb.rnd(wb.percentile(to_transfer, 99)),
+                "to_transfer": to_transfer}
 
 
 def _rounds(location):

@@ -391,6 +391,21 @@ def clean_env():
 # -- statistics -----------------------------------------------------------------
 
 
+def wait(predicate, what, timeout, interval=0.02, details=None):
+    """Poll ``predicate`` every ``interval`` s; return its first true value.
+
+    Raise RuntimeError naming ``what`` (and, if given, the text ``details()`` returns:
+    a service's log) once ``timeout`` s have passed without one.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise RuntimeError(f"timed out waiting for {what}" + (f"; service log:\n{details()}" if details else ""))
+
+
 def percentile(values, p):
     """Return the nearest-rank ``p``-th percentile of ``values`` (None if empty)."""
     if not values:
@@ -559,13 +574,7 @@ class Bench:
         starkbank.user = starkbank.Project(environment="sandbox", id=bench_project, private_key=bench_key)
 
     def _wait(self, predicate, what, timeout=DRAIN_TIMEOUT_S, interval=0.02):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise RuntimeError(f"timed out waiting for {what}; service log:\n{self.service.tail()}")
+        return wait(predicate, what, timeout, interval, details=self.service.tail)
 
     def _pending_events(self):
         reader = Store(self.db_path, read_only=True)

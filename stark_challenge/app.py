@@ -46,7 +46,7 @@ class App:
         if config.debug_memory != "off":
             if config.debug_memory == "trace":
                 memory.start_tracing()
-            figures = memory.Figures(cache_kib=CACHE_KIB).read
+            figures = memory.Figures(cache_kib=CACHE_KIB, backend=store.backend).read
         # With other instances on the database, look for their abandoned claims at least twice per lease.
         idle_s = min(IDLE_WAKE_S, config.lease_s / 2) if store.backend == "postgres" else IDLE_WAKE_S
         self.worker = Worker(store, bank, config.instance_tag, config.event_poll_interval_s, counters=self.counters,

@@ -127,6 +127,11 @@ def _round_bounds(values, _required):
 # Stark Bank accepts at most 100 invoices per call; rounds above that are sent in chunks,
 # but a round of more than this is surely a typo.
 MAX_ROUND_SIZE = 10_000
+# How long a claim (a round being issued, a transfer being sent) keeps other instances away unless
+# renewed, by default: longer than one create call (BANK_TIMEOUT), so the holder's call is over when
+# another instance takes the claim over, and short enough that a dead instance's work waits a minute
+# at most. The store's and the sender's default too.
+LEASE_S = 60.0
 ACCOUNT_TYPES = ("checking", "savings", "salary", "payment")
 
 V = Variable
@@ -175,7 +180,7 @@ VARIABLES = (
     V("EVENT_POLL_INTERVAL", "10m", "how often undelivered events are pulled from Stark Bank; 0 = only at start-up",
       "event_poll_interval_s", _seconds(allow_zero=True)),
     V("BANK_TIMEOUT", "15s", "timeout of every call to Stark Bank", "bank_timeout_s", _seconds(allow_zero=False)),
-    V("CLAIM_LEASE", "2m", "how long a claim on a round or a transfer is held (at least BANK_TIMEOUT + 1s): a "
+    V("CLAIM_LEASE", f"{LEASE_S / 60:g}m", "how long a claim on a round or a transfer is held (at least BANK_TIMEOUT + 1s): a "
       "transfer whose claim runs out before its holder recorded an answer is settled by lookup at Stark Bank, by "
       "this or another instance, never sent blind", "claim_lease_s", _seconds(allow_zero=False)),
     V("RECONCILE_INTERVAL", "5m", "how often the reconciliation pass asks Stark Bank about open transfers and "

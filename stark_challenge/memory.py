@@ -6,9 +6,12 @@ What a soak run (``bench/soak.py``) samples to tell where memory goes:
   part), its peak, threads and open file descriptors;
 - Python's allocator: ``sys.getallocatedblocks()`` (blocks in use, all sizes), and the
   objects the garbage collector tracks;
-- SQLite's own allocator (``sqlite3_status64``, read through ``ctypes`` from the
-  ``libsqlite3`` the ``sqlite3`` module loaded): all it holds, and its page caches.
-  ``None`` where SQLite is linked into Python itself rather than loaded as a library;
+- the store's backend (``database``: ``sqlite`` or ``postgres``) and, on SQLite, its own
+  allocator (``sqlite3_status64``, read through ``ctypes`` from the ``libsqlite3`` the
+  ``sqlite3`` module loaded): all it holds, and its page caches. ``sqlite`` is ``None``
+  where SQLite is linked into Python itself rather than loaded as a library, and on
+  PostgreSQL, whose page cache (``shared_buffers``) is the server's memory, not this
+  process's;
 - ``limit_arenas`` (called at start-up, whatever ``DEBUG_MEMORY`` says) caps glibc's
   malloc arenas, the one setting here that changes what is measured;
 - ``Trimmer`` (run by the main thread, whatever ``DEBUG_MEMORY`` says) hands the
@@ -147,10 +150,12 @@ def _proc_status():
 class Figures:
     """Reads the figures on demand; ``read()`` returns them as a JSON-able dict."""
 
-    def __init__(self, cache_kib=None):
-        """``cache_kib``: the page cache each database connection may hold, reported as configured."""
+    def __init__(self, cache_kib=None, backend="sqlite"):
+        """``cache_kib``: the page cache each SQLite connection may hold, reported as configured;
+        ``backend``: the store's, 'sqlite' or 'postgres' (no SQLite figures then)."""
         self._cache_kib = cache_kib
-        path = _loaded_sqlite_library()
+        self._backend = backend
+        path = _loaded_sqlite_library() if backend == "sqlite" else None
         try:
             self._sqlite = ctypes.CDLL(path) if path else None
         except OSError:
@@ -162,6 +167,7 @@ class Figures:
         figures["open_files"] = len(os.listdir("/proc/self/fd"))
         figures["python_blocks"] = sys.getallocatedblocks()
         figures["gc_objects"] = len(gc.get_objects())
+        figures["database"] = self._backend
         sqlite = _sqlite_status(self._sqlite) if self._sqlite is not None else None
         figures["sqlite"] = dict(sqlite or {}, cache_kib_per_connection=self._cache_kib) if sqlite else None
         if tracemalloc.is_tracing():

@@ -129,6 +129,7 @@ class PostgresDatabase:
         self.connection = None
         self._next_connect_at = 0.0  # monotonic: no connect attempt before this
         self._in_transaction = False
+        self._notify = False  # the open transaction wakes the listeners when it commits
         self._closed = False  # close() was called: never connect again
         try:
             import psycopg
@@ -244,13 +245,15 @@ class PostgresDatabase:
 
     def commit(self):
         try:
+            if self._notify:
+                self.execute("select pg_notify(?, '')", (WORK_CHANNEL,))
             self.execute("commit")
         finally:
-            self._in_transaction = False
+            self._in_transaction = self._notify = False
 
     def rollback(self):
         """Roll the open transaction back; a lost connection has rolled it back already."""
-        self._in_transaction = False
+        self._in_transaction = self._notify = False
         conn = self.connection
         if conn is None or conn.closed:
             return
@@ -264,8 +267,11 @@ class PostgresDatabase:
         self.execute("select pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
 
     def notify(self):
-        """Inside a transaction: have every listener woken when it commits (``WORK_CHANNEL``)."""
-        self.execute("select pg_notify(?, '')", (WORK_CHANNEL,))
+        """Have every listener woken (``WORK_CHANNEL``): inside a transaction, once, when it commits."""
+        if self._in_transaction:
+            self._notify = True  # sent once per transaction, however many rows ask (a NOTIFY locks at commit)
+        else:
+            self.execute("select pg_notify(?, '')", (WORK_CHANNEL,))
 
     def listen(self, on_notify):
         """Start and return a Listener calling ``on_notify()`` for each notification on ``WORK_CHANNEL``."""

@@ -69,6 +69,7 @@ import threading
 from typing import NamedTuple, Optional
 
 from . import transfer_states
+from .config import LEASE_S
 from .errors import StoreError, StoreLocked, StoreUnavailable
 from .group_commit import GroupCommit
 from .postgres_db import is_url
@@ -183,11 +184,6 @@ SCHEMA = tuple(ddl % _SCHEMA_NAMES if "%(" in ddl else ddl for ddl in SCHEMA)
 # The schema this code writes; ``_UPGRADES`` brings an older database to it, in order.
 SCHEMA_VERSION = 2
 
-
-# How long a claim (a round being issued, a transfer being sent) keeps other instances away
-# unless renewed: longer than one create call (BANK_TIMEOUT, 15 s by default), so the holder's
-# call is over when another instance takes the claim over and looks it up at Stark Bank.
-LEASE_S = 60.0
 
 class Round(NamedTuple):
     """A round of invoices as stored."""
@@ -378,12 +374,17 @@ class Store:
     def _bring_schema_up_to_date(self):
         """Create the schema, or upgrade an older one in place, step by step; in the caller's transaction.
 
-        A database without ``schema_version`` but with a ``transfer`` table was written
-        before versions were recorded: version 0.
+        A SQLite file without a ``schema_version`` row but with a ``transfer`` table was
+        written before versions were recorded: version 0. No released version wrote
+        PostgreSQL tables without one, so such a database is refused rather than guessed at.
         """
-        if self._has_table("schema_version"):
-            version = self._one("select version from schema_version")["version"]
+        row = self._one("select version from schema_version") if self._has_table("schema_version") else None
+        if row is not None:
+            version = row["version"]
         elif self._has_table("transfer"):
+            if self.backend == "postgres":
+                raise StoreError(f"{self.name}: holds this service's tables but no schema version (not written by "
+                                 "a released version); give the service a new database")
             version = 0
         else:
             for ddl in SCHEMA:
@@ -606,12 +607,15 @@ class Store:
         with self.atomic():
             return [self._insert_event(row) for row in rows]
 
-    def pending_events(self, limit=100, ours_first=False):
+    def pending_events(self, limit=100, ours_first=False, skip_held=False):
         """Return up to ``limit`` stored events not yet processed, oldest first.
 
         ``ours_first``: events that need no lookup of an unknown invoice come before the
         ``credited`` events of invoices our store does not hold, so a flood of those
-        never holds up our own credits.
+        never holds up our own credits. ``skip_held``: leave out, on PostgreSQL, the
+        events another instance holds for processing at this moment (``hold_event``),
+        so that workers reading together share the pending events out instead of all
+        reading the same page; on SQLite nothing else holds one.
         """
         order = "received_at, id"
         if ours_first:
@@ -620,7 +624,7 @@ class Store:
         with self._lock:
             rows = self._all(
                 "select id, subscription, log_type, body, source from event"
-                f" where processed_at is null order by {order} limit ?",
+                f" where processed_at is null order by {order} limit ?{self._conn.skip_locked if skip_held else ''}",
                 (limit,),
             )
         return [_event_of(r) for r in rows]
@@ -779,7 +783,7 @@ class Store:
         return self._conn.listen(on_work)
 
     def _move(self, external_id, target, now, *, expect=None, owner=None, confirmed_failed=False, count_try=False,
-              **columns):
+              row=None, **columns):
         """Write a transfer's state: the one place that does, checked against ``transfer_states.allowed``.
 
         ``target`` None (or the current state) keeps the state and writes ``columns``
@@ -788,10 +792,13 @@ class Store:
         ``sending`` clears the lease. ``columns``: errors (a list), next_try_at,
         lease_until (datetimes), transfer_id, lease_owner. Compare-and-set on the
         state read, in the caller's transaction (on PostgreSQL the row is locked from the
-        read to the commit). Return True if written.
+        read to the commit). ``row``: the transfer's ``state`` and ``lease_owner`` as the
+        caller read them, locked, in this transaction (``_locked_transfers``), to save the
+        read. Return True if written.
         """
-        row = self._one(f"select state, lease_owner from transfer where external_id = ?{self._conn.locked}",
-                        (external_id,))
+        if row is None:
+            row = self._one(f"select state, lease_owner from transfer where external_id = ?{self._conn.locked}",
+                            (external_id,))
         if row is None:
             return False
         current = row["state"]
@@ -893,11 +900,26 @@ class Store:
         ``lease_until`` is past, the claim is settled by lookup at Stark Bank, never sent
         blindly. One commit for a batch that goes in one create call.
         """
-        with self.atomic():  # rows locked in one order (PostgreSQL), so two claimers never deadlock
-            claimed = {ext for ext in sorted(set(external_ids))
+        with self.atomic():
+            rows = self._locked_transfers(external_ids)
+            claimed = {ext for ext, row in rows.items()
                        if self._move(ext, "sending", now, expect=("pending",), count_try=True, lease_owner=owner,
-                                     lease_until=lease_until)}
+                                     lease_until=lease_until, row=row)}
         return [ext for ext in external_ids if ext in claimed]
+
+    def _locked_transfers(self, external_ids):
+        """In the caller's transaction, read and lock the transfers ``external_ids``; return {external id: row}.
+
+        One read for all of them, in one order (PostgreSQL), so two callers never
+        deadlock; each row holds ``state`` and ``lease_owner``, ready for ``_move``.
+        """
+        external_ids = sorted(set(external_ids))
+        if not external_ids:
+            return {}
+        rows = self._all("select external_id, state, lease_owner from transfer"
+                         f" where external_id in ({','.join('?' * len(external_ids))})"
+                         f" order by external_id{self._conn.locked}", external_ids)
+        return {r["external_id"]: r for r in rows}
 
     def claim_transfer(self, external_id, now, owner="", lease_until=None):
         """Claim one pending transfer as ``claim_transfers`` does; return True if this call claimed it."""
@@ -915,7 +937,16 @@ class Store:
                              f" order by next_try_at, external_id limit ?{self._conn.skip_locked}",
                              (_iso(now), limit))
             claimed = self.claim_transfers([r["external_id"] for r in rows], now, owner, lease_until)
-            return [self.transfer(ext) for ext in claimed]
+            found = self._transfers_of(claimed)
+            return [found[ext] for ext in claimed]
+
+    def _transfers_of(self, external_ids):
+        """Return {external id: Transfer} of those of ``external_ids`` stored; one read."""
+        if not external_ids:
+            return {}
+        rows = self._all(f"select {_TRANSFER_COLUMNS} from transfer"
+                         f" where external_id in ({','.join('?' * len(external_ids))})", list(external_ids))
+        return {r["external_id"]: _transfer_of(r) for r in rows}
 
     def take_over(self, external_id, now, owner, lease_until, expired_only=True):
         """Take the lease of a ``sending`` transfer whose lease ran out; return True if taken.
@@ -951,14 +982,16 @@ class Store:
         """
         recorded = []
         with self.atomic():
+            rows = self._locked_transfers([external_id for external_id, _, _ in answers])
             for external_id, transfer_id, status in answers:
                 status = status if status in transfer_states.MOVING else "created"
-                row = self._one("select state from transfer where external_id = ?", (external_id,))
+                row = rows.pop(external_id, None) or self._one(  # read again: a repeat of one external id
+                    f"select state, lease_owner from transfer where external_id = ?{self._conn.locked}", (external_id,))
                 if row is None:
                     continue
                 target = status if transfer_states.allowed(row["state"], status) else None
                 if self._move(external_id, target, now, owner=owner if row["state"] == "sending" else None,
-                              transfer_id=transfer_id, next_try_at=check_at or now):
+                              transfer_id=transfer_id, next_try_at=check_at or now, row=row):
                     recorded.append(external_id)
         return recorded
 

@@ -49,6 +49,7 @@ import random
 
 from . import logs, transfer_states, vocabulary
 from .bank import MAX_PER_CALL
+from .config import LEASE_S
 from .errors import BankError, BankRejected, BankUnavailable
 from .metrics import Counters
 from .report import reais
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 
 BASE_BACKOFF_S = 2.0  # first wait after an unanswered call; doubles per try
 MAX_BACKOFF_S = 30.0  # the longest wait between two tries of one transfer
-LEASE_S = 120.0  # a claim's lease, when the worker does not give one (longer than a create call's timeout)
 CHECK_AFTER_S = 120.0  # an open transfer quiet this long is asked about at Stark Bank
 CHECK_EVERY_S = 300.0  # and again this often while it stays open
 CHECKS_PER_PASS = 50  # checks of open transfers per pass: the rest wait for the next

@@ -198,7 +198,7 @@ class Worker:
         """
         now = self._clock()
         later = {event_id for event_id, (at, _) in self._waiting.items() if at > now}
-        pending = [e for e in self._store.pending_events(limit + len(later), ours_first=True)
+        pending = [e for e in self._store.pending_events(limit + len(later), ours_first=True, skip_held=True)
                    if e.id not in later][:limit]
         self._page_full = len(pending) == limit  # more may be waiting
         if not pending:

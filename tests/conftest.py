@@ -20,6 +20,7 @@ from stark_challenge.config import with_userinfo
 from stark_challenge.emulator import Emulator
 from stark_challenge.emulator.certs import make_certificates
 from stark_challenge.store import Store
+from support.balancer import Balancer
 from support.postgres import Cluster, find_bindir
 from support import (  # re-exported (__all__) for modules that still import them from conftest
     ROOT, FakeClock, Service, child_env, free_port, make_config, messages_matching, query, run_cli, sdk_config,
@@ -28,6 +29,34 @@ from support import (  # re-exported (__all__) for modules that still import the
 
 __all__ = ["ROOT", "FakeClock", "Project", "Service", "child_env", "free_port", "make_config", "messages_matching",
            "query", "run_cli", "sdk_config", "service_settled", "signed_event", "status_json", "wait_for"]
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="K/N",
+                     help="run only every Nth collected test, starting with the Kth (1 <= K <= N): N processes "
+                          "run with 1/N .. N/N share the suite between them (make test runs two)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``--shard K/N``, keep the Kth, (K+N)th, ... tests of the collection, in order.
+
+    Interleaved rather than split by file, so each half gets its share of every module's slow
+    tests (most of a test's time is waiting on real processes and real time, which two
+    processes on two cores overlap); a module-scoped fixture is then set up once per process.
+    """
+    shard = config.getoption("shard")
+    if not shard:
+        return
+    try:
+        k, n = (int(part) for part in shard.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--shard {shard}: expected K/N with 1 <= K <= N") from None
+    kept, left = items[k - 1::n], [item for i, item in enumerate(items) if i % n != k - 1]
+    if left:
+        config.hook.pytest_deselected(items=left)
+    items[:] = kept
+
 
 # Variables that configure the service or steer its HTTP calls, besides config.VARIABLES.
 _OUTSIDE_CONFIG = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY", "HTTPS_PROXY", "https_proxy",
@@ -170,9 +199,11 @@ def module_service_factory(module_emulator, tmp_path_factory):
 def instance_factory(emulator, tmp_path):
     """Return ``make(url, count, **env) -> [Service]`` (not started): ``count`` instances of one deployment
     (one project on the emulator, the same webhook credentials) sharing the PostgreSQL database at
-    ``url``, each with its own port, directory and webhook at the emulator (so every event reaches
-    each of them), short claims (``CLAIM_LEASE``). Every process is stopped at teardown."""
-    made = []
+    ``url`` (``DATABASE_PATH`` unset), each with its own port and directory, behind a round-robin
+    balancer whose URL is the deployment's one webhook at the emulator (each delivery reaches one
+    instance; one refused by a dead instance goes to the next), short claims (``CLAIM_LEASE``).
+    Every process and balancer is stopped at teardown."""
+    made, balancers = [], []
 
     def make(url, count, **values):
         project_id, private_key = emulator.create_project()
@@ -189,15 +220,19 @@ def instance_factory(emulator, tmp_path):
             })
             env.update({k: str(v) for k, v in values.items()})
             service = Service(env, str(home / "service.log"), cwd=str(home))
-            emulator.add_webhook(with_userinfo(f"http://127.0.0.1:{service.port}/webhook",
-                                               env["WEBHOOK_USERNAME"], env["WEBHOOK_PASSWORD"]))
             made.append(service)
             instances.append(service)
+        balancer = Balancer([service.port for service in instances]).start()
+        balancers.append(balancer)
+        emulator.add_webhook(with_userinfo(f"http://127.0.0.1:{balancer.port}/webhook",
+                                           env["WEBHOOK_USERNAME"], env["WEBHOOK_PASSWORD"]))
         return instances
 
     yield make
     for service in made:
         service.close()
+    for balancer in balancers:
+        balancer.close()
 
 
 def _service_maker(emulator, directory, made):

@@ -1,6 +1,6 @@
-"""End to end on PostgreSQL: three instances of one deployment share a database, every event reaches each
-of them, and instances die by kill -9 after acknowledging credits and in the middle of a transfer create
-call. One round per window, every credit forwarded exactly once, the dead one's claim taken over and looked
+"""End to end on PostgreSQL: three instances of one deployment share a database behind a round-robin
+balancer (each delivery reaches one of them), and instances die by kill -9 after acknowledging credits and
+in the middle of a transfer create call. One round per window, every credit forwarded exactly once, the dead one's claim taken over and looked
 up at Stark Bank. Assertions read the emulator's own records and the shared database."""
 
 from support import messages_matching, wait_for

@@ -4,11 +4,10 @@ the emulator, through the real SDK. Every assertion reads the emulator's own rec
 import concurrent.futures
 import json
 import re
-import signal
 
 from stark_challenge.taxid import is_valid_tax_id
 
-from support import Service, child_env, free_port, query, service_settled, signed_event, wait_for
+from support import query, service_settled, signed_event, wait_for
 
 
 def _settled(emulator, service):
@@ -132,21 +131,3 @@ def test_no_transfer_for_unpaid_invoices(emulator, service_factory):
     assert emulator.transfers() == []
     assert query(service, "select count(*) from transfer") == [(0,)]
     assert service.stop() == 0
-
-
-def test_try_it_mode_shows_the_whole_money_flow_without_an_account(tmp_path):
-    # README's first command: no credentials, the built-in emulator, readable log lines.
-    port = free_port()
-    service = Service(child_env(tmp_path, LOG_FORMAT="text", PORT=port), str(tmp_path / "try.log"),
-                      args=["--emulator", "--port", str(port)])
-    try:
-        service.start(timeout=30)
-        wait_for(lambda: re.search(r"transfer \d+ succeeded", service.logs()) or service.proc.poll() is not None,
-                 timeout=45, message="a transfer in the try-it log")
-        text = service.logs()
-        assert "round 0 issued" in text and " fee = R$ " in text, text
-        assert "accepted: event" not in text  # per-event lines are DEBUG
-        service.proc.send_signal(signal.SIGINT)
-        assert service.proc.wait(15) == 0
-    finally:
-        service.close()

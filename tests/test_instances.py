@@ -84,6 +84,16 @@ def test_each_event_is_stored_once_and_processed_once_whichever_instance_receive
     assert len(instances[1].transfers()) == RACES  # one credit, one transfer each
 
 
+def test_a_worker_reading_pending_events_skips_those_another_instance_is_processing(instances):
+    for n in range(3):
+        instances[0].add_event(Event(f"e{n}", "invoice", "paid", f"i{n}", {"id": f"e{n}"}), "webhook", NOW)
+    with instances[0].atomic():
+        assert instances[0].hold_event("e1")  # instance 0 is processing e1
+        assert [e.id for e in instances[1].pending_events(skip_held=True)] == ["e0", "e2"]
+        assert [e.id for e in instances[1].pending_events()] == ["e0", "e1", "e2"]
+    assert [e.id for e in instances[1].pending_events(skip_held=True)] == ["e0", "e1", "e2"]  # released
+
+
 def test_due_transfers_are_claimed_by_one_instance_each_and_none_is_left(instances):
     for n in range(RACES):
         instances[0].add_credit(f"inv{n}", f"ev{n}", 10000, 50, f"x-{n:02}", NOW)

@@ -33,7 +33,7 @@ def test_the_debug_route_answers_the_figures_behind_the_operators_basic_auth(ser
     assert figures["rss_kib"] > 10_000 and 0 < figures["rss_anon_kib"] < figures["rss_kib"] <= figures["rss_peak_kib"]
     assert figures["threads"] >= 3 and figures["open_files"] >= 3
     assert figures["python_blocks"] > 10_000 and figures["gc_objects"] > 1_000
-    assert figures["sqlite"]["cache_kib_per_connection"] == CACHE_KIB
+    assert figures["database"] == "sqlite" and figures["sqlite"]["cache_kib_per_connection"] == CACHE_KIB
     assert 0 < figures["sqlite"]["page_cache_bytes"] <= figures["sqlite"]["memory_used_bytes"]
     assert "tracemalloc" not in figures  # only with DEBUG_MEMORY=trace
 
@@ -45,6 +45,12 @@ def test_trace_adds_tracemallocs_top_lines(service_factory):
     assert status == 200 and 0 < traced["current_bytes"] <= traced["peak_bytes"]
     assert 0 < len(traced["top"]) <= memory.TOP_SITES
     assert all(site["bytes"] > 0 and ":" in site["where"] for site in traced["top"])
+
+
+def test_on_postgresql_the_figures_say_so_and_hold_no_sqlite_page_cache():
+    figures = memory.Figures(cache_kib=CACHE_KIB, backend="postgres").read()
+    assert figures["database"] == "postgres" and figures["sqlite"] is None
+    assert figures["rss_kib"] > 10_000
 
 
 def test_sqlites_page_cache_stays_within_its_bound_as_the_database_grows(tmp_path, clock):

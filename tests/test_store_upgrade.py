@@ -126,6 +126,22 @@ def test_a_database_of_a_newer_version_is_refused_on_both_backends(any_store):
         Store(any_store.path, read_only=True)
 
 
+def test_a_postgresql_database_with_the_tables_but_no_schema_version_is_refused_and_left_as_it_is(postgres):
+    import pytest
+
+    from stark_challenge.store import StoreError
+    from support.databases import rows, run
+
+    url = postgres.new_url()
+    Store(url).close()
+    run(url, "drop table schema_version")
+    with pytest.raises(StoreError, match=r"cannot open the database \(holds this service's tables but no schema "
+                                         r"version .*; give the service a new database\)$"):
+        Store(url)
+    assert rows(url, "select count(*) from information_schema.tables where table_schema = current_schema()"
+                " and table_name in ('schema_version', 'transfer')") == [(1,)]  # nothing created, nothing dropped
+
+
 def test_a_reader_of_a_database_not_upgraded_yet_is_told_to_start_the_service_once(tmp_path):
     import pytest
 

@@ -2,6 +2,7 @@
 is deleted at exit unless --keep-database, which prints the status command that reads it."""
 
 import re
+import signal
 import sys
 
 from support import Service, child_env, free_port, messages_matching, run_cli, wait_for
@@ -22,7 +23,8 @@ def _throwaways(scratch):
     return sorted(p.name for p in scratch.iterdir() if p.name.startswith("try-it-"))
 
 
-def test_the_webhook_is_registered_before_round_0_and_the_database_deleted_at_exit(tmp_path):
+def test_the_webhook_is_registered_before_round_0_and_a_stop_says_what_the_run_left_and_deletes_the_database(
+        tmp_path):
     service, scratch = _try_it(tmp_path)
     try:
         wait_for(lambda: messages_matching(service, "^round 0 issued"), message="round 0")
@@ -43,6 +45,9 @@ def test_the_webhook_is_registered_before_round_0_and_the_database_deleted_at_ex
         service.close()
     assert _throwaways(scratch) == []
     assert "status" not in service.logs().splitlines()[-1]
+    (summary,) = messages_matching(service, "^stopped; ")
+    assert re.fullmatch(r"stopped; 1 round issued, \d+ credits? \(R\$ [\d,]+\.\d\d\), R\$ [\d,]+\.\d\d forwarded, "
+                        r"\d+ transfers? open", summary), summary
 
 
 def test_keep_database_keeps_it_and_prints_the_status_command(tmp_path):
@@ -69,19 +74,8 @@ def test_the_throwaway_database_is_deleted_when_the_start_fails(tmp_path):
     assert _throwaways(scratch) == []
 
 
-def test_stopping_says_what_the_run_left(tmp_path):
-    service, scratch = _try_it(tmp_path)
-    try:
-        wait_for(lambda: messages_matching(service, "^round 0 issued"), message="round 0")
-        assert service.stop() == 0, service.logs()
-    finally:
-        service.close()
-    (summary,) = messages_matching(service, "^stopped; ")
-    assert re.fullmatch(r"stopped; 1 round issued, \d+ credits? \(R\$ [\d,]+\.\d\d\), R\$ [\d,]+\.\d\d forwarded, "
-                        r"\d+ transfers? open", summary), summary
-
-
 def test_the_terminal_tells_rounds_credits_and_transfers_in_reais_within_120_columns(tmp_path):
+    # README's first command: no credentials, the built-in emulator, readable log lines, Ctrl-C to stop.
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     port = free_port()
@@ -89,8 +83,10 @@ def test_the_terminal_tells_rounds_credits_and_transfers_in_reais_within_120_col
                       args=["--emulator", "--port", str(port)])
     try:
         service.start(timeout=30)
-        wait_for(lambda: re.search(r"transfer \d+ succeeded", service.logs()), timeout=45, message="a transfer")
-        assert service.stop() == 0, service.logs()
+        wait_for(lambda: re.search(r"transfer \d+ succeeded", service.logs()) or service.proc.poll() is not None,
+                 timeout=45, message="a transfer")
+        service.proc.send_signal(signal.SIGINT)
+        assert service.proc.wait(15) == 0, service.logs()
     finally:
         service.close()
     lines = service.logs().splitlines()

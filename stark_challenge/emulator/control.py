@@ -206,6 +206,14 @@ class Emulator(LedgerView):
         """Return every webhook (API JSON), oldest first; copies."""
         return self._rows("webhook")
 
+    def mark_delivered(self, event_ids):
+        """Set isDelivered on these events (unknown ids are skipped), as a delivery answered 200 does.
+
+        For a benchmark or test that delivers the events itself, standing in for Stark Bank's courier.
+        """
+        for event_id in event_ids:
+            self._ledger.mark_delivered(event_id)
+
     def deliveries_pending(self):
         """Return True while deliveries are held or still being sent (retries included)."""
         return self._courier.busy() or self._courier.held() > 0

@@ -4,10 +4,13 @@
 hold without any crash first) and returns its points. ``run_point`` runs the story up to
 one point, where the service is killed with SIGKILL, then does what a supervisor and
 Stark Bank would: the emulator stops holding webhooks and its unused faults are
-forgotten, the service is started again (the plain one, no seam), and once everything
-has settled the invariants are checked. ``line`` formats a result as the output's line.
+forgotten, the service is started again (the plain one, no seam, with ``AFTER_CRASH``'s
+settings: alarms raised within seconds), and once everything has settled the invariants
+are checked. A run is on SQLite, or on PostgreSQL when given a ``database_url`` (an empty
+schema). ``line`` formats a result as the output's line.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -15,7 +18,7 @@ import time
 from typing import NamedTuple, Optional
 
 from . import invariants, points
-from .story import DELIVERY_ATTEMPTS, STEPS, Crashed, Run, StoryStuck
+from .story import AFTER_CRASH, DELIVERY_ATTEMPTS, STEPS, Crashed, Run, StoryStuck
 
 __all__ = ["Result", "count", "run_point", "line"]
 
@@ -44,16 +47,17 @@ def _run_steps(run):
         step.act(run)
 
 
-def count(certificates, keep=False, base=None):
+def count(certificates, keep=False, base=None, database_url=None):
     """Run the story without a kill; return (its points, problems found at its end, seconds, kept directory).
 
     The directory (service log, database, commit logs; made under ``base``, default the system's
-    temporary folder) is kept when something is wrong, or with ``keep``.
+    temporary folder) is kept when something is wrong, or with ``keep``. ``database_url``: the
+    service's database is that PostgreSQL one (an empty schema), not a SQLite file.
     """
     began = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="crash-count-", dir=base)
     problems = []
-    with Run(workdir, certificates) as run:
+    with Run(workdir, certificates, database_url=database_url) as run:
         try:
             _run_steps(run)
             run.quiet()
@@ -67,14 +71,14 @@ def count(certificates, keep=False, base=None):
     return found, problems, time.monotonic() - began, kept
 
 
-def run_point(point, certificates, keep=False, base=None, timed=True):
-    """Run the story with the service killed at ``point``; return its Result (directory: see ``count``;
-    ``timed``: see ``invariants.check``)."""
+def run_point(point, certificates, keep=False, base=None, timed=True, database_url=None):
+    """Run the story with the service killed at ``point``; return its Result (directory, and
+    ``database_url``, which a point on PostgreSQL needs: see ``count``; ``timed``: see ``invariants.check``)."""
     workdir = tempfile.mkdtemp(prefix="crash-point-", dir=base)
     restart_s = settle_s = None
     drift = None
     commit_kill = (point.launch, point.n) if point.kind == points.COMMIT else None
-    with Run(workdir, certificates, commit_kill=commit_kill) as run:
+    with Run(workdir, certificates, commit_kill=commit_kill, database_url=database_url) as run:
         if point.kind == points.CALL:
             run.emu.tripwire.arm(point.n, point.phase, run.kill)
         try:
@@ -84,6 +88,8 @@ def run_point(point, certificates, keep=False, base=None, timed=True):
                 restart_s = _recover(run)
                 began = time.monotonic() - restart_s
                 run.wait(_settled(run), "everything to settle", SETTLE_S)
+                if _follow_alarms(run):
+                    run.wait(_settled(run), "everything to settle after the operator's retries", SETTLE_S)
                 settle_s = time.monotonic() - began
                 problems = invariants.check(run, restart_s, timed)
         except (Crashed, StoryStuck, AssertionError) as e:
@@ -158,7 +164,28 @@ def _recover(run):
         status = run.run_command(*run.last_command, seam=False)
         if status not in (0, 2):  # 2: refused, what the killed one did is already queued
             raise StoryStuck(f"{' '.join(run.last_command)} run again exited {status}")
-    return run.start_service(seam=False)
+    return run.start_service(seam=False, settings=AFTER_CRASH)
+
+
+def _follow_alarms(run):
+    """Do what the operator does for a credit whose every attempt failed (Stark Bank's ledger says which):
+    wait for its alarm in /status (``credit_failed``, at most ``invariants.ALARM_WAIT_S``) and run
+    ``transfers retry`` for it, as the alarm says; return True if a retry was run. A credit left without
+    an alarm is not retried: the invariants report it."""
+    stuck = invariants.stuck(run)
+    if not stuck:
+        return False
+
+    def alarmed():
+        return stuck & {a["subject"] for a in run.status_page()["alarms"] if a["kind"] == "credit_failed"}
+    with contextlib.suppress(StoryStuck):
+        run.wait(lambda: alarmed() == stuck, "an alarm for each stuck credit", invariants.ALARM_WAIT_S)
+    found = alarmed()
+    for invoice_id in sorted(found):
+        status = run.run_command("transfers", "retry", invoice_id, seam=False)
+        if status != 0:
+            raise StoryStuck(f"transfers retry {invoice_id} (its alarm standing) exited {status}")
+    return bool(found)
 
 
 def _settled(run):

@@ -1,11 +1,13 @@
-"""Run the service with a commit seam: number its durable SQLite commits, and SIGKILL it at one.
+"""Run the service with a commit seam: number its durable commits (SQLite or PostgreSQL), and SIGKILL it at one.
 
     python tests/crashpoints/seam.py [the service's arguments]
 
 is ``python -m stark_challenge [arguments]`` with one difference, made from outside the
-package: every ``sqlite3`` connection the process opens is of a subclass that notes the
-tables each transaction writes and, when a ``commit`` that wrote something returns (with
-``synchronous=FULL`` in WAL mode: after the fsync of the WAL), numbers it and appends
+package: every ``sqlite3`` connection the process opens (and every ``psycopg`` one, when
+``DATABASE_URL`` is set) is of a subclass that notes the tables each transaction writes and,
+when a ``commit`` that wrote something returns (SQLite with ``synchronous=FULL`` in WAL
+mode: after the fsync of the WAL; PostgreSQL: once the server answered COMMIT, so the
+transaction is durable on the server whatever happens to the process), numbers it and appends
 one line to ``CRASH_COMMIT_LOG``: ``<n> <time.monotonic()> <what it wrote>``. With
 ``CRASH_AT_COMMIT=n``, the process kills itself with SIGKILL as commit n returns: the
 transaction is on disk, and nothing the service would do next (answer a webhook, call
@@ -15,10 +17,9 @@ service, which carries no crash switch of its own.
 Why not strace's fault injection (``-e inject=fdatasync:signal=SIGKILL:when=n``): strace
 counts per thread, and the service commits from several (webhook handlers, the worker,
 the schedule), so the n-th fsync of the process cannot be named that way. Each commit
-counted here ends with one ``fdatasync`` of the WAL (``strace -f -e trace=fdatasync``: the
-story's first process makes 61 commits and 64 of them, the first commit also syncing
-the new WAL's header), and a transaction that wrote nothing, a read snapshot say, costs
-no fsync and is not counted.
+counted on SQLite ends with one ``fdatasync`` of the WAL (``strace -f -e trace=fdatasync``
+shows one per commit, and a few more at the first, which makes the new WAL), and a
+transaction that wrote nothing, a read snapshot say, costs no fsync and is not counted.
 """
 
 import os
@@ -105,35 +106,51 @@ def _written(wrote, sql):
 
 
 def _postgres_class(counter, psycopg):
+    class CountingPgCursor(psycopg.Cursor):
+        """A cursor that tells its connection the rows each writing statement changed."""
+
+        def execute(self, query, params=None, **kwargs):
+            super().execute(query, params, **kwargs)
+            self.connection._ran(query, self.rowcount)
+            return self
+
+        def executemany(self, query, params_seq, **kwargs):
+            super().executemany(query, params_seq, **kwargs)
+            self.connection._ran(query, self.rowcount)  # psycopg sums the rows of every execution
+
     class CountingPgConnection(psycopg.Connection):
-        """A psycopg connection (the store's are in autocommit, with explicit begin and commit) that
-        reports each commit of a transaction that changed rows to ``counter``, as COMMIT returns (the
-        server has made it durable)."""
+        """A psycopg connection that reports to ``counter`` each commit of a transaction that changed rows,
+        as COMMIT returns (the server has made it durable). The store's connections are in autocommit
+        mode and run ``begin`` and ``commit`` as statements; every statement, ``Connection.execute`` and
+        ``executemany`` alike, goes through a cursor of the connection's ``cursor_factory``."""
 
         _rows = 0  # rows the open transaction changed
         _wrote = ()
 
-        def execute(self, query, params=None, **kwargs):
+        @classmethod
+        def connect(cls, *args, **kwargs):
+            kwargs.setdefault("cursor_factory", CountingPgCursor)
+            return super().connect(*args, **kwargs)
+
+        def _ran(self, query, rowcount):
             text = query if isinstance(query, str) else ""
             verb = text.strip().lower()
-            if verb.startswith("begin"):
+            if verb.startswith("begin") or verb == "rollback":
                 self._rows, self._wrote = 0, []
-            cursor = super().execute(query, params, **kwargs)
-            if verb == "commit":
+            elif verb == "commit":
                 if self._rows:
                     counter.committed(self._wrote)
                 self._rows, self._wrote = 0, []
-            elif _WRITE.match(text) and cursor.rowcount > 0:
-                self._rows += cursor.rowcount
+            elif rowcount > 0 and _WRITE.match(text):
+                self._rows += rowcount
                 _written(self._wrote, text)
-            return cursor
 
     return CountingPgConnection
 
 
-def install(log_path, kill_at):
-    """Make every sqlite3 (and psycopg, when installed) connection of this process count its durable
-    commits (see the module docstring)."""
+def install(log_path, kill_at, postgres=False):
+    """Make every sqlite3 connection of this process (and every psycopg one, with ``postgres``) count its
+    durable commits (see the module docstring)."""
     counter = _Counter(log_path, kill_at)
     counting = _connection_class(counter)
     connect = sqlite3.connect
@@ -143,15 +160,16 @@ def install(log_path, kill_at):
         return connect(*args, **kwargs)
 
     sqlite3.connect = counting_connect
-    try:
-        import psycopg
-    except ImportError:
+    if not postgres:
         return
+    import psycopg  # only then: it is a tenth of a second of the process's start
+
     psycopg.connect = _postgres_class(counter, psycopg).connect
 
 
 if __name__ == "__main__":
-    install(os.environ.get("CRASH_COMMIT_LOG"), int(os.environ.get("CRASH_AT_COMMIT") or 0))
+    install(os.environ.get("CRASH_COMMIT_LOG"), int(os.environ.get("CRASH_AT_COMMIT") or 0),
+            postgres=bool(os.environ.get("DATABASE_URL")))
     sys.path.pop(0)  # this file's folder: the service imports nothing from the harness
     sys.argv[0] = "stark_challenge"
     runpy.run_module("stark_challenge", run_name="__main__", alter_sys=True)

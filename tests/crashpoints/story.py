@@ -1,9 +1,10 @@
 """The money path's story, step by step, against one emulator and one service process.
 
 ``Run`` holds what a run of the story needs: an emulator, the service (started through
-``seam.py``, so its durable commits are numbered), and the invoices of round 0 by their
-part in the story (A to E). ``STEPS`` is the story as data: each ``Step`` is a name and
-a function of the run; add a step to extend it. Every step leaves the service quiet
+``seam.py``, so its durable commits are numbered) on a SQLite file or a PostgreSQL
+schema of its own, and the invoices of round 0 by their part in the story (A to E).
+``STEPS`` is the story as data: each ``Step`` is a name and a function of the run; add
+a step to extend it. Every step leaves the service quiet
 (``Run.quiet``): nothing in flight at Stark Bank, no delivery being sent, every stored
 event processed, no transfer waiting to be sent.
 
@@ -36,7 +37,7 @@ from stark_challenge.emulator import Emulator
 
 from support import child_env, free_port
 
-__all__ = ["Run", "Step", "STEPS", "Crashed", "StoryStuck", "INVOICES", "ROLES", "SEAM"]
+__all__ = ["Run", "Step", "STEPS", "Crashed", "StoryStuck", "INVOICES", "ROLES", "SEAM", "AFTER_CRASH"]
 
 SEAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seam.py")
 ROLES = ("A", "B", "C", "D", "E")  # one invoice of round 0 for each part of the story
@@ -46,6 +47,14 @@ OPERATOR = "operator"  # the basic auth user of /status and the operator's route
 WAIT_S = 20.0  # the longest any one condition of the story may take
 POLL_S = 0.01
 DELIVERY_ATTEMPTS = 5  # the emulator's default tries per webhook delivery
+# The story's settings. A claim (on a round or a transfer) held by a killed process is taken over once its
+# lease ends: the shortest lease there is (BANK_TIMEOUT + 1 s), so that a restart settles in seconds.
+SETTINGS = {"INVOICE_MIN": INVOICES, "INVOICE_MAX": INVOICES, "INVOICE_INTERVAL": "1h", "INVOICE_DURATION": "1h",
+            "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "3s", "CLAIM_LEASE": "1s"}
+# What the service started again after a kill has on top: its reconciliation pass (which raises and
+# resolves the alarms) every second, and a transfer still open after a second is an alarm, so that
+# whatever a crash left open shows in /status's ALARMS within seconds (the invariants read it there).
+AFTER_CRASH = {"RECONCILE_INTERVAL": "1s", "ALARM_AFTER": "1s"}
 
 
 class Crashed(Exception):
@@ -68,11 +77,15 @@ class Run:
 
     ``commit_kill``: (launch, k) to have the service's ``launch``-th process (1-based)
     SIGKILL itself at its k-th durable commit, or None. The emulator's tripwire is
-    armed by the caller. Use as a context manager: everything stops at exit.
+    armed by the caller. ``database_url``: the service's database is that PostgreSQL
+    one (an empty schema), not a SQLite file in ``workdir``. Use as a context manager:
+    everything stops at exit.
     """
 
-    def __init__(self, workdir, certificates, commit_kill=None, seed=1):
+    def __init__(self, workdir, certificates, commit_kill=None, seed=1, database_url=None):
         self.workdir = workdir
+        self.database_url = database_url
+        self._reader = None  # the harness's own connection to a PostgreSQL database, made at first use
         self.emu = Emulator(seed=seed, certificates=certificates, pay_ratio=0.0, transfer_delay_s=0.05,
                             delivery_backoff_s=0.05, hold_deliveries=True)
         self.commit_kill = commit_kill
@@ -91,14 +104,15 @@ class Run:
         self.emu.start()
         project_id, private_key = self.emu.create_project()
         self.port = free_port()
-        self.env = child_env(self.workdir, **self.emu.env(project_id, private_key), **{
-            "HOST": "127.0.0.1", "PORT": self.port, "DATABASE_PATH": os.path.join(self.workdir, "state.sqlite3"),
-            "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
-            "INVOICE_MIN": INVOICES, "INVOICE_MAX": INVOICES, "INVOICE_INTERVAL": "1h", "INVOICE_DURATION": "1h",
-            "EVENT_POLL_INTERVAL": "1h", "BANK_TIMEOUT": "5s",
+        self.env = child_env(self.workdir, **self.emu.env(project_id, private_key), **SETTINGS, **{
+            "HOST": "127.0.0.1", "PORT": self.port, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
             "WEBHOOK_USERNAME": USERNAME, "WEBHOOK_PASSWORD": self.password,
             "OPERATOR_USERNAME": OPERATOR, "OPERATOR_PASSWORD": self.operator_password,
         })
+        if self.database_url:
+            self.env["DATABASE_URL"] = self.database_url
+        else:
+            self.env["DATABASE_PATH"] = os.path.join(self.workdir, "state.sqlite3")
         self.emu.add_webhook(config_module.with_userinfo(f"http://127.0.0.1:{self.port}/webhook", USERNAME,
                                                          self.password))
         return self
@@ -106,44 +120,53 @@ class Run:
     def __exit__(self, *exc_info):
         self.stop_service(kill=True)
         self.emu.stop()
+        if self._reader is not None:
+            self._reader.close()
 
     def config(self):
         """Return the service's Config, as its processes read it."""
         return config_module.load(self.env, dotenv_path=None)
 
     @property
+    def backend(self):
+        """The service's database: "sqlite" or "postgres"."""
+        return "postgres" if self.database_url else "sqlite"
+
+    @property
     def database(self):
-        return self.env["DATABASE_PATH"]
+        """The SQLite file's path, or the PostgreSQL URL."""
+        return self.database_url or self.env["DATABASE_PATH"]
 
     # -- the service process ------------------------------------------------------------
 
-    def start_service(self, seam=True, timeout=WAIT_S):
+    def start_service(self, seam=True, timeout=WAIT_S, settings=None):
         """Start the next service process and wait for /health to answer 200; return seconds it took.
 
         Through the commit seam unless ``seam`` is False (a restart after a crash is the
-        plain service). Raise Crashed if it dies first.
+        plain service), with ``settings`` on top of the story's. Raise Crashed if it dies first.
         """
         began = time.monotonic()
-        self.proc = self._spawn("service", (), seam)
+        self.proc = self._spawn("service", (), seam, settings)
         self.wait(lambda: self.health() is not None, "the service's /health", timeout)
         return time.monotonic() - began
 
     def run_command(self, *args, seam=True):
         """Run the command line (``transfers retry ...``) with the service's settings, as a process of the
-        run (through the seam, so its commits count too); return its exit status. Raise Crashed if killed."""
+        run (through the seam, so its commits count too); return its exit status. Raise Crashed if killed.
+        A service running meanwhile is the run's process again once the command ended."""
         self.last_command = args
-        self.proc = self._spawn(" ".join(args[:2]), args, seam)
+        service, self.proc = self.proc, self._spawn(" ".join(args[:2]), args, seam)
         self.wait(lambda: self.proc.poll() is not None, " ".join(args), WAIT_S, dead_ok=True)
-        proc, self.proc = self.proc, None
+        proc, self.proc = self.proc, service
         if proc.returncode < 0:
             raise Crashed(f"{' '.join(args)} died (signal {-proc.returncode})")
         return proc.returncode
 
-    def _spawn(self, name, args, seam):
+    def _spawn(self, name, args, seam, settings=None):
         """Start process number ``self.launches + 1`` of the run: the service or a command (``args``)."""
         self.launches += 1
         self.processes[self.launches] = name
-        env = dict(self.env)
+        env = dict(self.env, **(settings or {}))
         command = [sys.executable, "-m", "stark_challenge", *args]
         if seam:
             command = [sys.executable, SEAM, *args]
@@ -209,7 +232,10 @@ class Run:
     # -- reading the service's database -------------------------------------------------
 
     def rows(self, sql, params=()):
-        """Return the rows of ``sql`` on the service's database, opened read-only."""
+        """Return the rows of ``sql`` (``?`` placeholders) on the service's database, as tuples: a SQLite
+        file opened read-only for each call, or PostgreSQL through a connection of the harness's own."""
+        if self.database_url:
+            return self._postgres_rows(sql, params)
         if not os.path.exists(self.database):
             return []
         uri = "file:" + urllib.parse.quote(self.database) + "?mode=ro"
@@ -224,6 +250,16 @@ class Run:
             raise
         finally:
             conn.close()
+
+    def _postgres_rows(self, sql, params):
+        import psycopg  # a PostgreSQL run only: the [postgres] extra
+
+        if self._reader is None or self._reader.closed:
+            self._reader = psycopg.connect(self.database_url, autocommit=True, connect_timeout=10)
+        try:
+            return [tuple(r) for r in self._reader.execute(sql.replace("?", "%s"), tuple(params)).fetchall()]
+        except psycopg.errors.UndefinedTable:  # before the service made its tables
+            return []
 
     def transfer_rows(self, role):
         """Return [(attempt, state, tries)] of the transfers of the invoice playing ``role``."""
@@ -252,13 +288,12 @@ class Run:
         ``pending_ok``)."""
         if self.emu.requests_in_flight or self.emu.deliveries_sending():
             return False
-        if self.rows("select count(*) from event where processed_at is null") != [(0,)]:
-            return False
-        if self.rows("select count(*) from round where state = 'issuing'") not in ([(0,)], []):
-            return False
         states = ("sending",) if pending_ok else ("pending", "sending")
         marks = ",".join("?" * len(states))
-        return self.rows(f"select count(*) from transfer where state in ({marks})", states) in ([(0,)], [])
+        # One statement (it is polled): no tables yet is not quiet either.
+        return self.rows("select (select count(*) from event where processed_at is null)"
+                         " + (select count(*) from round where state = 'issuing')"
+                         f" + (select count(*) from transfer where state in ({marks}))", states) == [(0,)]
 
     def quiet(self, pending_ok=False):
         """Wait until ``is_quiet``."""
@@ -348,16 +383,6 @@ def transfer_b_500_then_lookup(run):
     run.deliver_until(lambda: run.succeeded("B"), "B's transfer to succeed")
 
 
-def transfer_c_fails_then_second_attempt(run):
-    """C's transfer fails at Stark Bank after `created`: confirmed, sent again as attempt 2, which succeeds."""
-    run.emu.set(transfer_fail_ratio=1.0)  # drawn when the transfer is created
-    run.pay("C")
-    run.deliver_one()
-    run.deliver_one()
-    run.emu.set(transfer_fail_ratio=0.0)
-    run.deliver_until(lambda: run.succeeded("C", attempt=2), "C's second attempt to succeed")
-
-
 def missed_event_pulled(run):
     """D is paid while the service is stopped and both webhooks are given up: the next start pulls them."""
     run.stop_service()
@@ -373,6 +398,19 @@ def missed_event_pulled(run):
     run.deliver_until(lambda: run.succeeded("D"), "D's transfer to succeed")
 
 
+def transfer_c_fails_twice(run):
+    """C's transfer fails at Stark Bank (confirmed), so its second attempt is queued and sent; that one
+    fails too: the credit is stuck (its latest attempt failed, nothing forwarded), what ``transfers retry``
+    is for."""
+    run.emu.set(transfer_fail_ratio=1.0)  # drawn when each transfer is created
+    run.pay("C")
+    run.deliver_one()
+    run.deliver_one()
+    run.deliver_until(lambda: [(a, s) for a, s, _ in run.transfer_rows("C")] == [(1, "failed"), (2, "failed")],
+                      "C's two attempts to fail")
+    run.emu.set(transfer_fail_ratio=0.0)
+
+
 def transfer_e_unanswered(run):
     """E's create call and its lookup go unanswered (500), and the service is stopped: E is `pending`,
     to be sent again under its own external id (no definite answer never makes a new one)."""
@@ -386,15 +424,18 @@ def transfer_e_unanswered(run):
     run.stop_service()
 
 
-def retry_e(run):
-    """The operator runs `transfers retry` for E while the service is stopped: its first attempt has no
-    definite answer, so the command makes it due now under the same external id (never a second one);
-    the service, started, sends it."""
-    done = run.run_command("transfers", "retry", run.invoices["E"]["id"])
-    assert done == 0, f"transfers retry exited {done}"
+def retry_e_and_c(run):
+    """The operator runs `transfers retry` for E, then for C, while the service is stopped. E's first
+    attempt has no definite answer, so the command makes it due now under the same external id (never a
+    second one); C's latest attempt failed, so the command asks Stark Bank for every transfer of the
+    invoice and, none moving money, queues a third attempt. The service, started, sends both."""
+    for role in ("E", "C"):
+        done = run.run_command("transfers", "retry", run.invoices[role]["id"])
+        assert done == 0, f"transfers retry {role} exited {done}"
     run.start_service()
-    run.wait(lambda: run.succeeded("E") or run.emu.deliveries_held(), "E's transfer sent")
-    run.deliver_until(lambda: run.succeeded("E"), "E's transfer to succeed")
+    run.wait(lambda: run.succeeded("E") or run.emu.deliveries_held(), "E's and C's transfers sent")
+    run.deliver_until(lambda: run.succeeded("E") and run.succeeded("C", attempt=3),
+                      "E's and C's transfers to succeed")
 
 
 STEPS = (
@@ -403,8 +444,8 @@ STEPS = (
     Step("A credited, webhook delivered twice", credit_a_twice),
     Step("A's transfer created, then success", transfer_a_succeeds),
     Step("B answered 500, then found by lookup", transfer_b_500_then_lookup),
-    Step("C failed, second attempt", transfer_c_fails_then_second_attempt),
     Step("D recovered by the missed-event pull", missed_event_pulled),
+    Step("C failed, its second attempt too: stuck", transfer_c_fails_twice),
     Step("E unanswered, service stopped", transfer_e_unanswered),
-    Step("E mended by transfers retry", retry_e),
+    Step("E and C mended by transfers retry", retry_e_and_c),
 )
