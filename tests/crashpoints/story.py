@@ -383,21 +383,6 @@ def transfer_b_500_then_lookup(run):
     run.deliver_until(lambda: run.succeeded("B"), "B's transfer to succeed")
 
 
-def missed_event_pulled(run):
-    """D is paid while the service is stopped and both webhooks are given up: the next start pulls them."""
-    run.stop_service()
-    run.emu.set(delivery_attempts=1)
-    run.pay("D")
-    tried = len(run.emu.deliveries())
-    run.emu.release_deliveries(2)
-    run.wait(lambda: len(run.emu.deliveries()) >= tried + 2 and not run.emu.deliveries_sending(),
-             "D's webhooks to be given up")
-    run.emu.set(delivery_attempts=DELIVERY_ATTEMPTS)
-    run.start_service()
-    run.wait(lambda: run.succeeded("D") or run.emu.deliveries_held(), "D's credit pulled and sent")
-    run.deliver_until(lambda: run.succeeded("D"), "D's transfer to succeed")
-
-
 def transfer_c_fails_twice(run):
     """C's transfer fails at Stark Bank (confirmed), so its second attempt is queued and sent; that one
     fails too: the credit is stuck (its latest attempt failed, nothing forwarded), what ``transfers retry``
@@ -424,18 +409,30 @@ def transfer_e_unanswered(run):
     run.stop_service()
 
 
-def retry_e_and_c(run):
+def missed_events(run):
+    """D is paid while the service is stopped, and both its webhooks are given up."""
+    run.emu.set(delivery_attempts=1)
+    run.pay("D")
+    tried = len(run.emu.deliveries())
+    run.emu.release_deliveries(2)
+    run.wait(lambda: len(run.emu.deliveries()) >= tried + 2 and not run.emu.deliveries_sending(),
+             "D's webhooks to be given up")
+    run.emu.set(delivery_attempts=DELIVERY_ATTEMPTS)
+
+
+def retry_then_start(run):
     """The operator runs `transfers retry` for E, then for C, while the service is stopped. E's first
     attempt has no definite answer, so the command makes it due now under the same external id (never a
     second one); C's latest attempt failed, so the command asks Stark Bank for every transfer of the
-    invoice and, none moving money, queues a third attempt. The service, started, sends both."""
+    invoice and, none moving money, queues a third attempt. The service, started, pulls D's events (the
+    missed-event pull) and sends the three transfers."""
     for role in ("E", "C"):
         done = run.run_command("transfers", "retry", run.invoices[role]["id"])
         assert done == 0, f"transfers retry {role} exited {done}"
     run.start_service()
-    run.wait(lambda: run.succeeded("E") or run.emu.deliveries_held(), "E's and C's transfers sent")
-    run.deliver_until(lambda: run.succeeded("E") and run.succeeded("C", attempt=3),
-                      "E's and C's transfers to succeed")
+    run.wait(lambda: run.succeeded("D") or run.emu.deliveries_held(), "the transfers sent")
+    run.deliver_until(lambda: run.succeeded("E") and run.succeeded("C", attempt=3) and run.succeeded("D"),
+                      "E's, C's and D's transfers to succeed")
 
 
 STEPS = (
@@ -444,8 +441,8 @@ STEPS = (
     Step("A credited, webhook delivered twice", credit_a_twice),
     Step("A's transfer created, then success", transfer_a_succeeds),
     Step("B answered 500, then found by lookup", transfer_b_500_then_lookup),
-    Step("D recovered by the missed-event pull", missed_event_pulled),
     Step("C failed, its second attempt too: stuck", transfer_c_fails_twice),
     Step("E unanswered, service stopped", transfer_e_unanswered),
-    Step("E and C mended by transfers retry", retry_e_and_c),
+    Step("D paid while stopped, webhooks given up", missed_events),
+    Step("E and C mended by transfers retry; D pulled at the start", retry_then_start),
 )
