@@ -63,14 +63,18 @@ def postgres_server():
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        chosen = [points.parse(text) for text in args.point]
+    except ValueError as e:
+        parser.error(str(e))  # one line, exit 2
     began = time.monotonic()
     # The service's processes are started without writing bytecode (tests/support: child_env), and a
     # few hundred are started: compiled once here, each of them reads it (a quarter of its start's CPU).
     compileall.compile_dir(os.path.dirname(stark_challenge.__file__), quiet=1)
     certificates_dir = tempfile.mkdtemp(prefix="crash-certs-")
     certificates = make_certificates(certificates_dir)
-    chosen = [points.parse(text) for text in args.point]
     backends = sorted({p.backend for p in chosen} or (points.BACKENDS if args.backend == "both" else {args.backend}),
                       key=points.BACKENDS.index)
     server = None
