@@ -6,18 +6,27 @@ bench/postgres_bench.py`` runs it alone) and writes its figures under ``postgres
 keys as they are. For each setup (``sqlite_1``, ``postgres_1``, ``postgres_2``) it starts the
 service as a user runs it (``python -m stark_challenge``, the native verifier when installed)
 against the Stark Bank emulator, on a fresh database: a throwaway PostgreSQL server (Debian's
-binaries, as the tests start it: ``tests/support/postgres.py``) or a SQLite file. Round 0
-issues ``CREDITS`` invoices, the emulator pays them all, and their signed ``credited`` events
-are sent by ``bench/loadgen.py`` as fast as answers come back, over ``CONNECTIONS`` keep-alive
-connections shared out round robin between the instances (a load balancer's work). Figures:
+binaries, as the tests start it: ``tests/support/postgres.py``) or a SQLite file; a second
+instance starts once round 0 is issued. Round 0 issues ``STEADY + CREDITS`` invoices, the
+emulator pays them all, and their signed ``credited`` events are sent by ``bench/loadgen.py``,
+shared out round robin between the instances (a load balancer's work); the benchmark stands in
+for Stark Bank's courier, so every event counts as delivered at the emulator (a start-up pull
+finds none). Two phases:
+
+- ``steady``: the first ``STEADY`` credits at ``STEADY_RATE`` a second in all, on a fixed
+  schedule (a realistic intake, far below saturation);
+- then the other ``CREDITS`` as fast as answers come back, over ``CONNECTIONS`` keep-alive
+  connections (saturation: the figures at the top level of each setup).
+
+Figures of each phase:
 
 - ``accepted_per_s``: webhooks answered 200 per second of the phase, all instances together;
 - ``p50_ms``/``p99_ms``: their latency;
 - ``credit_to_transfer_p50_ms``/``_p99_ms``: from each webhook's 200 to its transfer's
   ``created`` at the emulator;
-- ``service_cpu_s`` and ``database_cpu_s``: the CPU the instances and the PostgreSQL server
-  (postmaster and backends, ``/proc``) used from the first webhook until every transfer was
-  made, and both per accepted webhook.
+- at saturation, ``service_cpu_s`` and ``database_cpu_s``: the CPU the instances and the
+  PostgreSQL server (postmaster and backends, ``/proc``) used from the first webhook until
+  every transfer was made, and both per accepted webhook.
 
 Bounded: about a minute on a 2-core machine, loopback only; every process it starts is
 stopped and its temporary files removed before it exits.

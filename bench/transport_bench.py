@@ -11,7 +11,7 @@ requests per second and this process's CPU (user + system) per request::
     CONNS=8 PER=2000 MAX_CONNECTIONS=32 BURN_ITERATIONS=15000 .venv/bin/python bench/transport_bench.py
 
 ``BURN_ITERATIONS`` makes each answer first spin a pure-Python loop that holds the GIL
-(15000 iterations: about 1 ms on the machine of README, Benchmark), a stand-in for the
+(15000 iterations: about 1 ms on the machine of docs/benchmarks.md), a stand-in for the
 verification, to see the transport under the GIL contention of the real service.
 """
 

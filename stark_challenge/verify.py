@@ -16,7 +16,7 @@ Two verifiers give the same verdict on every input:
 - ``PureVerifier``: the SDK's own pure-Python ``ellipticcurve``; needs nothing beyond
   ``starkbank``, and holds the GIL for the whole check.
 - ``NativeVerifier``: libsecp256k1 through ``coincurve`` (the ``[fast]`` extra), many
-  times cheaper (README, Benchmark). libsecp256k1 accepts only low-S signatures
+  times cheaper (docs/benchmarks.md). libsecp256k1 accepts only low-S signatures
   (``s <= n/2``) while Stark Bank's real ones are high-S; ``(r, s)`` and ``(r, n - s)``
   verify alike, so the signature is normalised to low-S before the check.
 

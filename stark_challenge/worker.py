@@ -122,15 +122,19 @@ class Worker:
         """Do one pass (pull if due, process events, send transfers); return seconds until the next."""
         if self._pull_due():
             self.pull_events()
-        # Another batch at once only while batches come full: events that trickle in
-        # meanwhile wake the thread and are gathered for the next pass.
+        # A batch of events, then a batch of transfers (one create call), in turn: with a
+        # backlog of events, the credits of the first batch are forwarded while the rest
+        # wait, not after all of them. Another batch of events at once only while batches
+        # come full or transfers went out (events that arrived meanwhile, e.g. a fast
+        # 'success'); events that trickle in later wake the thread for the next pass. One
+        # create call at a time, so stop() waits for at most one call: the sender's
+        # one-by-one fallbacks also stop once it is asked to.
         self.process_events()
-        while self._page_full and not self._stop.is_set():
+        while not self._stop.is_set():
+            sent = self._sender.send_due(stopping=self._stop.is_set)
+            if not (sent or self._page_full) or self._stop.is_set():
+                break
             self.process_events()
-        # One batch (one create call) at a time, so stop() waits for at most one call:
-        # the sender's one-by-one fallbacks also stop once it is asked to.
-        while not self._stop.is_set() and self._sender.send_due(stopping=self._stop.is_set):
-            self.process_events()  # events that arrived meanwhile, e.g. a fast 'success'
         if not self._stop.is_set():
             self._sender.check_due(states=("sending", "exists"))  # expired claims, and ids Stark Bank said exist
         if not self._stop.is_set() and (self._next_reconcile_at is None or self._clock() >= self._next_reconcile_at):

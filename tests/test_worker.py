@@ -8,6 +8,7 @@ import pytest
 from stark_challenge.bank import Bank
 from stark_challenge.events import Event
 from stark_challenge.invoicer import Invoicer
+from stark_challenge.store import Store
 from stark_challenge.transfers import Sender
 from stark_challenge.worker import IDLE_WAKE_S, Worker
 
@@ -190,3 +191,38 @@ def test_a_failure_stark_banks_listing_does_not_show_yet_is_not_confirmed(emulat
     emulator.set(read_lag_s=0)
     assert sender.confirm_failure(failed) == "failed"
     assert sender.confirm_failure({"id": "1", "external_id": "someone-else", "tags": []}) == "failed"  # not ours
+
+
+def test_a_backlog_of_credits_is_forwarded_batch_by_batch_not_after_every_event(emulator, sdk, tmp_path, clock,
+                                                                                 request):
+    store = Store(str(tmp_path / "backlog.sqlite3"))  # the worker's order of work: one backend is enough
+    request.addfinalizer(store.close)
+    config = sdk_config(sdk, INVOICE_MIN=6, INVOICE_MAX=6)
+    bank = Bank(config)
+    bank.configure()
+    emulator.set(hold_deliveries=True, pay_ratio=1.0)
+    Invoicer(bank, store, config, "s1", clock=clock, rng=random.Random(3)).issue_round(0, clock())
+    credited = wait_for(lambda: (lambda found: len(found) == 6 and found)(
+        [e for e in emulator.events() if e["log"]["type"] == "credited"]), message="credits")
+    emulator.mark_delivered([e["id"] for e in emulator.events()])  # they arrive as webhooks, below
+    pending_at_send = []  # events still pending each time the worker sends the transfers due
+
+    class Recording(Sender):
+        def send_due(self, *args, **kwargs):
+            pending_at_send.append(len(store.pending_events()))
+            return super().send_due(*args, **kwargs)
+
+    class TwoAtATime(Worker):  # batches of two events stand for batches of a hundred
+        def process_events(self, limit=2):
+            return super().process_events(limit)
+
+    worker = TwoAtATime(store, bank, "stark-challenge", poll_interval_s=600, clock=clock,
+                        sender=Recording(store, bank, "stark-challenge", clock, rng=random.Random(4)))
+    worker.pull_events()  # the start-up pull: nothing undelivered
+    for event in credited:
+        store.add_event(Event(event["id"], "invoice", "credited", event["log"]["invoice"]["id"], event), "webhook",
+                        clock())
+    worker.run_once()
+
+    assert pending_at_send[:3] == [4, 2, 0]  # the first credits went out while the others waited
+    assert len(emulator.transfers()) == 6 and store.pending_events() == []
