@@ -50,7 +50,7 @@ bench: $(STAMP) ## the webhook benchmark, then its PostgreSQL phase (prints figu
 	$(BIN)/python bench/postgres_bench.py
 
 # The service under steady traffic for SOAK_MINUTES (default 30): memory, threads, files and
-# the database sampled every 30 s; writes bench/soak.json and bench/soak.svg (README, "Soak").
+# the database sampled every 30 s; writes bench/soak.json and bench/soak.svg (docs/benchmarks.md, "Soak").
 soak: $(STAMP) ## the soak run: SOAK_MINUTES (30) of steady traffic, memory sampled
 	$(BIN)/python bench/soak.py
 

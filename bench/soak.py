@@ -36,8 +36,9 @@ At the end, with the traffic stopped and everything processed, it checks: every
 webhook the load generator sent was answered 200; every delivery the emulator made
 was answered 200 or not answered at all (the restart); every event at the emulator
 ended delivered; every invoice of the service's that was paid has exactly one transfer
-of its amount less the fee, and no other transfer exists; the pull stored events.
-Exit status 1 if a check fails.
+of its amount less the fee, and no other transfer exists; the pull stored events (at
+some sample or at the end: retention deletes them like any other). Exit status 1 if a
+check fails.
 
 Knobs (environment): ``SOAK_MINUTES``, ``SOAK_RATE``, ``SOAK_SAMPLE_S``,
 ``SOAK_WARMUP_MIN``, ``SOAK_RETENTION``, ``SOAK_OUTPUT`` (a path without extension, instead of
@@ -308,7 +309,8 @@ class Soak:
 
     def _sample(self):
         pid = self.service.pid
-        sample = {"minute": round(self._minute(), 3), "pid": pid}
+        sample = {"minute": round(self._minute(), 3), "pid": pid,
+                  "loadavg": float(open("/proc/loadavg").read().split()[0])}  # the machine's, for context
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 name, _, value = line.partition(":")
@@ -331,6 +333,7 @@ class Soak:
         status = self._get_json("/status")
         sample["events_stored"] = status["events"]["received"]
         sample["db_used_bytes"] = status.get("storage", {}).get("bytes")
+        sample["events_pulled"] = self._pulled()  # retention deletes them later: the check takes the largest
         self.samples.append(sample)
         print(f"  {sample['minute']:6.1f} min  RSS {sample['rss_kib'] / 1024:6.1f} MB  "
               f"threads {sample['threads']:3d}  files {sample['open_files']:3d}  "
@@ -393,6 +396,13 @@ class Soak:
                 return
             time.sleep(0.5)
         raise RuntimeError(f"timed out waiting for {what}; service log:\n{self.service.tail()}")
+
+    def _pulled(self):
+        reader = Store(self.db_path, read_only=True)
+        try:
+            return reader._one("select count(*) from event where source = 'pull'")[0]
+        finally:
+            reader.close()
 
     def _pending(self):
         reader = Store(self.db_path, read_only=True)
@@ -487,10 +497,11 @@ class Soak:
         undelivered = [e["id"] for e in self.emulator.events() if not e["isDelivered"]]
         reader = Store(self.db_path, read_only=True)
         try:
-            pulled = reader._one("select count(*) from event where source = 'pull'")[0]
             summary = reader.summary()
         finally:
             reader.close()
+        # The most stored at once, at a sample or now (EVENT_RETENTION deletes them like any other).
+        pulled = max([self._pulled()] + [s.get("events_pulled", 0) for s in self.samples])
         sent_ok = self.sent["statuses"].get("200", 0)
         checks = {
             "every_webhook_answered_200": sent_ok == self.sent["requests"] and sent_ok > 0,
@@ -569,6 +580,7 @@ def figures(samples, starts_minutes):
 
 
 def main():
+    host = machine()  # before the run: its load average is the one at the start
     soak = Soak()
     try:
         outcome = soak.run()
@@ -577,12 +589,14 @@ def main():
         samples = soak.samples
         soak.close()
     table = figures(samples, starts)
-    result = {"machine": machine(), "minutes": MINUTES, "rate_per_s": RATE, "sample_s": SAMPLE_S,
-              "warmup_min": WARMUP_MIN, "retention": RETENTION, "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX") or f"{ARENAS} (the service's own cap)",
+    result = {"machine": host, "minutes": MINUTES, "rate_per_s": RATE, "sample_s": SAMPLE_S,
+              "warmup_min": WARMUP_MIN, "retention": RETENTION,
+              "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX") or f"{ARENAS} (the service's own cap)",
               "restarts_at_minute": starts[1:], "figures": table, **outcome, "samples": samples}
     m = result["machine"]
+    m["loadavg_at_end"] = open("/proc/loadavg").read().split()[0]  # the machine may be shared: how busy it was
     print(f"\n{m['nproc']} x {m['cpu_model']}, Python {m['python']}, commit {m['commit']}, "
-          f"load average at start {m['loadavg_at_start']}")
+          f"load average at start {m['loadavg_at_start']}, at end {m['loadavg_at_end']}")
     print(f"{'figure':<26} {'first':>9} {'last':>9} {'min':>9} {'max':>9} {'slope/h after warm-up':>22}")
     for key, row in table.items():
         slope = "n/a" if row["slope_per_hour"] is None else f"{row['slope_per_hour']:+.2f} {row['unit']}/h"
