@@ -79,6 +79,7 @@ ALARMS = {
     "transfer_open": "a transfer is still open after the alarm threshold",
     "credit_refused": "a genuine credit of ours failed the amount checks: nothing was forwarded",
     "invoice_not_found": "Stark Bank never found an invoice that carries our tag: nothing was forwarded",
+    "credit_unpaid": "a credit of an invoice of ours that Stark Bank still reports not paid: nothing was forwarded",
     "attempts_moving": "two transfer attempts of one invoice are both moving or paid",
     "credit_failed": "every transfer attempt of a credit failed at Stark Bank (insufficient balance, say): "
                      "nothing was forwarded; 'transfers retry' sends one more",

@@ -162,6 +162,7 @@ class Worker:
                               for t in self._store.open_transfers_since(now - self._alarm_after)},
             "credit_refused": self._store.credits_refused(vocabulary.INVALID_CODES),
             "invoice_not_found": self._store.credits_refused(("not_ours_not_found",)),
+            "credit_unpaid": self._store.credits_refused(("not_ours_not_paid",)),
             "attempts_moving": {invoice: "attempts " + ", ".join(ids)
                                 for invoice, ids in self._store.invoices_moving_twice().items()},
             "credit_failed": self._store.credits_failed(),

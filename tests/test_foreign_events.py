@@ -366,6 +366,9 @@ def test_a_credit_of_ours_that_the_read_shows_not_paid_yet_waits_and_is_forwarde
         conn.close()
     worker.run_once()
     assert [(t["amount"], t["externalId"]) for t in emulator.transfers()] == [(5000 - FEE, f"{TAG}-inv-{ours.id}")]
+    # Our invoice, credited by Stark Bank's event, yet not paid by its word: a person must look.
+    worker.check_alarms()
+    assert [(a["kind"], a["subject"]) for a in store.alarms()] == [("credit_unpaid", never.id)]
 
 
 def test_a_transfer_log_waits_for_our_own_lookup_while_no_stark_bank_id_is_recorded(emulator, bank, store, clock,

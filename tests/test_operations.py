@@ -351,7 +351,7 @@ def test_standing_alarms_are_in_the_status_table_its_line_and_the_metrics(store)
     samples = parse_exposition(exposition(service_families(built, {}, Counters(), 0, None, "1.0", "pure")))
     alarms = {dict(labels)["kind"]: value for (name, labels), value in samples.items()
               if name == "stark_challenge_alarms"}
-    assert alarms == {"transfer_open": 1, "credit_refused": 1, "invoice_not_found": 0, "attempts_moving": 0,
-                      "credit_failed": 0, "credit_reversed": 0}
+    assert alarms == {"transfer_open": 1, "credit_refused": 1, "invoice_not_found": 0, "credit_unpaid": 0,
+                      "attempts_moving": 0, "credit_failed": 0, "credit_reversed": 0}
     store.sync_alarms("transfer_open", {}, now)  # resolved
     assert [a["kind"] for a in store.alarms()] == ["credit_refused"]
