@@ -46,15 +46,20 @@ def test_an_idle_thread_ends_and_the_next_item_starts_another():
         stop(pool)
 
 
+def burst(pool, run):
+    """Offer the three items ``run`` holds at once (three threads), then let them all run."""
+    for item in ("h0", "h1", "h2"):
+        assert pool.offer(item)
+    wait_for(lambda: len(pool.threads) == 3, message="three threads")
+    run.release.set()
+    wait_for(lambda: len(run.items()) == 3, message="the burst run")
+
+
 def test_a_bursts_extra_threads_end_once_idle():
     run = Recorder(hold={"h0", "h1", "h2"})
     pool = Pool(4, run, idle_s=0.05)
     try:
-        for item in ("h0", "h1", "h2"):  # three at once: three threads
-            assert pool.offer(item)
-        wait_for(lambda: len(pool.threads) == 3, message="three threads")
-        run.release.set()
-        wait_for(lambda: len(run.items()) == 3, message="the burst run")
+        burst(pool, run)
         wait_for(lambda: pool.threads == [], message="every idle thread to end")
     finally:
         stop(pool)
@@ -64,11 +69,7 @@ def test_the_thread_freed_last_takes_the_next_item():
     run = Recorder(hold={"h0", "h1", "h2"})
     pool = Pool(4, run, idle_s=30)
     try:
-        for item in ("h0", "h1", "h2"):
-            assert pool.offer(item)
-        wait_for(lambda: len(pool.threads) == 3, message="three threads")
-        run.release.set()
-        wait_for(lambda: len(run.items()) == 3, message="the burst run")
+        burst(pool, run)
         for n in range(5):  # one at a time: the same thread takes each, the others stay cold
             wait_for(lambda: len(pool._idle) == 3, message="every thread idle")
             assert pool.offer(f"s{n}")
